@@ -1,0 +1,190 @@
+"""Find the modules an adapter targets and swap in wrappers.
+
+Matching follows HF PEFT so a config means the same thing in both libraries:
+
+* ``target_modules`` as a list: a module matches when its path equals an entry or ends with
+  ``"." + entry``; as a string: a regex that must match the whole path; ``"all-linear"``: every
+  linear layer except the output head.
+* ``exclude_modules``: same rules, applied after the targets.
+* ``layers_to_transform``: keep only modules inside the listed layer indices, the index read from
+  ``<layers_pattern>.<i>.`` in the path.
+
+``modules_to_save`` modules are wrapped in :class:`ModulesToSaveWrapper`, which trains a copy per
+adapter and leaves the original in place for ``disable_adapter()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+_DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, GPT-2 Conv1D, or a peftkit 4-bit linear layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D)) or hasattr(module, "dequantize")
+
+
+def matches_names(name: str, spec: list[str] | str | None) -> bool:
+    """PEFT's name rule: regex full match for a string, exact-or-suffix match for a list."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The layer number in a module path like ``model.layers.3.self_attn.q_proj`` (or None)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    for pattern in patterns or _DEFAULT_LAYER_PATTERNS:
+        found = re.match(rf"(?:.*\.)?{pattern}\.(\d+)\.", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Paths of the output projection(s), which ``all-linear`` must not touch."""
+    names: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for path, module in model.named_modules():
+        if head is not None and module is head:
+            names.add(path)
+    if not names and hasattr(model, "lm_head"):
+        names.add("lm_head")
+    return names
+
+
+def find_targets(model: nn.Module, config: Any) -> list[str]:
+    """Module paths the config targets, or a ValueError that lists what exists."""
+    target = config.target_modules
+    if target is None:
+        raise ValueError(
+            "target_modules is not set: name the layers to adapt, e.g. "
+            f"target_modules={_example_targets(model)} or 'all-linear'"
+        )
+    heads = output_head_names(model) if target == ALL_LINEAR else set()
+    layers = config.layers_to_transform
+    if isinstance(layers, int):
+        layers = [layers]
+    found = []
+    for name, module in model.named_modules():
+        if not name or _inside_adapter(name):
+            continue
+        if target == ALL_LINEAR:
+            hit = is_linear_like(module) and name not in heads
+        else:
+            hit = matches_names(name, target)
+        if not hit or matches_names(name, config.exclude_modules):
+            continue
+        if layers is not None and layer_index(name, config.layers_pattern) not in layers:
+            continue
+        found.append(name)
+    if not found:
+        raise ValueError(
+            f"target_modules={target!r} matched no module of {type(model).__name__}. "
+            f"Adaptable layer names in this model: {_example_targets(model, limit=20)}"
+        )
+    return found
+
+
+def _inside_adapter(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in ("base_layer", "lora_A", "lora_B", "lora_E", "original_module",
+                     "modules_to_save") for p in parts)
+
+
+def _example_targets(model: nn.Module, limit: int = 8) -> list[str]:
+    """Distinct leaf names of adaptable layers (what users put in target_modules)."""
+    seen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or _inside_adapter(name):
+            continue
+        if is_linear_like(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d)):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in seen:
+                seen.append(leaf)
+    return seen[:limit]
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(parent, attribute)`` such that ``getattr(parent, attribute)`` is the module ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module and a trainable copy per adapter; forwards through the active copy.
+
+    Saved under the module's plain path (``classifier.weight``), as HF PEFT does.
+    """
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.add_adapter(adapter_name)
+
+    def add_adapter(self, adapter_name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+        self.original_module.requires_grad_(False)
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self.active_adapter = adapter_name if adapter_name in self.modules_to_save else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.modules_to_save), None)
+
+    def active_module(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Let code that reads e.g. ``model.score.weight`` or ``out_features`` see the active module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.active_module(), name)
+
+
+def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapter_name: str) -> list[str]:
+    """Wrap (or extend) every module whose path matches one of ``names``; return the paths wrapped."""
+    names = list(names)
+    wrapped = []
+    for path, module in list(model.named_modules()):
+        if not path or _inside_adapter(path) or not matches_names(path, names):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(adapter_name)
+        else:
+            replace_module(model, path, ModulesToSaveWrapper(module, adapter_name))
+        wrapped.append(path)
+    return wrapped

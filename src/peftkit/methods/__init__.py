@@ -1,0 +1,20 @@
+"""Built-in adapter methods; importing this package registers them.
+
+``TUNERS`` maps each injected-adapter method to the wrapper class that injects its layers.
+"""
+
+from ..config import PeftType
+from .lora import LoraConfig
+
+TUNERS: dict = {}
+
+
+def _register_builtin() -> None:
+    from ..tuner import InjectedAdapterModel
+
+    TUNERS[PeftType.LORA] = InjectedAdapterModel
+
+
+_register_builtin()
+
+__all__ = ["LoraConfig", "TUNERS"]

@@ -1,0 +1,428 @@
+"""LoRA: low-rank adapters added beside frozen layers.
+
+For a frozen weight ``W`` (out x in) LoRA learns ``A`` (r x in) and ``B`` (out x r)::
+
+    y = W x + (alpha / r) * B (A dropout(x))        (alpha / sqrt(r) with use_rslora)
+
+``B`` starts at zero, so a fresh adapter leaves the model unchanged. Merging folds the update into
+the weight, ``W += (alpha / r) B A``; unmerging subtracts it again.
+
+Layer layout mirrors HF PEFT's so state dicts map one-to-one: the wrapper keeps the original module
+as ``base_layer`` and each named adapter's factors in ``lora_A[name]`` / ``lora_B[name]``
+(``lora_embedding_A/B`` for embeddings).
+
+Dropout: PEFT materialises ``dropout(x)`` per adapted layer and autograd keeps it for backward.
+We regenerate the dropout mask from a seed in backward instead (:class:`_DropoutThenProject`),
+so training with dropout stores nothing beyond the input that the layer sees anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PeftConfig, PeftType, register_config
+
+
+@register_config
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    """LoRA hyper-parameters, with HF PEFT's names and meaning.
+
+    Attributes:
+        r: rank of the update ``B A``.
+        lora_alpha: scale numerator; the update is multiplied by ``lora_alpha / r``.
+        lora_dropout: dropout probability on the adapter's input during training.
+        target_modules: module names to adapt: a list (exact name or ``.name`` suffix), a regex string
+            (full match of the module path), or ``"all-linear"`` (every linear layer except the output head).
+        exclude_modules: names never adapted (same matching rules as ``target_modules``).
+        bias: which biases train: ``"none"``, ``"all"`` or ``"lora_only"`` (those of adapted layers).
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier).
+        fan_in_fan_out: the target stores its weight as (in, out), like GPT-2's ``Conv1D``.
+        init_lora_weights: ``True`` (Kaiming-uniform A, zero B), ``"gaussian"`` (normal(0, 1/r) A, zero
+            B) or ``False`` (random A and B: a non-identity adapter, for tests).
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        layers_to_transform: only adapt these layer indices (an int or a list).
+        layers_pattern: the name of the layer list (``"layers"``, ``"h"``, ...) used to find the index.
+        rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are regexes
+            matched against the end of the module path.
+    """
+
+    peft_type = PeftType.LORA
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    init_lora_weights: bool | str = True
+    use_rslora: bool = False
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+
+    def rank_for(self, module_name: str) -> int:
+        """``r`` for one module, honouring ``rank_pattern``."""
+        key = match_pattern_key(self.rank_pattern, module_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """``lora_alpha`` for one module, honouring ``alpha_pattern``."""
+        key = match_pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+
+def match_pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """The first pattern key that matches the end of ``module_name`` (PEFT's rank/alpha_pattern rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+class _DropoutThenProject(torch.autograd.Function):
+    """``dropout(x) @ A.T`` whose backward re-creates the dropout mask from a seed.
+
+    Saving the seed instead of ``dropout(x)`` means training with dropout keeps no extra activation
+    per adapted layer (PEFT keeps one full copy of the layer input per layer).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        mask = _dropout_mask(x, p, seed)
+        ctx.save_for_backward(x, weight)
+        ctx.p, ctx.seed = p, seed
+        return F.linear(x * mask, weight)  # (..., r)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        mask = _dropout_mask(x, ctx.p, ctx.seed)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight) * mask  # (..., in)
+        if ctx.needs_input_grad[1]:
+            xd = (x * mask).reshape(-1, x.shape[-1])  # (N, in)
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ xd  # (r, in)
+        return grad_x, grad_w, None, None
+
+
+def _dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted-dropout mask (0 or 1/(1-p)) drawn from a private generator seeded with ``seed``."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    keep = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    keep.bernoulli_(1.0 - p, generator=gen)
+    return keep.div_(1.0 - p)
+
+
+class LoraLayer(nn.Module):
+    """Common state of every LoRA wrapper: the frozen ``base_layer`` and per-adapter factors."""
+
+    adapter_module_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # --- adapter bookkeeping -------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
+        """Create adapter ``name``'s factors for this layer, initialised as ``config`` says."""
+        r, alpha = config.rank_for(module_name), config.alpha_for(module_name)
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.lora_dropout_p[name] = config.lora_dropout
+        self._create_factors(name, r)
+        self._init_factors(name, config.init_lora_weights)
+        self._match_base_device_dtype(name)
+        self.active_adapters = [name] if not self.active_adapters else self.active_adapters
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it first")
+        for container in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B):
+            if name in container:
+                del container[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _create_factors(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _init_factors(self, name: str, init: bool | str) -> None:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / self.r[name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(B)
+
+    def _match_base_device_dtype(self, name: str) -> None:
+        """Put factors on the base weight's device; keep them fp32 when the base is half precision
+        (adapters train in full precision, as PEFT's ``autocast_adapter_dtype`` default does)."""
+        ref = _reference_tensor(self.base_layer)
+        dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+        for container in (self.lora_A, self.lora_B):
+            if name in container:
+                container[name].to(device=ref.device, dtype=dtype)
+        for container in (self.lora_embedding_A, self.lora_embedding_B):
+            if name in container:
+                container[name].data = container[name].data.to(device=ref.device, dtype=dtype)
+
+    # --- merging -------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B A`` laid out like ``base_layer.weight``."""
+        raise NotImplementedError
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the adapters into the base weight: ``W += scaling * B A``.
+
+        ``safe_merge`` checks the merged weight for NaN/Inf before committing it.
+        """
+        for name in adapter_names or self.active_adapters:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            weight = self._base_weight()
+            delta = self.delta_weight(name).to(weight.dtype)
+            if safe_merge:
+                merged = weight + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {name!r} produces NaN/Inf weights; not merged")
+            self._add_to_base_weight(delta)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again, newest first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self._add_to_base_weight(-self.delta_weight(name).to(self._base_weight().dtype))
+
+    def _base_weight(self) -> torch.Tensor:
+        base = self.base_layer
+        return base.dequantize() if hasattr(base, "dequantize") else base.weight
+
+    def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        base = self.base_layer
+        if hasattr(base, "requantize_"):
+            warnings.warn(
+                "merging LoRA into a 4-bit layer re-quantizes the merged weight: outputs change "
+                "slightly. Call peftkit.quant.dequantize_model(model) first for an exact merge.",
+                stacklevel=3,
+            )
+            base.requantize_(base.dequantize() + delta)
+        else:
+            with torch.no_grad():
+                base.weight.add_(delta)
+
+    def _active(self) -> list[str]:
+        """Adapters whose output must be added in forward (active, present, not merged)."""
+        if self.disable_adapters:
+            return []
+        return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
+
+    def _prepare_forward(self) -> None:
+        """Disabled adapters must see the original weights, so un-merge them first."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.r)
+
+
+def _reference_tensor(module: nn.Module) -> torch.Tensor:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p
+    for b in module.buffers():
+        return b
+    return torch.empty(0)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``) or a 4-bit linear layer."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = _linear_features(base_layer)
+
+    def _create_factors(self, name: str, r: int) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._prepare_forward()
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active():
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            xa = x.to(A.dtype)
+            p = self.lora_dropout_p[name]
+            if self.training and p > 0:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+                h = _DropoutThenProject.apply(xa, A, p, seed)  # (..., r)
+            else:
+                h = F.linear(xa, A)  # (..., r)
+            result = result + (F.linear(h, B) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+def _linear_features(layer: nn.Module) -> tuple[int, int]:
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.in_features, layer.out_features
+    if hasattr(layer, "nf") and hasattr(layer, "weight"):  # transformers Conv1D: weight (in, out)
+        in_f, out_f = layer.weight.shape
+        return in_f, out_f
+    raise TypeError(f"cannot read in/out features of {type(layer).__name__}")
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``E[ids] + scaling * (A.T[ids]) B.T``; A starts at zero, B normal."""
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+
+    def _create_factors(self, name: str, r: int) -> None:
+        num, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r))
+
+    def _init_factors(self, name: str, init: bool | str) -> None:
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        with torch.no_grad():
+            if init is False:
+                nn.init.normal_(A)
+            else:
+                nn.init.zeros_(A)
+            nn.init.normal_(B)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        B, A = self.lora_embedding_B[name], self.lora_embedding_A[name]
+        return (B @ A).T * self.scaling[name]  # (num, dim)
+
+    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._prepare_forward()
+        result = self.base_layer(ids, *args, **kwargs)
+        emb = self.base_layer
+        for name in self._active():
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            h = F.embedding(ids, A.T, emb.padding_idx, emb.max_norm, emb.norm_type,
+                            emb.scale_grad_by_freq, emb.sparse)  # (..., r)
+            result = result + ((h @ B.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d``: A is a conv like the base with ``r`` output channels,
+    B a 1x1 conv back to the base's output channels."""
+
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+        self._conv_cls = type(base_layer)
+
+    def _create_factors(self, name: str, r: int) -> None:
+        base = self.base_layer
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[name] = self._conv_cls(base.in_channels, r, base.kernel_size, base.stride,
+                                           base.padding, base.dilation, bias=False)
+        self.lora_B[name] = self._conv_cls(r, base.out_channels, ones, ones, bias=False)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, *k), (out, r, *1)
+        delta = torch.einsum("or,ri...->oi...", B.flatten(1), A)  # (out, in, *k)
+        return delta * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._prepare_forward()
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active():
+            A, B = self.lora_A[name], self.lora_B[name]
+            xa = x.to(A.weight.dtype)
+            p = self.lora_dropout_p[name]
+            if self.training and p > 0:
+                xa = F.dropout(xa, p)
+            result = result + (B(A(xa)) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
+    """Wrap ``target`` in the LoRA layer class for its type, or raise naming what is supported."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(target, nn.Embedding):
+        return LoraEmbedding(target)
+    if isinstance(target, (nn.Conv1d, nn.Conv2d)):
+        return LoraConv(target)
+    if isinstance(target, Conv1D):
+        if not config.fan_in_fan_out:
+            warnings.warn("target is a Conv1D (weight stored as in x out): setting fan_in_fan_out=True",
+                          stacklevel=3)
+            config.fan_in_fan_out = True
+        return LoraLinear(target, fan_in_fan_out=True)
+    if isinstance(target, nn.Linear) or hasattr(target, "dequantize"):
+        if config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out=True but the target is nn.Linear: setting it to False",
+                          stacklevel=3)
+            config.fan_in_fan_out = False
+        return LoraLinear(target)
+    raise TypeError(
+        f"LoRA cannot adapt a {type(target).__name__}; supported: nn.Linear, nn.Embedding, "
+        f"nn.Conv1d, nn.Conv2d, transformers Conv1D and peftkit Linear4bit"
+    )
