@@ -14,7 +14,9 @@ import torch
 
 from peftkit.metrics import accuracy, bleu, macro_f1, perplexity, rouge_l, seq_f1, squad_em_f1
 
-WORDS = "the a cat dog sat on mat rug it is was big small red , . ! ? 's 3.5 10-4 (x) e-mail".split()
+WORDS = (
+    "the a cat dog sat on mat rug it is was big small red , . ! ? 's 3.5 10-4 (x) e-mail".split()
+)
 
 
 def random_sentence(rng: random.Random, lo: int = 0, hi: int = 12) -> str:
@@ -152,11 +154,14 @@ def test_bleu_matches_sacrebleu():
     import sacrebleu
 
     rng = random.Random(2)
-    for _ in range(10):
+    for trial in range(12):
         n = rng.randint(1, 25)
-        preds = [random_sentence(rng) for _ in range(n)]
         n_refs = rng.randint(1, 3)
         streams = [[random_sentence(rng, 1, 14) for _ in range(n)] for _ in range(n_refs)]
+        if trial % 2:  # unrelated predictions: low scores, smoothing and brevity penalty
+            preds = [random_sentence(rng) for _ in range(n)]
+        else:  # near copies of the first reference: high scores, clipping matters
+            preds = [" ".join(w for w in r.split() if rng.random() > 0.15) for r in streams[0]]
         ours = bleu(preds, [list(r) for r in zip(*streams)])
         want = sacrebleu.corpus_bleu(preds, streams).score
         assert ours == pytest.approx(want, rel=1e-9, abs=1e-9)
@@ -170,14 +175,13 @@ def test_bleu_tokenizer_matches_sacrebleu_13a():
         'Quotes "here" &quot;there&quot; <tags> &lt;b&gt; 1.5. Done,right',
     ]
     for t in texts:
-        want = sacrebleu.corpus_bleu([t], [[t.replace("  ", " ")]]).score
-        assert bleu([t], [t]) == pytest.approx(want)
-        # Compare the tokenisation through the public result: a token-level shuffle of the
-        # sacrebleu tokens scores identically in both implementations.
-        tok = sacrebleu.BLEU().tokenizer(t).split()
-        shuffled = " ".join(reversed(tok))
-        want = sacrebleu.corpus_bleu([shuffled], [[t]]).score
-        assert bleu([shuffled], [t]) == pytest.approx(want, rel=1e-12)
+        # Reversing sacrebleu's 13a tokens keeps the unigrams and breaks every longer n-gram:
+        # the scores agree only if both sides cut the text into the same tokens.
+        tokens = sacrebleu.BLEU().tokenizer(t).split()
+        for pred in (" ".join(reversed(tokens)), " ".join(tokens[:-3])):
+            want = sacrebleu.corpus_bleu([pred], [[t]]).score
+            assert want > 0
+            assert bleu([pred], [t]) == pytest.approx(want, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +196,12 @@ def test_squad_hand():
     # 3) unanswerable, predicted "" -> EM 1, F1 1.
     # 4) unanswerable, predicted "Paris" -> 0, 0.
     preds = ["The Normans", "Norman people in France", "", "Paris"]
-    refs = [["Normans", "the norman people"], "the Norman people", [], {"text": [], "answer_start": []}]
+    refs = [
+        ["Normans", "the norman people"],
+        "the Norman people",
+        [],
+        {"text": [], "answer_start": []},
+    ]
     out = squad_em_f1(preds, refs)
     assert out["exact"] == pytest.approx(100 * (1 + 0 + 1 + 0) / 4)
     assert out["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1 + 0) / 4)

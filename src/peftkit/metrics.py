@@ -120,7 +120,9 @@ def perplexity(mean_nll: float | torch.Tensor) -> float:
     This is what a causal-LM loss (token-averaged cross-entropy) turns into; returns ``inf``
     rather than overflowing for a very large loss.
     """
-    value = float(mean_nll.detach().float().mean()) if torch.is_tensor(mean_nll) else float(mean_nll)
+    value = (
+        float(mean_nll.detach().float().mean()) if torch.is_tensor(mean_nll) else float(mean_nll)
+    )
     if math.isnan(value):
         raise ValueError("perplexity: the mean NLL is NaN (did the loss diverge?).")
     try:
