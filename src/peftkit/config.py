@@ -197,5 +197,7 @@ def read_config(directory: str | os.PathLike) -> PeftConfig:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from exc
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}); the adapter folder is damaged"
+        ) from exc
     return config_from_dict(data)

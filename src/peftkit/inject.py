@@ -26,11 +26,16 @@ ALL_LINEAR = "all-linear"
 _DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A peftkit 4-bit linear layer (it can dequantize and re-quantize its weight)."""
+    return hasattr(module, "requantize_") and hasattr(module, "dequantize")
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear, GPT-2 Conv1D, or a peftkit 4-bit linear layer."""
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (nn.Linear, Conv1D)) or hasattr(module, "dequantize")
+    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized_linear(module)
 
 
 def matches_names(name: str, spec: list[str] | str | None) -> bool:
@@ -100,8 +105,10 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
 
 def _inside_adapter(name: str) -> bool:
     parts = name.split(".")
-    return any(p in ("base_layer", "lora_A", "lora_B", "lora_E", "original_module",
-                     "modules_to_save") for p in parts)
+    return any(
+        p in ("base_layer", "lora_A", "lora_B", "lora_E", "original_module", "modules_to_save")
+        for p in parts
+    )
 
 
 def _example_targets(model: nn.Module, limit: int = 8) -> list[str]:

@@ -42,7 +42,9 @@ class PeftModel(nn.Module):
     # Heads that a task trains in full; added to modules_to_save (PEFT does the same).
     task_heads: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"
+    ) -> None:
         super().__init__()
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
@@ -63,11 +65,15 @@ class PeftModel(nn.Module):
     # --- config --------------------------------------------------------------------------
     def _fill_config(self, model: nn.Module, config: PeftConfig) -> None:
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(model, "config", None),
-                                                     "_name_or_path", None) or None
+            config.base_model_name_or_path = (
+                getattr(getattr(model, "config", None), "_name_or_path", None) or None
+            )
         if self.task_heads and not config.is_prompt_learning:
-            present = [h for h in self.task_heads
-                       if any(n == h or n.endswith("." + h) for n, _ in model.named_modules())]
+            present = [
+                h
+                for h in self.task_heads
+                if any(n == h or n.endswith("." + h) for n, _ in model.named_modules())
+            ]
             if present:
                 extra = list(config.modules_to_save or [])
                 config.modules_to_save = extra + [h for h in self.task_heads if h not in extra]
@@ -93,8 +99,9 @@ class PeftModel(nn.Module):
                 f"cannot add a {peft_config.peft_type.value} adapter to a model holding "
                 f"{self.active_peft_config.peft_type.value} adapters"
             )
-        self._fill_config(self.base_model if self._prompt_learning else self.base_model.model,
-                          peft_config)
+        self._fill_config(
+            self.base_model if self._prompt_learning else self.base_model.model, peft_config
+        )
         if self._prompt_learning:
             from .methods import prompting
 
@@ -145,9 +152,13 @@ class PeftModel(nn.Module):
     # --- merging -------------------------------------------------------------------------
     def _require_injected(self, what: str) -> None:
         if self._prompt_learning:
-            raise ValueError(f"{what} applies to LoRA-style adapters; prompt methods have no weights to merge")
+            raise ValueError(
+                f"{what} applies to LoRA-style adapters; prompt methods have no weights to merge"
+            )
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
         self._require_injected("merge_adapter")
         self.base_model.merge_adapter(adapter_names, safe_merge)
 
@@ -155,12 +166,17 @@ class PeftModel(nn.Module):
         self._require_injected("unmerge_adapter")
         self.base_model.unmerge_adapter()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
         """Fold the adapter into the weights and return the plain transformers model."""
         self._require_injected("merge_and_unload")
-        return self.base_model.unload_layers(merge=True, safe_merge=safe_merge,
-                                             adapter_names=adapter_names)
+        return self.base_model.unload_layers(
+            merge=True, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def unload(self) -> nn.Module:
         """Remove the adapter layers without merging and return the plain model."""
@@ -184,8 +200,10 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} "
-              f"|| trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} "
+            f"|| trainable%: {100 * trainable / total:.4f}"
+        )
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -230,8 +248,12 @@ class PeftModel(nn.Module):
             return prompting.state_dict_to_save(self, name)
         return _injected_state_dict(self, name)
 
-    def save_pretrained(self, save_directory: str | os.PathLike,
-                        selected_adapters: list[str] | None = None, **_: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        **_: Any,
+    ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` + README.
 
         "default" goes in ``save_directory``, any other adapter in ``save_directory/<name>``.
@@ -249,14 +271,18 @@ class PeftModel(nn.Module):
             config.save_pretrained(folder)
             trainable = sum(t.numel() for t in tensors.values())
             card = checkpoint.MODEL_CARD.format(
-                base=config.base_model_name_or_path or "unknown", method=config.peft_type.value,
-                task=config.task_type.value if config.task_type else "none", trainable=trainable)
+                base=config.base_model_name_or_path or "unknown",
+                method=config.peft_type.value,
+                task=config.task_type.value if config.task_type else "none",
+                trainable=trainable,
+            )
             readme = os.path.join(folder, "README.md")
             if not os.path.exists(readme):
                 checkpoint.atomic_write_text(readme, card)
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str,
-                     is_trainable: bool = False) -> None:
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False
+    ) -> None:
         """Load a saved adapter (ours or HF PEFT's) under ``adapter_name``."""
         config = read_config(model_id)
         config.inference_mode = not is_trainable
@@ -275,14 +301,22 @@ class PeftModel(nn.Module):
             _load_injected_state_dict(self, adapter_name, state)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike,
-                        adapter_name: str = "default", is_trainable: bool = False,
-                        config: PeftConfig | None = None, **_: Any) -> PeftModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **_: Any,
+    ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id`` (a folder)."""
         model_id = os.fspath(model_id)
         config = config or read_config(model_id)
         config.inference_mode = not is_trainable
-        wrapper = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        wrapper = (
+            MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        )
         peft_model = wrapper(model, config, adapter_name)
         state = checkpoint.load_adapter_tensors(model_id)
         peft_model.load_adapter_state_dict(state, adapter_name)
@@ -319,8 +353,9 @@ def _bias_state(peft_model: PeftModel, config: PeftConfig) -> dict[str, torch.Te
     return out
 
 
-def _load_injected_state_dict(peft_model: PeftModel, adapter_name: str,
-                              state: dict[str, torch.Tensor]) -> None:
+def _load_injected_state_dict(
+    peft_model: PeftModel, adapter_name: str, state: dict[str, torch.Tensor]
+) -> None:
     """Copy saved tensors into adapter ``adapter_name``, refusing missing/unexpected/misshaped keys."""
     tuner = peft_model.base_model
     state = tuner.state_dict_for_load(dict(state), adapter_name)
@@ -396,13 +431,16 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   **_: Any) -> PeftModel:
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any
+) -> PeftModel:
     """Wrap ``model`` with a fresh adapter; only the adapter (and saved modules) stay trainable."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel: use model.add_adapter(name, config)")
-    if any(isinstance(m, nn.Module) and m.__class__.__name__.startswith("Lora")
-           for m in model.modules()):
+    if any(
+        isinstance(m, nn.Module) and m.__class__.__name__.startswith("Lora")
+        for m in model.modules()
+    ):
         raise ValueError("model already holds LoRA layers (merge_and_unload() it first)")
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name)

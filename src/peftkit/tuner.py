@@ -66,8 +66,9 @@ class InjectedAdapterModel(nn.Module):
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config
-                         else adapter_name)
+        self.set_adapter(
+            self.active_adapter if self.active_adapter in self.peft_config else adapter_name
+        )
 
     # --- walking -----------------------------------------------------------------------------
     def adapter_layers(self) -> Iterator[tuple[str, LoraLayer]]:
@@ -102,9 +103,8 @@ class InjectedAdapterModel(nn.Module):
             for dict_name in self.saved_dict_names:
                 container = getattr(layer, dict_name, None)
                 if container is not None and name in container:
-                    entry = container[name]
-                    (entry.requires_grad_(True) if isinstance(entry, nn.Parameter)
-                     else entry.requires_grad_(True))
+                    container[name].requires_grad_(True)
+                    )
             if config.bias == "lora_only":
                 bias = getattr(layer.base_layer, "bias", None)
                 if isinstance(bias, nn.Parameter):
@@ -138,7 +138,9 @@ class InjectedAdapterModel(nn.Module):
             self.set_adapter(next(iter(self.peft_config)))
 
     # --- merging -----------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
         for _, layer in self.adapter_layers():
             layer.merge(adapter_names, safe_merge=safe_merge)
 
@@ -146,8 +148,9 @@ class InjectedAdapterModel(nn.Module):
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
-    def unload_layers(self, merge: bool, safe_merge: bool = False,
-                      adapter_names: list[str] | None = None) -> nn.Module:
+    def unload_layers(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Replace every wrapper by its base module (after merging when ``merge``)."""
         for name, layer in list(self.adapter_layers()):
             if merge:

@@ -164,6 +164,15 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disable_adapters = False
 
+    def __getattr__(self, name: str) -> Any:
+        # Model code reads e.g. ``self.wo.weight.dtype``: answer from the wrapped layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     # --- adapter bookkeeping -------------------------------------------------------------
     @property
     def merged(self) -> bool:
@@ -239,7 +248,9 @@ class LoraLayer(nn.Module):
             if safe_merge:
                 merged = weight + delta
                 if not torch.isfinite(merged).all():
-                    raise ValueError(f"merging adapter {name!r} produces NaN/Inf weights; not merged")
+                    raise ValueError(
+                        f"merging adapter {name!r} produces NaN/Inf weights; not merged"
+                    )
             self._add_to_base_weight(delta)
             self.merged_adapters.append(name)
 
@@ -251,7 +262,7 @@ class LoraLayer(nn.Module):
 
     def _base_weight(self) -> torch.Tensor:
         base = self.base_layer
-        return base.dequantize() if hasattr(base, "dequantize") else base.weight
+        return base.dequantize() if hasattr(base, "requantize_") else base.weight
 
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
         base = self.base_layer
@@ -303,7 +314,9 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[
+            name
+        ]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -361,8 +374,15 @@ class LoraEmbedding(LoraLayer):
         emb = self.base_layer
         for name in self._active():
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            h = F.embedding(ids, A.T, emb.padding_idx, emb.max_norm, emb.norm_type,
-                            emb.scale_grad_by_freq, emb.sparse)  # (..., r)
+            h = F.embedding(
+                ids,
+                A.T,
+                emb.padding_idx,
+                emb.max_norm,
+                emb.norm_type,
+                emb.scale_grad_by_freq,
+                emb.sparse,
+            )  # (..., r)
             result = result + ((h @ B.T) * self.scaling[name]).to(result.dtype)
         return result
 
@@ -374,14 +394,23 @@ class LoraConv(LoraLayer):
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(base_layer)
         if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+            raise ValueError(
+                f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported"
+            )
         self._conv_cls = type(base_layer)
 
     def _create_factors(self, name: str, r: int) -> None:
         base = self.base_layer
         ones = (1,) * len(base.kernel_size)
-        self.lora_A[name] = self._conv_cls(base.in_channels, r, base.kernel_size, base.stride,
-                                           base.padding, base.dilation, bias=False)
+        self.lora_A[name] = self._conv_cls(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+        )
         self.lora_B[name] = self._conv_cls(r, base.out_channels, ones, ones, bias=False)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -406,20 +435,25 @@ def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
     """Wrap ``target`` in the LoRA layer class for its type, or raise naming what is supported."""
     from transformers.pytorch_utils import Conv1D
 
+    from ..inject import is_quantized_linear
+
     if isinstance(target, nn.Embedding):
         return LoraEmbedding(target)
     if isinstance(target, (nn.Conv1d, nn.Conv2d)):
         return LoraConv(target)
     if isinstance(target, Conv1D):
         if not config.fan_in_fan_out:
-            warnings.warn("target is a Conv1D (weight stored as in x out): setting fan_in_fan_out=True",
-                          stacklevel=3)
+            warnings.warn(
+                "target is a Conv1D (weight stored as in x out): setting fan_in_fan_out=True",
+                stacklevel=3,
+            )
             config.fan_in_fan_out = True
         return LoraLinear(target, fan_in_fan_out=True)
-    if isinstance(target, nn.Linear) or hasattr(target, "dequantize"):
+    if isinstance(target, nn.Linear) or is_quantized_linear(target):
         if config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out=True but the target is nn.Linear: setting it to False",
-                          stacklevel=3)
+            warnings.warn(
+                "fan_in_fan_out=True but the target is nn.Linear: setting it to False", stacklevel=3
+            )
             config.fan_in_fan_out = False
         return LoraLinear(target)
     raise TypeError(
