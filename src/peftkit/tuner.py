@@ -104,7 +104,6 @@ class InjectedAdapterModel(nn.Module):
                 container = getattr(layer, dict_name, None)
                 if container is not None and name in container:
                     container[name].requires_grad_(True)
-                    )
             if config.bias == "lora_only":
                 bias = getattr(layer.base_layer, "bias", None)
                 if isinstance(bias, nn.Parameter):
