@@ -1,0 +1,287 @@
+"""``Linear4bit``: a frozen linear layer whose weight is stored in 4 bits.
+
+::
+
+    x (..., in) --cast--> compute dtype --linear(x, W_hat, bias)--> y (..., out) --cast--> x.dtype
+                                           ^
+    packed_weight (in*out/2 bytes) + absmax stats --dequantize per call--> W_hat (out, in)
+
+The dequantised weight lives only for the duration of one matmul: an autograd function
+re-dequantises it in backward (``grad_x = grad_y @ W_hat``) instead of saving it, so activation
+memory holds no full-precision copy of any base weight. The weight itself gets no gradient
+(QLoRA trains adapters on top); the bias, if present, can.
+
+Every quantisation block must lie inside one output row (``in_features % blocksize == 0``):
+bitsandbytes' kernels index blocks per row and silently misread blocks that straddle rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nf4 import (
+    SUPPORTED_BLOCKSIZES,
+    SUPPORTED_DTYPES,
+    QuantState4bit,
+    dequantize_4bit,
+    quantize_4bit,
+)
+
+LINEAR_QUANT_TYPES = ("nf4", "fp4")
+_FLOAT_STATS = ("absmax", "absmax_scales", "absmax_offset")
+
+
+class _DequantLinear(torch.autograd.Function):
+    """``y = x W_hat^T + b`` where ``W_hat`` is re-dequantised in backward instead of saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Linear4bit, bias: torch.Tensor | None):
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return F.linear(x, layer.dequantize(), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.layer.dequantize()  # (..., out) @ (out, in) -> (..., in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+def _check_blocksize_fits(in_features: int, blocksize: int, name: str = "") -> None:
+    if in_features % blocksize:
+        where = f"layer {name!r} " if name else "a layer "
+        divisors = [b for b in (16, 32, 64, 128, 256) if in_features % b == 0]
+        hint = f"use blocksize={divisors[-1]}" if divisors else "leave it unquantised"
+        raise ValueError(
+            f"cannot quantise {where}with in_features={in_features}: it must be a multiple of "
+            f"blocksize={blocksize} so no quantisation block spans two rows; {hint} or add the "
+            "layer to skip_modules"
+        )
+
+
+class Linear4bit(nn.Module):
+    """Linear layer with NF4/FP4 weights, dequantised to ``compute_dtype`` on each call.
+
+    Args:
+        in_features, out_features: layer size (``in_features % blocksize == 0``).
+        bias: whether the layer has a bias (kept in full precision).
+        quant_type: "nf4" or "fp4".
+        double_quant: quantise the per-block absmax to 8 bits.
+        compute_dtype: dtype of the matmul (float32, bfloat16 or float16); defaults to
+            ``weight_dtype``.
+        blocksize: weights per absmax block.
+        weight_dtype: dtype of the original weight; dequantisation rounds to it first (as
+            bitsandbytes does), then casts to ``compute_dtype``.
+        device: where to allocate the (zero) storage.
+
+    Buffers: ``packed_weight`` (uint8), and either ``absmax`` (float32 per block) or, with double
+    quantisation, ``absmax_codes`` (uint8 per block), ``absmax_scales`` (float32 per 256 blocks)
+    and ``absmax_offset`` (float32 scalar). ``module.to(dtype)`` never casts these.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        blocksize: int = 64,
+        weight_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if quant_type not in LINEAR_QUANT_TYPES:
+            raise ValueError(f"quant_type={quant_type!r} is not supported; use 'nf4' or 'fp4'")
+        for label, dt in (("weight_dtype", weight_dtype), ("compute_dtype", compute_dtype)):
+            if dt is not None and dt not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"{label}={dt} is not supported; use torch.float32, torch.bfloat16 or "
+                    "torch.float16"
+                )
+        if blocksize not in SUPPORTED_BLOCKSIZES:
+            raise ValueError(
+                f"blocksize={blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}"
+            )
+        _check_blocksize_fits(in_features, blocksize)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant_type = quant_type
+        self.double_quant = double_quant
+        self.blocksize = blocksize
+        self.weight_dtype = weight_dtype
+        self.compute_dtype = compute_dtype or weight_dtype
+        # Zero storage of the right shapes; load_state_dict or requantize_ fills it.
+        n = in_features * out_features
+        n_blocks = n // blocksize
+        u8, f32 = dict(dtype=torch.uint8, device=device), dict(dtype=torch.float32, device=device)
+        self.register_buffer("packed_weight", torch.zeros((n + 1) // 2, **u8))
+        if double_quant:
+            self.register_buffer("absmax_codes", torch.zeros(n_blocks, **u8))
+            self.register_buffer("absmax_scales", torch.zeros(-(-n_blocks // 256), **f32))
+            self.register_buffer("absmax_offset", torch.zeros((), **f32))
+        else:
+            self.register_buffer("absmax", torch.zeros(n_blocks, **f32))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    # ----------------------------------------------------------------------------- storage
+    def _store_state(self, state: QuantState4bit) -> None:
+        if state.double_quant:
+            self.register_buffer("absmax_codes", state.absmax_codes)
+            self.register_buffer("absmax_scales", state.absmax_scales)
+            self.register_buffer("absmax_offset", state.absmax_offset)
+        else:
+            self.register_buffer("absmax", state.absmax_fp32)
+
+    @property
+    def quant_state(self) -> QuantState4bit:
+        """A :class:`QuantState4bit` view of this layer's buffers (no copies)."""
+        state = QuantState4bit(
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+        )
+        if self.double_quant:
+            state.absmax_codes = self.absmax_codes
+            state.absmax_scales = self.absmax_scales
+            state.absmax_offset = self.absmax_offset
+        else:
+            state.absmax_fp32 = self.absmax
+        return state
+
+    def storage_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that store the base weight (packed codes and statistics)."""
+        return {"packed_weight": self.packed_weight, **self.quant_state.tensors()}
+
+    def storage_bits_per_param(self) -> float:
+        """Measured bits per weight element of the stored base weight (bias excluded)."""
+        bits = sum(t.numel() * t.element_size() * 8 for t in self.storage_tensors().values())
+        return bits / (self.in_features * self.out_features)
+
+    def quantized_param_count(self) -> int:
+        """Weight elements held in 4 bits (buffers, so ``parameters()`` does not count them)."""
+        return self.in_features * self.out_features
+
+    def _apply(self, fn, recurse=True):
+        # Reinterpret the fp32 statistics as int32 while module-wide casts run, so
+        # ``model.to(torch.bfloat16)`` / ``.half()`` move them without rounding them.
+        for name in _FLOAT_STATS:
+            if name in self._buffers:
+                self._buffers[name] = self._buffers[name].view(torch.int32)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name in _FLOAT_STATS:
+                if name in self._buffers:
+                    self._buffers[name] = self._buffers[name].view(torch.float32)
+
+    # ------------------------------------------------------------------ the LoRA contract
+    def dequantize(self) -> torch.Tensor:
+        """The (out_features, in_features) weight in ``compute_dtype``."""
+        return dequantize_4bit(self.packed_weight, self.quant_state, dtype=self.compute_dtype)
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by the 4-bit quantisation of ``weight`` (out, in)."""
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {expected}")
+        w = weight.to(device=self.packed_weight.device, dtype=self.weight_dtype)
+        packed, state = quantize_4bit(w, self.quant_type, self.blocksize, self.double_quant)
+        self.packed_weight = packed
+        self._store_state(state)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        blocksize: int = 64,
+        name: str = "",
+    ) -> Linear4bit:
+        """Quantise an ``nn.Linear`` (or a transformers ``Conv1D``, whose weight is (in, out)).
+
+        ``name`` only improves error messages.
+        """
+        weight = linear.weight
+        if type(linear).__name__ == "Conv1D" and hasattr(linear, "nf"):
+            weight = weight.t()  # Conv1D stores (in, out)
+        if weight.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"layer {name or type(linear).__name__} has {weight.dtype} weights; only "
+                "float32/float16/bfloat16 layers can be quantised (is it already quantised?)"
+            )
+        if weight.device.type == "meta":
+            raise ValueError(
+                f"layer {name or type(linear).__name__} is on the meta device; load its weights "
+                "before quantising"
+            )
+        out_features, in_features = weight.shape
+        _check_blocksize_fits(in_features, blocksize, name)
+        bias = getattr(linear, "bias", None)
+        layer = cls(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            quant_type=quant_type,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            blocksize=blocksize,
+            weight_dtype=weight.dtype,
+            device=weight.device,
+        )
+        layer.requantize_(weight)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return layer
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A full-precision ``nn.Linear`` copy holding the dequantised weight.
+
+        ``dtype`` defaults to the original weight dtype (the values are exactly those the
+        4-bit layer computes with when ``compute_dtype`` equals it).
+        """
+        dtype = dtype or self.weight_dtype
+        device = self.packed_weight.device
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            w = dequantize_4bit(self.packed_weight, self.quant_state)  # weight_dtype
+            linear.weight.copy_(w.to(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.to(dtype))
+        linear.weight.requires_grad_(False)
+        if self.bias is not None:
+            linear.bias.requires_grad_(self.bias.requires_grad)
+        return linear
+
+    # --------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = _DequantLinear.apply(x.to(self.compute_dtype), self, bias)  # (..., out)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, quant_type={self.quant_type}, "
+            f"double_quant={self.double_quant}, blocksize={self.blocksize}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
