@@ -1,6 +1,7 @@
 """peftkit: parameter-efficient fine-tuning for Hugging Face models, in HF PEFT's API and format."""
 
 from .config import PeftConfig, PeftType, TaskType
+from .methods.adalora import AdaLoraConfig
 from .methods.lora import LoraConfig
 from .model import (
     PeftModel,
@@ -16,6 +17,7 @@ from .model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

@@ -4,6 +4,7 @@
 """
 
 from ..config import PeftType
+from .adalora import AdaLoraConfig
 from .lora import LoraConfig
 
 TUNERS: dict = {}
@@ -14,7 +15,11 @@ def _register_builtin() -> None:
 
     TUNERS[PeftType.LORA] = InjectedAdapterModel
 
+    from .adalora import AdaLoraModel
+
+    TUNERS[PeftType.ADALORA] = AdaLoraModel
+
 
 _register_builtin()
 
-__all__ = ["LoraConfig", "TUNERS"]
+__all__ = ["AdaLoraConfig", "LoraConfig", "TUNERS"]
