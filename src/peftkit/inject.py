@@ -20,9 +20,11 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+BASE_ADAPTER = "__base__"  # in a mixed batch: this row runs the base model
 _DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
@@ -147,6 +149,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        self.batch_adapters: list[str] | None = None
         self.add_adapter(adapter_name)
 
     def add_adapter(self, adapter_name: str) -> None:
@@ -171,8 +174,21 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.active_module()(*args, **kwargs)
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.batch_adapters is None or self.disable_adapters:
+            return self.active_module()(x, *args, **kwargs)
+        # Mixed batch: each distinct module runs on its own rows (few distinct adapters per batch).
+        out = None
+        for name in dict.fromkeys(self.batch_adapters):
+            rows = torch.tensor([i for i, n in enumerate(self.batch_adapters) if n == name])
+            module = (
+                self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            )
+            part = module(x[rows], *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[rows] = part
+        return out
 
     def __getattr__(self, name: str) -> Any:
         # Let code that reads e.g. ``model.score.weight`` or ``out_features`` see the active module.

@@ -219,7 +219,8 @@ class PeftModel(nn.Module):
             from .methods import prompting
 
             return prompting.generate(self, *args, **kwargs)
-        return self.base_model.model.generate(*args, **kwargs)
+        with self.base_model.mixed_batch(kwargs.pop("adapter_names", None)):
+            return self.base_model.model.generate(*args, **kwargs)
 
     def _check_training_hooks(self) -> None:
         """Let a method check per-step duties (AdaLoRA: was update_and_allocate called?)."""

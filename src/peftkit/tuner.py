@@ -13,13 +13,20 @@ disabling, merging and unloading. A method plugs in by subclassing and overridin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
 from .config import PeftConfig
-from .inject import ModulesToSaveWrapper, find_targets, replace_module, wrap_modules_to_save
+from .inject import (
+    BASE_ADAPTER,
+    ModulesToSaveWrapper,
+    find_targets,
+    replace_module,
+    wrap_modules_to_save,
+)
 from .methods.lora import LoraConfig, LoraLayer, create_lora_layer
 
 
@@ -159,8 +166,31 @@ class InjectedAdapterModel(nn.Module):
             replace_module(self.model, name, wrapper.active_module())
         return self.model
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
+        """Within the block, row ``b`` of the batch runs adapter ``adapter_names[b]``
+        (``"__base__"``: no adapter). ``None`` leaves the usual single active adapter."""
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
+        if unknown:
+            raise ValueError(
+                f"adapter_names mentions unknown adapters {unknown}; "
+                f"have {list(self.peft_config)} (and {BASE_ADAPTER!r} for none)"
+            )
+        users = [m for _, m in self.adapter_layers()] + [m for _, m in self.save_wrappers()]
+        for module in users:
+            module.batch_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            for module in users:
+                module.batch_adapters = None
 
     def __getattr__(self, name: str) -> Any:
         try:

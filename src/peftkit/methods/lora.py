@@ -163,6 +163,8 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.active_adapters: list[str] = []
         self.disable_adapters = False
+        # Per-row adapter names for a mixed batch (set by the tuner for one forward call).
+        self.batch_adapters: list[str] | None = None
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads e.g. ``self.wo.weight.dtype``: answer from the wrapped layer.
@@ -322,6 +324,8 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._prepare_forward()
         result = self.base_layer(x, *args, **kwargs)
+        if self.batch_adapters is not None and not self.disable_adapters:
+            return result + self._mixed_batch_delta(x).to(result.dtype)
         for name in self._active():
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             xa = x.to(A.dtype)
@@ -333,6 +337,38 @@ class LoraLinear(LoraLayer):
                 h = F.linear(xa, A)  # (..., r)
             result = result + (F.linear(h, B) * self.scaling[name]).to(result.dtype)
         return result
+
+    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """LoRA updates for a batch whose rows use different adapters, in two batched einsums.
+
+        Adapters are zero-padded to the largest rank and stacked; row ``b`` gathers its own
+        factors, so there is no Python loop over adapters (PEFT loops over sub-batches). Rows named
+        ``"__base__"`` (or an adapter this layer does not carry) get a zero update.
+        """
+        names = self.batch_adapters
+        if len(names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows"
+            )
+        present = [n for n in dict.fromkeys(names) if n in self.r]
+        if self.merged_adapters:
+            raise ValueError(
+                "mixed-adapter batches need unmerged adapters: call unmerge_adapter() first"
+            )
+        ref = self.lora_A[present[0]].weight if present else None
+        if ref is None:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        r_max = max(self.r[n] for n in present)
+        stack_a = ref.new_zeros(len(present) + 1, r_max, self.in_features)  # (n+1, r, in)
+        stack_b = ref.new_zeros(len(present) + 1, self.out_features, r_max)  # (n+1, out, r)
+        for i, n in enumerate(present):
+            stack_a[i, : self.r[n]] = self.lora_A[n].weight
+            stack_b[i, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
+        row = torch.tensor(
+            [present.index(n) if n in present else len(present) for n in names], device=x.device
+        )
+        h = torch.einsum("b...i,bri->b...r", x.to(ref.dtype), stack_a[row])  # (B, ..., r)
+        return torch.einsum("b...r,bor->b...o", h, stack_b[row])  # (B, ..., out)
 
 
 def _linear_features(layer: nn.Module) -> tuple[int, int]:
