@@ -219,9 +219,14 @@ class Linear4bit(nn.Module):
         if type(linear).__name__ == "Conv1D" and hasattr(linear, "nf"):
             weight = weight.t()  # Conv1D stores (in, out)
         if weight.dtype not in SUPPORTED_DTYPES:
+            hint = (
+                "it looks already quantised"
+                if not weight.dtype.is_floating_point
+                else "cast the model to float32 or bfloat16 first"
+            )
             raise TypeError(
                 f"layer {name or type(linear).__name__} has {weight.dtype} weights; only "
-                "float32/float16/bfloat16 layers can be quantised (is it already quantised?)"
+                f"float32/float16/bfloat16 layers can be quantised ({hint})"
             )
         if weight.device.type == "meta":
             raise ValueError(
