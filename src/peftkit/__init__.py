@@ -3,6 +3,9 @@
 from .config import PeftConfig, PeftType, TaskType
 from .methods.adalora import AdaLoraConfig
 from .methods.lora import LoraConfig
+from .methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -28,6 +31,11 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "get_peft_model",
 ]

@@ -68,7 +68,7 @@ class PeftModel(nn.Module):
             config.base_model_name_or_path = (
                 getattr(getattr(model, "config", None), "_name_or_path", None) or None
             )
-        if self.task_heads and not config.is_prompt_learning:
+        if self.task_heads:  # prompt methods train the head too, as in PEFT
             present = [
                 h
                 for h in self.task_heads
@@ -125,7 +125,9 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
         if self._prompt_learning:
-            del self.prompt_encoder[adapter_name]
+            from .methods import prompting
+
+            prompting.detach(self, adapter_name)
             del self.peft_config[adapter_name]
             if self.active_adapter == adapter_name and self.peft_config:
                 self.set_adapter(next(iter(self.peft_config)))

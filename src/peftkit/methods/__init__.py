@@ -6,6 +6,9 @@
 from ..config import PeftType
 from .adalora import AdaLoraConfig
 from .lora import LoraConfig
+from .p_tuning import PromptEncoderConfig
+from .prefix_tuning import PrefixTuningConfig
+from .prompt_tuning import PromptTuningConfig
 
 TUNERS: dict = {}
 
@@ -22,4 +25,11 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["AdaLoraConfig", "LoraConfig", "TUNERS"]
+__all__ = [
+    "AdaLoraConfig",
+    "LoraConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "TUNERS",
+]
