@@ -1,0 +1,82 @@
+"""The AdaLoRA rank report: a table of final ranks and a heatmap PNG (blocks x modules)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from peftkit import AdaLoraConfig, LoraConfig, get_peft_model
+from peftkit.methods.adalora_report import final_ranks, plot_rank_heatmap, rank_grid, rank_report
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _trained(tiny_model):
+    base, inputs = tiny_model("llama")
+    cfg = AdaLoraConfig(
+        task_type="CAUSAL_LM",
+        target_modules=TARGETS,
+        init_r=6,
+        target_r=2,
+        total_step=8,
+        tinit=1,
+        tfinal=2,
+    )
+    model = get_peft_model(base, cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch = {**inputs, "labels": inputs["input_ids"]}
+    model.train()
+    for step in range(1, 7):
+        model(**batch).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    return model
+
+
+def test_table_shows_the_rank_pattern(tiny_model):
+    model = _trained(tiny_model)
+    pattern = model.peft_config["default"].rank_pattern
+    ranks = final_ranks(model)
+    assert ranks == {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
+    rows, cols, grid = rank_grid(ranks)
+    assert rows == ["model.layers.0", "model.layers.1"] and cols == TARGETS
+    assert grid[1][2] == ranks["model.layers.1.mlp.down_proj"]
+
+    table = rank_report(model)
+    print(table)
+    lines = table.splitlines()
+    assert "allocated" in lines[0] and "init_r=6" in lines[0] and "target_r=2" in lines[0]
+    assert f"kept {sum(ranks.values())} of 36 triplets (target budget 12)" in lines[1]
+    row0 = next(line for line in lines if line.startswith("model.layers.0 "))
+    assert row0.split()[1:] == [
+        str(ranks[f"model.layers.0.{c}"])
+        for c in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    ]
+
+
+def test_untrained_model_reports_full_rank(tiny_model):
+    base, _ = tiny_model("llama")
+    model = get_peft_model(
+        base, AdaLoraConfig(target_modules=["q_proj"], init_r=5, target_r=2, total_step=10)
+    )
+    assert set(final_ranks(model).values()) == {5}
+    assert "not allocated yet" in rank_report(model)
+
+
+def test_heatmap_png_is_written_atomically(tiny_model, tmp_path):
+    model = _trained(tiny_model)
+    out = plot_rank_heatmap(model, tmp_path / "plots" / "ranks.png")
+    assert out == os.fspath(tmp_path / "plots" / "ranks.png")
+    data = (tmp_path / "plots" / "ranks.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    assert os.listdir(tmp_path / "plots") == ["ranks.png"]  # no temp file left behind
+
+
+def test_report_refuses_a_lora_model(tiny_model):
+    base, _ = tiny_model("llama")
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="need an AdaLoRA model"):
+        rank_report(model)
