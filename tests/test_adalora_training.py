@@ -204,3 +204,31 @@ def test_loaded_adapter_keeps_training_at_its_saved_size(tiny_model, tmp_path):
     after = {k: v for k, v in loaded.state_dict().items() if "lora_A" in k}
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].numel())
     assert {p: layer.r["default"] for p, layer in loaded.base_model.adapter_layers()} == ranks
+
+
+def test_resumed_training_state_gives_the_same_allocation(tiny_model, tmp_path):
+    """Save the trainer's method state mid-decay, restore it into a fresh model: same masks."""
+    model, batch = _model(tiny_model, total_step=12, tinit=1, tfinal=3, deltaT=1)
+    opt = _train(model, batch, steps=4)
+    torch.save(model.base_model.training_state_dict(), tmp_path / "method_state.pt")
+    trainable = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    opt_state = copy.deepcopy(opt.state_dict())
+
+    twin, _ = _model(tiny_model, total_step=12, tinit=1, tfinal=3, deltaT=1)
+    twin.load_state_dict(trainable, strict=False)
+    twin_opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.1)
+    twin_opt.load_state_dict(opt_state)
+    twin.base_model.load_training_state_dict(
+        torch.load(tmp_path / "method_state.pt", weights_only=True)
+    )
+    assert twin.peft_config["default"].rank_pattern == model.peft_config["default"].rank_pattern
+    for m, o in ((model, opt), (twin, twin_opt)):
+        m.train()
+        for step in range(5, 10):
+            m(**batch).loss.backward()
+            o.step()
+            m.base_model.update_and_allocate(step)
+            o.zero_grad()
+    assert twin.peft_config["default"].rank_pattern == model.peft_config["default"].rank_pattern
+    with pytest.raises(ValueError, match="resume with the same method config"):
+        twin.base_model.load_training_state_dict({"adapter_name": "other"})

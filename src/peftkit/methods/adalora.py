@@ -24,6 +24,7 @@ warns (once) when two have passed without an allocation call.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 import weakref
@@ -421,6 +422,47 @@ class AdaLoraModel(InjectedAdapterModel):
             budget = allocator.target_budget
             allocator.mask_using_rank_pattern(triplets, config.rank_pattern)
         return budget
+
+    # --- resuming (the trainer saves this next to the optimiser state) ---------------------------
+    def training_state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beyond the weights: the score averages and the rank pattern.
+
+        Plain tensors, lists and strings only, so it loads with ``torch.load(weights_only=True)``.
+        """
+        name = self.trainable_adapter_name
+        alloc = self.rank_allocator
+        if name is None or alloc is None:
+            return {}
+        config = self.peft_config[name]
+        return {
+            "adapter_name": name,
+            "rank_pattern": copy.deepcopy(config.rank_pattern),
+            "sensitivity": {f"{p}|{f}": t.clone() for (p, f), t in alloc.sensitivity.items()},
+            "uncertainty": {f"{p}|{f}": t.clone() for (p, f), t in alloc.uncertainty.items()},
+            "steps_since_allocation": self._steps_since_allocation,
+        }
+
+    def load_training_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`training_state_dict` into the trainable adapter."""
+        if not state:
+            return
+        name = self.trainable_adapter_name
+        if name is None or self.rank_allocator is None or state["adapter_name"] != name:
+            raise ValueError(
+                f"AdaLoRA training state is for adapter {state.get('adapter_name')!r} but the "
+                f"trainable adapter here is {name!r}; resume with the same method config"
+            )
+        self.peft_config[name].rank_pattern = copy.deepcopy(state["rank_pattern"])
+        alloc = self.rank_allocator
+        alloc.reset_ipt()
+        for table, saved in (
+            (alloc.sensitivity, "sensitivity"),
+            (alloc.uncertainty, "uncertainty"),
+        ):
+            for key, tensor in state[saved].items():
+                path, factor = key.rsplit("|", 1)
+                table[(path, factor)] = tensor.clone()
+        self._steps_since_allocation = int(state.get("steps_since_allocation", 0))
 
     @property
     def rankallocator(self) -> RankAllocator | None:
