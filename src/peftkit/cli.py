@@ -1,0 +1,501 @@
+"""The ``peftkit`` command: one YAML per run, plus ``key=value`` overrides.
+
+::
+
+    peftkit train    CONFIG.yaml [key=value ...] [--resume [CKPT]] [--overwrite] [--check]
+    peftkit eval     RUN|CONFIG.yaml [key=value ...] [--split eval|test] [--no-adapter]
+    peftkit generate RUN|ADAPTER (--prompt TEXT ... | --input FILE) [--output FILE]
+    peftkit merge    RUN|ADAPTER --output DIR [--dtype float32|bfloat16|float16]
+    peftkit inspect  RUN|ADAPTER|CONFIG.yaml [key=value ...]
+
+Exit status: 0 success, 1 a runtime error (message on stderr), 2 a bad config or command line
+(every problem listed), 130 training stopped by Ctrl-C after saving a resumable checkpoint.
+Set ``PEFTKIT_DEBUG=1`` to see full tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+OVERRIDES_HELP = (
+    "dotted KEY=VALUE overrides of the config, e.g. method.r=16 epochs=3 lr=3e-4 "
+    "data.test.limit=null (values are YAML scalars or [lists])"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftkit",
+        description="Parameter-efficient fine-tuning of Hugging Face models "
+        "(LoRA, AdaLoRA, QLoRA, prompt tuning, P-tuning, prefix tuning).",
+        epilog="Run `peftkit COMMAND --help` for each command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune an adapter as a YAML config says",
+        description="Train an adapter. The config is checked first (unknown keys, wrong types, "
+        "missing files, all reported together) before any model is loaded. The run folder gets "
+        "the adapter (HF PEFT format), config.yaml, metrics.jsonl, TensorBoard events, "
+        "loss.png/metrics.png, predictions CSVs and summary.json. Ctrl-C saves a resumable "
+        "checkpoint.",
+    )
+    p.add_argument("config", help="the run's YAML file (see examples/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the run in output_dir from its latest checkpoint (or the given "
+        "checkpoint / run folder); the loss curve continues exactly as if never stopped",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config and read the data, then stop (no model is loaded)",
+    )
+
+    p = sub.add_parser(
+        "eval",
+        help="score an adapter on the eval (or test) split",
+        description="Evaluate a trained adapter (or, with --no-adapter, the base model) on the "
+        "run's eval or test split: loss, perplexity and the task's metrics; writes a predictions CSV.",
+    )
+    p.add_argument("target", help="a run folder, an adapter folder inside one, or a YAML config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    p.add_argument(
+        "--split", choices=("eval", "test"), default="eval", help="which split (default eval)"
+    )
+    p.add_argument("--adapter", help="use this adapter folder instead of the run's")
+    p.add_argument("--no-adapter", action="store_true", help="evaluate the base model alone")
+    p.add_argument("--model", help="base model to load instead of the run's")
+    p.add_argument("--output", help="predictions CSV (default: <run>/eval_<split>.csv)")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+    p = sub.add_parser(
+        "generate",
+        help="run an adapter on prompts: text in, text out",
+        description="Generate with an adapter. With a run folder whose task has a prompt "
+        "template, each input fills the template (as in training) unless --raw; a sequence "
+        "classifier prints labels.",
+    )
+    p.add_argument("target", help="a run folder or an adapter folder")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--input", help="file of inputs: .txt (one per line), .csv/.tsv/.jsonl rows")
+    p.add_argument("--output", help="write results here (.csv, .jsonl or .txt) instead of stdout")
+    p.add_argument(
+        "--raw", action="store_true", help="use prompts verbatim, not the run's template"
+    )
+    p.add_argument("--max-new-tokens", type=int, help="generation length")
+    p.add_argument("--model", help="base model to load instead of the run's / adapter's")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--no-adapter", action="store_true", help="generate with the base model alone")
+
+    p = sub.add_parser(
+        "merge",
+        help="fold an adapter into its base model and save the plain model",
+        description="Merge a LoRA/AdaLoRA adapter into the base weights (W + (alpha/r) B A) and "
+        "save a plain transformers model + tokenizer that loads with from_pretrained. "
+        "A QLoRA adapter is merged into the full-precision base.",
+    )
+    p.add_argument("target", help="a run folder or an adapter folder")
+    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--model", help="base model to load instead of the run's / adapter's")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="dtype of the saved weights (default: the base model's)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    p = sub.add_parser(
+        "inspect",
+        help="print the model with its adapter modules and the trainable-parameter count",
+        description="Print the model structure (PyTorch's print(model)) with the adapter "
+        "modules in place, then the trainable-parameter line. A YAML config shows a fresh "
+        "adapter as the run would create it; a run or adapter folder shows the saved one.",
+    )
+    p.add_argument("target", help="a YAML config, a run folder or an adapter folder")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    p.add_argument("--model", help="base model to load instead of the config's / adapter's")
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.run import build_task, check_data, run_train
+    from .train.splits import load_splits
+
+    config = load_config(args.config, args.overrides)
+    if args.check:
+        task = build_task(config)
+        splits = load_splits(config)
+        check_data(task, splits, config.source)
+        for note in splits.notes:
+            print("data " + note)
+        labels = getattr(task, "labels", None)
+        print(
+            f"config OK: {args.config} (task {task.name}, method {config.method_type}, "
+            f"model {config.model.name}" + (f", labels {labels}" if labels else "") + ")"
+        )
+        return 0
+    summary = run_train(config, resume=args.resume, overwrite=args.overwrite)
+    if summary["status"] == "interrupted":
+        print(
+            f"stopped; continue with: peftkit train {args.config} "
+            + " ".join(args.overrides)
+            + " --resume",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def _load_target(args: argparse.Namespace, overrides: Sequence[str] = ()):
+    from .train.inference import find_target, run_config, task_for
+
+    target = find_target(args.target)
+    if getattr(args, "adapter", None):
+        from .train.inference import Target
+
+        target = Target(target.run_dir, Path(args.adapter), target.config_path)
+    config = run_config(target, overrides)
+    return target, config, task_for(config)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .tasks import EvalContext
+    from .train.inference import load_for_inference, restore_task_state
+    from .train.loop import evaluate_rows
+    from .train.memory import MemoryTracker
+    from .train.run import check_data, write_predictions
+    from .train.splits import load_splits
+
+    target, config, task = _load_target(args, args.overrides)
+    if config is None or task is None:
+        raise _usage(
+            "eval needs a run folder (with config.yaml) or a YAML config: the task and "
+            "data come from it"
+        )
+    splits = load_splits(config)
+    rows = splits.eval if args.split == "eval" else splits.test
+    if not rows:
+        raise _usage(
+            f"the config has no {args.split} split (data.{args.split}"
+            + (" or data.eval_size" if args.split == "eval" else "")
+            + ")"
+        )
+    if not restore_task_state(task, target):
+        check_data(task, splits, config.source)
+    if not task.has_targets(rows):
+        raise _usage(
+            f"the {args.split} rows carry no references (columns "
+            f"{task.target_columns()}); use `peftkit generate` to label them"
+        )
+    loaded = load_for_inference(
+        target, config, task, model_name=args.model, use_adapter=not args.no_adapter
+    )
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+    loaded.model.to(device)
+    ctx = EvalContext(
+        model=loaded.model,
+        device=device,
+        batch_size=args.batch_size or config.eval_batch_size or config.batch_size,
+        progress=config.progress,
+    )
+    start = time.perf_counter()
+    with MemoryTracker(args.split, device) as mem:
+        metrics, result = evaluate_rows(ctx, task, rows, task.encode(rows))
+    for line in mem.result.lines():
+        print(line)
+    what = "base model (no adapter)" if not loaded.has_adapter else f"adapter {target.adapter_dir}"
+    print(f"{args.split} on {len(rows)} rows with {what} in {time.perf_counter() - start:.1f} s:")
+    print("  " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    base = task.baselines(splits.train, rows) if splits.train and args.split == "eval" else {}
+    if base.get("majority_accuracy") is not None:
+        print(
+            f"  majority-class baseline: accuracy={base['majority_accuracy']:.4f} "
+            f"macro_f1={base['majority_macro_f1']:.4f} (always {base['majority_label']!r})"
+        )
+    if result.predictions:
+        out = (
+            Path(args.output)
+            if args.output
+            else ((target.run_dir or Path.cwd()) / f"eval_{args.split}.csv")
+        )
+        write_predictions(
+            out,
+            result.rows if result.rows is not None else rows,
+            result.predictions,
+            result.references,
+        )
+        print(f"  predictions: {out}")
+    if args.json:
+        print(json.dumps({"split": args.split, "rows": len(rows), **metrics, **base}))
+    return 0
+
+
+def _read_inputs(path: str) -> list[dict[str, Any]]:
+    from .data import read_records, read_text
+
+    if Path(path).suffix.lower() in (".txt", ".text", ""):
+        return [{"text": r["text"]} for r in read_text(path, split="line")]
+    return read_records(path)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .tasks import EvalContext
+    from .tasks.generation import generate_texts
+    from .tasks.prompted import PromptedTask
+    from .train.inference import load_for_inference, restore_task_state
+
+    if not args.prompt and not args.input:
+        raise _usage("give --prompt TEXT (repeatable) or --input FILE")
+    target, config, task = _load_target(args)
+    if target.adapter_dir is None and not args.no_adapter:
+        raise _usage(
+            f"{args.target} has no adapter yet (no adapter/ folder): train first, or "
+            "pass --no-adapter to use the base model"
+        )
+    if task is not None:
+        restore_task_state(task, target)
+    rows: list[dict[str, Any]] = [{"text": p} for p in args.prompt]
+    if args.input:
+        rows += _read_inputs(args.input)
+    loaded = load_for_inference(
+        target, config, task, model_name=args.model, use_adapter=not args.no_adapter
+    )
+    tok = loaded.tokenizer
+    if task is None:
+        from .models import prepare_tokenizer
+
+        prepare_tokenizer(tok)
+    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=args.batch_size)
+    loaded.model.to(ctx.device)
+    templated = isinstance(task, PromptedTask) and not args.raw
+    prompts = [_prompt_text(task, r, templated) for r in rows]
+    start = time.perf_counter()
+    if task is not None and task.model_kind == "seq_cls":
+        outputs = task.predict(ctx, [_seq_cls_row(task, r) for r in rows])
+    elif templated:
+        if args.max_new_tokens:
+            task.options.max_new_tokens = args.max_new_tokens
+        outputs = task.predict(ctx, [_template_row(task, r) for r in rows])
+    else:
+        encoder_decoder = (
+            (task.model_kind == "seq2seq")
+            if task
+            else bool(getattr(getattr(loaded.model, "config", None), "is_encoder_decoder", False))
+        )
+        ids = tok(prompts)["input_ids"]
+        outputs = generate_texts(
+            ctx, tok, ids, max_new_tokens=args.max_new_tokens or 64, encoder_decoder=encoder_decoder
+        )
+    elapsed = time.perf_counter() - start
+    if args.output:
+        _write_generations(Path(args.output), rows, prompts, outputs)
+        print(f"{len(outputs)} generation(s) in {elapsed:.1f} s -> {args.output}")
+    else:
+        for out in outputs:
+            print(out.replace("\n", "\\n"))
+    return 0
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _template_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """A --prompt string fills the template's one placeholder; file rows keep their columns."""
+    fields = task.prompt_template.fields
+    if all(f in row for f in fields):
+        return row
+    if len(fields) == 1 and "text" in row:
+        return {fields[0]: row["text"]}
+    raise _usage(
+        f"the run's template {task.options.text!r} needs columns {fields}; give an "
+        "--input file with those columns, or --raw to use prompts verbatim"
+    )
+
+
+def _seq_cls_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
+    fields = task.input_columns()
+    if all(f in row for f in fields):
+        return row
+    if len(fields) == 1 and "text" in row:
+        return {fields[0]: row["text"]}
+    raise _usage(f"the classifier reads columns {fields}; give an --input file with them")
+
+
+def _prompt_text(task: Any, row: dict[str, Any], templated: bool) -> str:
+    if templated:
+        return task.prompt_of(_template_row(task, row))
+    if "text" in row:
+        return str(row["text"])
+    raise _usage("input rows need a 'text' column (or use a run whose template names the columns)")
+
+
+def _write_generations(
+    path: Path, rows: list[dict], prompts: list[str], outputs: list[str]
+) -> None:
+    from .checkpoint import atomic_write_text
+
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        text = "".join(
+            json.dumps({**r, "prompt": p, "generation": o}) + "\n"
+            for r, p, o in zip(rows, prompts, outputs)
+        )
+    elif suffix in (".csv", ".tsv"):
+        buf = io.StringIO()
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.writer(buf, delimiter="\t" if suffix == ".tsv" else ",")
+        writer.writerow(columns + ["prompt", "generation"])
+        for r, p, o in zip(rows, prompts, outputs):
+            writer.writerow([r.get(c, "") for c in columns] + [p, o])
+        text = buf.getvalue()
+    else:
+        text = "".join(o.replace("\n", "\\n") + "\n" for o in outputs)
+    atomic_write_text(str(path), text)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .train.inference import load_for_inference, restore_task_state
+
+    target, config, task = _load_target(args)
+    if target.adapter_dir is None:
+        raise _usage(f"{args.target} holds no adapter to merge")
+    if task is not None:
+        restore_task_state(task, target)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise _usage(f"--output {out} exists and is not empty; pass --overwrite or another folder")
+    loaded = load_for_inference(
+        target, config, task, model_name=args.model, dtype=args.dtype, quantization=False
+    )
+    merged = loaded.model.merge_and_unload()
+    if args.dtype:
+        import torch
+
+        merged.to(getattr(torch, args.dtype))
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    merged.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(
+        f"merged {target.adapter_dir} into {type(merged).__name__} -> {out} "
+        f"(load with transformers' from_pretrained)"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .train.inference import load_for_inference, restore_task_state
+    from .train.run import attach_adapter, check_data, load_model, trainable_line
+    from .train.splits import load_splits
+
+    target, config, task = _load_target(args, args.overrides)
+    if target.adapter_dir is None:
+        if config is None or task is None:
+            raise _usage(f"{args.target}: nothing to inspect")
+        if args.model:
+            config.model.name = args.model
+        total = None
+        if not restore_task_state(task, target) and config.data.train is not None:
+            splits = load_splits(config)
+            check_data(task, splits, config.source)
+        model, tokenizer = load_model(config, task)
+        if config.data.train is not None:
+            from .train.loop import plan_steps
+
+            splits = load_splits(config)
+            total = plan_steps(len(task.encode(splits.train)), config).total_steps
+        model = attach_adapter(config, model, task, total_steps=total)
+    else:
+        if task is not None:
+            restore_task_state(task, target)
+        model = load_for_inference(target, config, task, model_name=args.model).model
+    print(model)
+    print(trainable_line(model))
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "merge": cmd_merge,
+    "inspect": cmd_inspect,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    from .train.schema import ConfigError
+
+    debug = os.environ.get("PEFTKIT_DEBUG", "") not in ("", "0")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        if debug:
+            raise
+        print(f"peftkit {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except _UsageError as exc:
+        print(f"peftkit {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"peftkit {args.command}: aborted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        if debug:
+            raise
+        print(
+            f"peftkit {args.command}: error: {exc}\n(set PEFTKIT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

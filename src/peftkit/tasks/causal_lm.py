@@ -1,0 +1,89 @@
+"""Causal language modelling on plain text, scored by perplexity.
+
+Rows (one file, or one per line/paragraph) are tokenised, joined with EOS between documents and
+cut into blocks of ``block_size`` tokens; every token is a target::
+
+    [doc 1 ... eos doc 2 ... eos doc 3 ...] -> [block 1][block 2]...[last, shorter]
+    labels = input_ids (the model shifts them by one inside its loss)
+
+Perplexity is ``exp(mean NLL)`` over all predicted tokens of the eval split, the token-weighted mean
+the trainer computes (not a mean of per-batch means).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..config import TaskType
+from .base import IGNORE_INDEX, EvalContext, EvalResult, Task, pad, register_task
+from .template import Template
+
+
+@dataclasses.dataclass
+class CausalLMOptions:
+    """Attributes:
+    text: template of the text of one row (default the ``text`` column the text reader gives).
+    block_size: tokens per training example.
+    add_eos: put the EOS token after every row.
+    """
+
+    text: str = "{text}"
+    block_size: int = 128
+    add_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+
+
+@register_task
+class CausalLM(Task):
+    """``task.type: causal_lm``: next-token prediction on text."""
+
+    name = "causal_lm"
+    model_kind = "causal_lm"
+    task_type = TaskType.CAUSAL_LM
+    Options = CausalLMOptions
+    best_metric = "perplexity"
+
+    def __init__(self, options: CausalLMOptions) -> None:
+        super().__init__(options)
+        self.template = Template(options.text)
+
+    def input_columns(self) -> list[str]:
+        return self.template.fields
+
+    def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
+        texts = [self.template.render(r) for r in records]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        stream: list[int] = []
+        for seq in ids:
+            stream.extend(seq)
+            if self.options.add_eos and self.tokenizer.eos_token_id is not None:
+                stream.append(self.tokenizer.eos_token_id)
+        size = self.options.block_size
+        blocks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) >= 2]
+
+    def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        return {
+            "input_ids": pad(ids, self.tokenizer.pad_token_id),  # (B, T)
+            "attention_mask": pad([[1] * len(i) for i in ids], 0),  # (B, T)
+            "labels": pad([f["labels"] for f in features], IGNORE_INDEX),  # (B, T)
+        }
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
+        ppl = math.exp(eval_loss) if eval_loss < 700 else math.inf
+        return EvalResult(metrics={"perplexity": ppl}, predictions=[])
+
+    def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
+        return []

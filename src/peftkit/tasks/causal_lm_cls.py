@@ -1,0 +1,89 @@
+"""Classification as generation on a causal LM (PEFT's RAFT twitter_complaints recipe).
+
+One example is the prompt followed by the label text and EOS; only the label tokens are learnt::
+
+    input_ids  [ Tweet text : ... Label : ][ no complaint ][eos]
+    labels     [ -100  ...          -100  ][ no complaint ][eos]
+
+At evaluation the model generates greedily after the prompt until EOS; the decoded text, stripped,
+must equal a label exactly (accuracy, macro-F1), and the majority-class baseline is reported
+beside it. Too-long prompts lose tokens from the left, so the cue at their end survives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..config import TaskType
+from .base import IGNORE_INDEX, pad, register_task
+from .prompted import PromptedOptions, PromptedTask
+
+
+def truncate_left(ids: list[int], budget: int, bos: int | None) -> list[int]:
+    """Keep the last ``budget`` ids (and a leading BOS, when the sequence starts with one)."""
+    budget = max(budget, 1)
+    if len(ids) <= budget:
+        return ids
+    if bos is not None and ids and ids[0] == bos and budget > 1:
+        return [ids[0], *ids[len(ids) - budget + 1 :]]
+    return ids[len(ids) - budget :]
+
+
+class PromptedCausalLM(PromptedTask):
+    """Prompt + target on a decoder-only model; subclasses pick the scoring."""
+
+    model_kind = "causal_lm"
+    task_type = TaskType.CAUSAL_LM
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        ids = self.tokenizer(list(prompts))["input_ids"]
+        budget = self.options.max_length - self.generation_length()
+        return [truncate_left(list(i), budget, self.tokenizer.bos_token_id) for i in ids]
+
+    def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
+        tok = self.tokenizer
+        prompts = tok([self.prompt_of(r) for r in records])["input_ids"]
+        if not with_targets:
+            return [{"input_ids": list(p)} for p in prompts]
+        targets = tok([self.target_of(r) for r in records], add_special_tokens=False)["input_ids"]
+        features = []
+        limit = self.options.max_length
+        for p, t in zip(prompts, targets):
+            t = [*t[: limit - 2], tok.eos_token_id]
+            p = truncate_left(list(p), limit - len(t), tok.bos_token_id)
+            features.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t})
+        return features
+
+    def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        batch = {
+            "input_ids": pad(ids, self.tokenizer.pad_token_id),  # (B, T)
+            "attention_mask": pad([[1] * len(i) for i in ids], 0),  # (B, T)
+        }
+        if "labels" in features[0]:
+            batch["labels"] = pad([f["labels"] for f in features], IGNORE_INDEX)  # (B, T)
+        return batch
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        # The causal loss predicts token t+1 from tokens <= t: the first label is never scored.
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclasses.dataclass
+class CausalLMClassificationOptions(PromptedOptions):
+    """See :class:`PromptedOptions`; scoring is by exact label match."""
+
+    target: str = "{label}"
+
+
+@register_task
+class CausalLMClassification(PromptedCausalLM):
+    """``task.type: causal_lm_cls``: generate the label text after a prompt."""
+
+    name = "causal_lm_cls"
+    Options = CausalLMClassificationOptions
+    classification = True

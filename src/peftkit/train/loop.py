@@ -1,0 +1,553 @@
+"""The training loop, on ``accelerate``: accumulation, mixed precision, clipping, warm-up schedule,
+evaluation every epoch, best-checkpoint tracking, resumable checkpoints and Ctrl-C.
+
+One epoch::
+
+    batches of (seed, epoch) permutation ──> forward ──> loss / window ──> backward
+          (skip those done, on resume)              every grad_accum micro-batches:
+                                                      clip -> optimizer.step -> scheduler.step
+                                                      -> update_and_allocate (AdaLoRA) -> zero_grad
+                                                      -> log, checkpoint every save_steps, Ctrl-C?
+    then: memory report, eval (loss + task metrics + memory report), best?, epoch checkpoint
+
+Gradient accumulation is done here rather than by ``accelerator.accumulate``: each window's loss is
+divided by the window's *actual* size (the last window of an epoch may be short), and windows
+never straddle epochs, so a checkpoint between steps is always a clean cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_write_text, save_tensors
+from ..tasks.base import EvalContext, EvalResult, Task, chunks
+from .config import RunConfig
+from .logger import RunLog
+from .memory import MemoryTracker
+from .schedule import make_scheduler, warmup_steps
+from .state import Progress, load_checkpoint, load_trainable, save_checkpoint, trainable_tensors
+
+
+class EpochBatches(Sampler[list[int]]):
+    """The batches of one epoch: a permutation seeded by ``seed + epoch``, cut into batches.
+
+    With several processes each takes every ``num_replicas``-th batch (the batch list is padded
+    by wrapping around so every process gets as many). ``set_epoch(e, skip=k)`` drops the first
+    ``k`` of this process's batches (resume).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.size, generator=gen).tolist()
+        else:
+            order = list(range(self.size))
+        all_batches = [order[i : i + self.batch_size] for i in range(0, self.size, self.batch_size)]
+        if self.num_replicas > 1 and all_batches:
+            extra = (-len(all_batches)) % self.num_replicas
+            all_batches += all_batches[:extra]
+            all_batches = all_batches[self.rank :: self.num_replicas]
+        return all_batches
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(self.size / self.batch_size) / self.num_replicas)
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)[self.skip :]
+
+
+@torch.no_grad()
+def evaluate_rows(
+    ctx: EvalContext, task: Task, records: Sequence[dict], features: Sequence[dict]
+) -> tuple[dict[str, float], EvalResult]:
+    """Teacher-forced loss over ``features`` (weighted by each batch's target count, so it is the
+    exact per-token mean) followed by the task's own metrics on ``records``."""
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for piece in chunks(len(features), ctx.batch_size):
+            batch = task.collate([features[i] for i in piece])
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            with ctx.autocast():
+                out = model(**batch)
+            n = task.count_targets(batch)
+            total += float(out.loss.float()) * n
+            count += n
+            task.observe(batch, out)
+        eval_loss = total / max(count, 1)
+        result = task.evaluate(ctx, records, eval_loss)
+    finally:
+        model.train(was_training)
+    metrics = {
+        "eval_loss": eval_loss,
+        "eval_ppl": math.exp(eval_loss) if eval_loss < 700 else math.inf,
+        **result.metrics,
+    }
+    return metrics, result
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """How many micro-batches, optimizer steps and epochs the run has."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+
+
+def plan_steps(num_examples: int, config: RunConfig, num_processes: int = 1) -> StepPlan:
+    """Steps per epoch = ceil(batches / grad_accum); ``max_steps`` caps the total."""
+    batches = math.ceil(math.ceil(num_examples / config.batch_size) / num_processes)
+    if batches == 0:
+        raise ValueError("no training examples: the train split encoded to nothing")
+    steps = math.ceil(batches / config.grad_accum)
+    total = config.epochs * steps
+    epochs = config.epochs
+    if config.max_steps is not None:
+        total = config.max_steps
+        epochs = math.ceil(total / steps)
+    return StepPlan(batches, steps, total, epochs)
+
+
+class StopFlag:
+    """First Ctrl-C: finish the current step, save a resumable checkpoint, stop. Second: abort."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self._log = log
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log(
+            "\nCtrl-C: finishing this step, then saving a resumable checkpoint "
+            "(press Ctrl-C again to abort without saving)"
+        )
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    """CPU or CUDA per ``device``; ``mixed_precision: auto`` = bf16 (or fp16) on CUDA, none on CPU."""
+    cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not cuda:
+        raise ValueError(
+            "device: cuda was asked for but no CUDA device is visible; use device=auto"
+        )
+    cpu = config.device == "cpu" or not cuda
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if cpu and precision == "fp16":
+        raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and (
+        state.get("_mixed_precision") not in (None, precision) or state.get("_cpu") != cpu
+    ):
+        AcceleratorState._reset_state(True)  # a previous run in this process used other settings
+    return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """What :meth:`Trainer.train` hands back."""
+
+    progress: Progress
+    interrupted: bool
+    last_eval: dict[str, float] | None
+    best_eval: dict[str, float] | None
+    best_result: EvalResult | None
+    last_result: EvalResult | None
+    checkpoint: Path | None
+    memory: list[dict[str, Any]]
+
+
+class Trainer:
+    """Trains a PeftModel on a task's features; see the module docstring for one epoch."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        model: torch.nn.Module,
+        task: Task,
+        train_features: Sequence[dict],
+        output_dir: str | Path,
+        log: RunLog,
+        accelerator: Accelerator,
+        eval_records: Sequence[dict] | None = None,
+        eval_features: Sequence[dict] | None = None,
+        on_step: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.config, self.task, self.log, self.accelerator = config, task, log, accelerator
+        self.output_dir = Path(output_dir)
+        self.eval_records = list(eval_records or [])
+        self.eval_features = list(eval_features or [])
+        self.on_step = on_step
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters; check method.target_modules")
+        self.plan = plan_steps(len(train_features), config, accelerator.num_processes)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        warm = warmup_steps(self.plan.total_steps, config.warmup_steps, config.warmup_ratio)
+        self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, self.plan.total_steps)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.params = params
+        self.sampler = EpochBatches(
+            len(train_features),
+            config.batch_size,
+            config.seed,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
+        # A private generator: creating a DataLoader iterator draws a base seed from it, which
+        # must not advance the global RNG (dropout masks) or a resumed epoch would diverge.
+        self.loader = DataLoader(
+            list(train_features),
+            batch_sampler=self.sampler,
+            collate_fn=task.collate,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        self.best_metric_name = config.metric_for_best or task.best_metric
+        self.lower_is_better = task.lower_is_better(self.best_metric_name)
+        self.best_snapshot: dict[str, torch.Tensor] | None = None
+        self.memory: list[dict[str, Any]] = []
+
+    # --- helpers ---------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def eval_context(self) -> EvalContext:
+        return EvalContext(
+            model=self.unwrapped,
+            device=self.accelerator.device,
+            batch_size=self.config.eval_batch_size or self.config.batch_size,
+            autocast=self.accelerator.autocast,
+            progress=self.config.progress and self.accelerator.is_main_process,
+        )
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def _memory_report(self, mem: MemoryTracker, epoch: int) -> None:
+        for line in mem.result.lines():
+            self.log.info(line)
+        self.memory.append({"epoch": epoch, "phase": mem.phase, **mem.result.as_dict()})
+
+    # --- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self,
+        epoch: int,
+        step: int,
+        records: Sequence[dict] | None = None,
+        features: Sequence[dict] | None = None,
+        phase: str = "eval",
+    ) -> tuple[dict[str, float], EvalResult | None]:
+        """Loss (token-weighted mean) + the task's metrics on the eval rows (or ``records``)."""
+        records = self.eval_records if records is None else list(records)
+        features = self.eval_features if features is None else list(features)
+        if not features:
+            return {}, None
+        ctx = self.eval_context()
+        start = time.perf_counter()
+        with MemoryTracker(phase, self.accelerator.device) as mem:
+            metrics, result = evaluate_rows(ctx, self.task, records, features)
+        self._memory_report(mem, epoch)
+        self.log.record(phase, step, epoch=epoch, time_s=time.perf_counter() - start, **metrics)
+        return metrics, result
+
+    def _is_better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best if self.lower_is_better else value > best
+
+    def _track_best(self, progress: Progress, metrics: dict[str, float], epoch: int) -> bool:
+        name = self.best_metric_name
+        if name not in metrics:
+            raise ValueError(
+                f"metric_for_best={name!r} is not among the eval metrics {sorted(metrics)}"
+            )
+        if not self._is_better(metrics[name], progress.best_metric):
+            return False
+        progress.best_metric, progress.best_step, progress.best_epoch = (
+            float(metrics[name]),
+            progress.global_step,
+            epoch,
+        )
+        self.best_snapshot = {
+            k: v.detach().to("cpu", copy=True) for k, v in trainable_tensors(self.unwrapped).items()
+        }
+        if self.accelerator.is_main_process:
+            self._save_best(progress)
+        return True
+
+    def _save_best(self, progress: Progress) -> None:
+        """``<run>/best/``: the adapter (HF PEFT format) + exact trainable tensors + which epoch."""
+        import shutil
+
+        final = self.output_dir / "best"
+        tmp = self.output_dir / ".tmp-best"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.unwrapped.save_pretrained(tmp)
+        save_tensors(str(tmp / "trainable.safetensors"), self.best_snapshot or {})
+        info = {
+            "metric": self.best_metric_name,
+            "value": progress.best_metric,
+            "epoch": progress.best_epoch,
+            "step": progress.best_step,
+        }
+        import json
+
+        atomic_write_text(str(tmp / "best.json"), json.dumps(info, indent=2) + "\n")
+        old = self.output_dir / ".old-best"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def restore_best(self) -> bool:
+        """Put the best epoch's trainable tensors back into the model (False: none recorded)."""
+        if self.best_snapshot is None:
+            path = self.output_dir / "best" / "trainable.safetensors"
+            if not path.exists():
+                return False
+            from safetensors.torch import load_file
+
+            self.best_snapshot = load_file(str(path))
+        load_trainable(self.unwrapped, self.best_snapshot)
+        return True
+
+    # --- training --------------------------------------------------------------------------
+    def train(self, resume_from: str | Path | None = None) -> TrainOutcome:
+        """Run (or continue) training; returns when done, or after Ctrl-C with a checkpoint."""
+        progress = Progress()
+        last_eval = best_eval = None
+        last_result = best_result = None
+        if resume_from is not None:
+            progress = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler)
+            self.log.info(
+                f"resumed from {resume_from}: epoch {progress.epoch + 1}, batch "
+                f"{progress.batch_in_epoch}, step {progress.global_step}/{self.plan.total_steps}"
+            )
+        elif self.config.eval_before_training and self.eval_features:
+            last_eval, last_result = self.evaluate(epoch=0, step=0)
+            self.log.info("before training: " + _format_metrics(last_eval))
+        checkpoint = None
+        with StopFlag(self.log.info) as stop:
+            while (
+                progress.epoch < self.plan.num_epochs
+                and progress.global_step < self.plan.total_steps
+            ):
+                status = self._train_epoch(progress, stop)
+                epoch = progress.epoch + 1
+                if status == "interrupted":
+                    checkpoint = self._checkpoint(progress)
+                    self.log.info(
+                        f"interrupted at step {progress.global_step}; resumable "
+                        f"checkpoint: {checkpoint}"
+                    )
+                    return TrainOutcome(
+                        progress,
+                        True,
+                        last_eval,
+                        best_eval,
+                        best_result,
+                        last_result,
+                        checkpoint,
+                        self.memory,
+                    )
+                epoch_done = progress.batch_in_epoch >= self.plan.batches_per_epoch
+                train_loss = progress.epoch_loss_sum / max(progress.epoch_batches, 1)
+                summary = {
+                    "train_ppl": math.exp(train_loss) if train_loss < 700 else math.inf,
+                    "train_epoch_loss": train_loss,
+                }
+                last_step = progress.global_step >= self.plan.total_steps
+                if self.eval_features and (self.config.eval_every_epoch or last_step):
+                    last_eval, last_result = self.evaluate(epoch, progress.global_step)
+                    summary.update(last_eval)
+                    if self._track_best(progress, last_eval, epoch):
+                        best_eval, best_result = last_eval, last_result
+                self.log.record("epoch", progress.global_step, epoch=epoch, **summary)
+                self.log.info(f"epoch={epoch}: " + _format_metrics(summary))
+                if epoch_done:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                    progress.epoch_loss_sum, progress.epoch_batches, progress.epoch_tokens = (
+                        0.0,
+                        0,
+                        0,
+                    )
+                checkpoint = self._checkpoint(progress)
+                if stop.requested:
+                    self.log.info(
+                        f"stopped after epoch {epoch}; resumable checkpoint: {checkpoint}"
+                    )
+                    return TrainOutcome(
+                        progress,
+                        True,
+                        last_eval,
+                        best_eval,
+                        best_result,
+                        last_result,
+                        checkpoint,
+                        self.memory,
+                    )
+        return TrainOutcome(
+            progress, False, last_eval, best_eval, best_result, last_result, checkpoint, self.memory
+        )
+
+    def _checkpoint(self, progress: Progress) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        return save_checkpoint(
+            self.output_dir,
+            self.unwrapped,
+            self.optimizer,
+            self.scheduler,
+            progress,
+            keep=self.config.save_total_limit,
+        )
+
+    def _train_epoch(self, progress: Progress, stop: StopFlag) -> str:
+        """Train from ``progress``'s position to the end of its epoch; 'done' | 'max_steps' | 'interrupted'."""
+        config, acc = self.config, self.accelerator
+        plan = self.plan
+        nb, ga = plan.batches_per_epoch, config.grad_accum
+        self.sampler.set_epoch(progress.epoch, skip=progress.batch_in_epoch)
+        self.model.train()
+        first_step = progress.batch_in_epoch // ga
+        bar = tqdm(
+            total=plan.steps_per_epoch,
+            initial=first_step,
+            desc=f"epoch {progress.epoch + 1}/{plan.num_epochs}",
+            unit="step",
+            disable=not (config.progress and acc.is_main_process),
+            dynamic_ncols=True,
+        )
+        status = "done"
+        window_losses: list[float] = []
+        window_tokens = 0
+        step_start = time.perf_counter()
+        with MemoryTracker("train", acc.device) as mem:
+            for index, batch in enumerate(self.loader, start=progress.batch_in_epoch):
+                window_start = (index // ga) * ga
+                window = min(ga, nb - window_start)
+                last_in_window = index - window_start + 1 == window
+                batch = self._to_device(batch)
+                sync = contextlib.nullcontext() if last_in_window else acc.no_sync(self.model)
+                with sync:
+                    with acc.autocast():
+                        out = self.model(**batch)
+                    acc.backward(out.loss / window)
+                loss = float(out.loss.detach().float())
+                window_losses.append(loss)
+                progress.epoch_loss_sum += loss
+                progress.epoch_batches += 1
+                mask = batch.get("attention_mask")
+                tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                window_tokens += tokens
+                if not last_in_window:
+                    continue
+                grad_norm = None
+                if config.max_grad_norm is not None:
+                    grad_norm = float(acc.clip_grad_norm_(self.params, config.max_grad_norm))
+                self.optimizer.step()
+                if not acc.optimizer_step_was_skipped:
+                    self.scheduler.step()
+                allocate = getattr(
+                    getattr(self.unwrapped, "base_model", None), "update_and_allocate", None
+                )
+                if callable(allocate):
+                    allocate(progress.global_step)  # AdaLoRA: re-budget ranks from these gradients
+                self.optimizer.zero_grad(set_to_none=True)
+                progress.global_step += 1
+                progress.batch_in_epoch = index + 1
+                elapsed = time.perf_counter() - step_start
+                progress.train_time_s += elapsed
+                progress.tokens_seen += window_tokens
+                progress.epoch_tokens += window_tokens
+                step_loss = sum(window_losses) / len(window_losses)
+                tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                if progress.global_step % config.logging_steps == 0 or index + 1 == nb:
+                    self.log.record(
+                        "train",
+                        progress.global_step,
+                        epoch=progress.epoch + (index + 1) / nb,
+                        loss=step_loss,
+                        lr=self.scheduler.get_last_lr()[0],
+                        grad_norm=grad_norm,
+                        tokens_per_s=tok_s,
+                    )
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+                bar.update(1)
+                window_losses, window_tokens = [], 0
+                if self.on_step is not None:
+                    self.on_step(progress)
+                if config.save_steps and progress.global_step % config.save_steps == 0:
+                    self._checkpoint(progress)
+                if progress.global_step >= plan.total_steps:
+                    status = "max_steps" if progress.batch_in_epoch < nb else "done"
+                    break
+                if stop.requested:
+                    status = "interrupted" if progress.batch_in_epoch < nb else "done"
+                    break
+                step_start = time.perf_counter()
+        bar.close()
+        self._memory_report(mem, progress.epoch + 1)
+        return status
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        parts.append(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)

@@ -1,0 +1,142 @@
+"""Memory used by one phase (train epoch, evaluation), reported as in HF PEFT's examples::
+
+    GPU Memory before entering the train : 1916
+    GPU Memory consumed at the end of the train (end-begin): 66
+    GPU Peak Memory consumed during the train (max-begin): 7488
+    GPU Total Peak Memory consumed during the train (max): 9404
+    CPU Memory before entering the train : 19411
+    ...
+
+All numbers are MB (2**20 bytes, rounded down). GPU numbers are the CUDA caching allocator's
+``memory_allocated`` and its peak (reset when the phase begins). CPU numbers are the process's
+resident set size from ``/proc/self/status``: ``VmRSS`` now and ``VmHWM`` (the high-water mark),
+which writing ``5`` to ``/proc/self/clear_refs`` resets at the start of the phase. Where that
+file cannot be written (not Linux, or locked down) a background thread samples the RSS every
+20 ms instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import resource
+import sys
+import threading
+
+import torch
+
+MB = 2**20
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            match = re.search(rf"^{field}:\s+(\d+)\s+kB", fh.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def cpu_rss_bytes() -> int:
+    """Resident set size now (falls back to the lifetime peak where /proc is missing)."""
+    kb = _status_kb("VmRSS")
+    if kb is not None:
+        return kb * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the kernel's RSS high-water mark; False when not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+class _Sampler(threading.Thread):
+    """Fallback peak tracker: samples the RSS until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = cpu_rss_bytes()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, cpu_rss_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.join()
+        return max(self.peak, cpu_rss_bytes())
+
+
+@dataclasses.dataclass
+class PhaseMemory:
+    """MB at phase begin, end and peak, for the CPU and (when present) the GPU."""
+
+    phase: str
+    cpu_begin: int = 0
+    cpu_end: int = 0
+    cpu_peak: int = 0
+    gpu_begin: int | None = None
+    gpu_end: int | None = None
+    gpu_peak: int | None = None
+
+    def lines(self) -> list[str]:
+        """The report, in PEFT's wording."""
+        out = []
+        devices = [("CPU", self.cpu_begin, self.cpu_end, self.cpu_peak)]
+        if self.gpu_begin is not None:
+            devices.insert(0, ("GPU", self.gpu_begin, self.gpu_end, self.gpu_peak))
+        else:
+            out.append(f"GPU Memory during the {self.phase} : n/a (no CUDA device)")
+        for dev, begin, end, peak in devices:
+            out += [
+                f"{dev} Memory before entering the {self.phase} : {begin}",
+                f"{dev} Memory consumed at the end of the {self.phase} (end-begin): {end - begin}",
+                f"{dev} Peak Memory consumed during the {self.phase} (max-begin): {peak - begin}",
+                f"{dev} Total Peak Memory consumed during the {self.phase} (max): {peak}",
+            ]
+        return out
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "phase"}
+
+
+class MemoryTracker:
+    """``with MemoryTracker("train") as mem: ...`` then ``mem.result.lines()``."""
+
+    def __init__(self, phase: str, device: torch.device | None = None) -> None:
+        self.phase = phase
+        self.cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
+        self.device = device
+        self.result = PhaseMemory(phase)
+        self._sampler: _Sampler | None = None
+
+    def __enter__(self) -> MemoryTracker:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.result.gpu_begin = torch.cuda.memory_allocated(self.device) // MB
+        self.result.cpu_begin = cpu_rss_bytes() // MB
+        if not _reset_cpu_peak():
+            self._sampler = _Sampler()
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.result.gpu_end = torch.cuda.memory_allocated(self.device) // MB
+            self.result.gpu_peak = torch.cuda.max_memory_allocated(self.device) // MB
+        self.result.cpu_end = cpu_rss_bytes() // MB
+        if self._sampler is not None:
+            peak = self._sampler.stop()
+        else:
+            hwm = _status_kb("VmHWM")
+            peak = hwm * 1024 if hwm is not None else cpu_rss_bytes()
+        self.result.cpu_peak = max(peak // MB, self.result.cpu_begin, self.result.cpu_end)

@@ -1,0 +1,209 @@
+"""Resumable training checkpoints: everything needed to continue bit for bit.
+
+::
+
+    <run>/checkpoints/step-00000050/
+        adapter/                  the adapter at this step, HF PEFT format (usable on its own)
+        trainable.safetensors     every trainable tensor by its in-memory name (exact bits)
+        optimizer.pt              optimizer state (moments, step counts)
+        scheduler.pt              LR scheduler state
+        rng.safetensors           torch CPU (+ CUDA) generator states
+        method_state.pt           a method's own training state, when it has one (AdaLoRA)
+        trainer_state.json        position (epoch, batch in epoch, global step), running epoch
+                                  loss, best metric so far, Python/NumPy RNG states
+
+A checkpoint is taken only between optimizer steps, where parameters, optimizer and RNG are a
+consistent snapshot; the data order of an epoch is a pure function of (seed, epoch), so skipping
+the batches already consumed puts the resumed run exactly where the first one stopped. Each
+checkpoint is written into a temporary folder and renamed into place, so an interrupted save
+never leaves a half checkpoint that ``--resume`` would pick up. ``.pt`` files load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..checkpoint import atomic_write_text, save_tensors
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the loop stands; saved in ``trainer_state.json``."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    global_step: int = 0  # optimizer steps done
+    epoch_loss_sum: float = 0.0  # sum of micro-batch losses in the epoch so far
+    epoch_batches: int = 0
+    epoch_tokens: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_epoch: int | None = None
+    train_time_s: float = 0.0
+    tokens_seen: int = 0
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name (what the optimizer changes), detached."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors back, refusing a mismatch in names or shapes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            "checkpoint does not match the model being trained "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+            f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}); resume with the same "
+            "config the run was started with"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            value = tensors[name]
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"checkpoint tensor {name} has shape {tuple(value.shape)}, the model "
+                    f"{tuple(param.shape)}: resume with the config the run was started with"
+                )
+            param.copy_(value.to(param.device, param.dtype))
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    py = random.getstate()
+    plain: dict[str, Any] = {"python": [py[0], list(py[1]), py[2]]}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        plain["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    if "python" in plain:
+        version, state, gauss = plain["python"]
+        random.setstate((version, tuple(state), gauss))
+    if "numpy" in plain:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = plain["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(".tmp-" + path.name)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    progress: Progress,
+    keep: int | None = None,
+) -> Path:
+    """Write a checkpoint for ``progress.global_step`` (atomically) and prune old ones."""
+    final = checkpoint_dir(output_dir, progress.global_step)
+    tmp = final.with_name(".tmp-" + final.name)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    save_tensors(str(tmp / "trainable.safetensors"), trainable_tensors(model))
+    _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+    method_state = getattr(getattr(model, "base_model", None), "training_state_dict", None)
+    if callable(method_state):
+        _torch_save(method_state(), tmp / "method_state.pt")
+    rng_tensors, rng_plain = _rng_state()
+    save_tensors(str(tmp / "rng.safetensors"), rng_tensors)
+    state = {"progress": dataclasses.asdict(progress), "rng": rng_plain}
+    atomic_write_text(str(tmp / "trainer_state.json"), json.dumps(state) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep is not None:
+        prune_checkpoints(output_dir, keep)
+    return final
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").exists()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    folder: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> Progress:
+    """Restore model, optimizer, scheduler and RNG from ``folder``; return the position."""
+    folder = Path(folder)
+    state_file = folder / "trainer_state.json"
+    if not state_file.exists():
+        raise FileNotFoundError(
+            f"{folder} is not a training checkpoint (no trainer_state.json); pass a "
+            f"{CHECKPOINTS}/{PREFIX}N folder or the run folder"
+        )
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    load_trainable(model, load_file(str(folder / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    method_file = folder / "method_state.pt"
+    loader = getattr(getattr(model, "base_model", None), "load_training_state_dict", None)
+    if method_file.exists() and callable(loader):
+        loader(torch.load(method_file, weights_only=True))
+    _set_rng_state(load_file(str(folder / "rng.safetensors")), state.get("rng", {}))
+    return Progress(**state["progress"])

@@ -1,0 +1,198 @@
+"""Tasks: templates, encoding (which tokens are learnt), collation, generation, scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit.tasks import TASKS, EvalContext, Template
+from peftkit.tasks.base import IGNORE_INDEX, pad
+from peftkit.tasks.causal_lm_cls import truncate_left
+from peftkit.tasks.generation import generate_texts
+from peftkit.tasks.scoring import majority_baseline, score
+from tiny_runs import make_model, make_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only add contention
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = make_model("llama", tmp_path_factory.mktemp("llama"))
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(
+        folder
+    )
+
+
+def make_task(kind: str, tokenizer, **options):
+    cls = TASKS[kind]
+    task = cls(cls.Options(**options))
+    task.bind(tokenizer)
+    return task
+
+
+def test_template_fills_columns_with_spaces_and_reports_missing_ones():
+    t = Template("Tweet text : {Tweet text} Label : {{literal}}")
+    assert t.fields == ["Tweet text"]
+    assert t.render({"Tweet text": "hi"}) == "Tweet text : hi Label : {literal}"
+    with pytest.raises(KeyError, match="needs column 'Tweet text'.*only \\['text'\\]"):
+        t.render({"text": "hi"})
+    assert t.missing(["text"]) == ["Tweet text"]
+
+
+def test_causal_cls_learns_only_the_label_and_eos(tok):
+    task = make_task("causal_lm_cls", tok, text="review : {review} label :", target="{label}")
+    rows = [{"review": "the food was great", "label": "positive"}]
+    (feature,) = task.encode(rows)
+    prompt = tok("review : the food was great label :")["input_ids"]
+    target = tok("positive", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert feature["input_ids"] == prompt + target
+    assert feature["labels"] == [IGNORE_INDEX] * len(prompt) + target
+    batch = task.collate(task.encode(rows + [{"review": "bad", "label": "negative"}]))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    # the short row is right-padded: pad ids, mask 0, label -100
+    short = batch["attention_mask"][1]
+    assert short.sum() < short.numel() and (batch["labels"][1][short == 0] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][1][short == 0] == tok.pad_token_id).all()
+    # the causal loss predicts token t+1 from <= t; the count of scored tokens excludes position 0
+    assert task.count_targets(batch) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_long_prompts_lose_tokens_from_the_left_and_keep_bos():
+    assert truncate_left([2, 10, 11, 12, 13], 3, bos=2) == [2, 12, 13]
+    assert truncate_left([10, 11, 12, 13], 2, bos=2) == [12, 13]
+    assert truncate_left([10, 11], 5, bos=2) == [10, 11]
+
+
+def test_causal_cls_respects_max_length(tok):
+    task = make_task("causal_lm_cls", tok, text="{review} :", target="{label}", max_length=6)
+    (feature,) = task.encode(
+        [{"review": "the food was great and staff very nice", "label": "positive"}]
+    )
+    assert len(feature["input_ids"]) == 6
+    assert feature["input_ids"][-2:] == [tok.convert_tokens_to_ids("positive"), tok.eos_token_id]
+    assert feature["input_ids"][-3] == tok.convert_tokens_to_ids(":")  # the cue survives
+
+
+def test_plain_text_blocks_cover_the_token_stream(tok):
+    task = make_task("causal_lm", tok, block_size=4)
+    rows = [{"text": "the food was great"}, {"text": "staff very nice"}]
+    features = task.encode(rows)
+    stream = [i for f in features for i in f["input_ids"]]
+    expected = (
+        tok("the food was great", add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+        + tok("staff very nice", add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+    )
+    assert len(expected) == 9
+    # blocks of 4; the last, 1-token block predicts nothing (causal shift) and is dropped
+    assert [len(f["input_ids"]) for f in features] == [4, 4]
+    assert stream == expected[:8]
+    assert all(f["labels"] == f["input_ids"] for f in features)
+
+
+def test_seq2seq_targets_end_with_eos_and_pad_to_ignore(tok):
+    task = make_task("seq2seq", tok, text="{mr}", target="{ref}")
+    rows = [
+        {"mr": "name[Alpha]", "ref": "Alpha serves thai food"},
+        {"mr": "name[Fig]", "ref": "Fig"},
+    ]
+    batch = task.collate(task.encode(rows))
+    assert batch["labels"][0].tolist()[-1] == tok.eos_token_id
+    assert (
+        batch["labels"][1].tolist()
+        == [tok.convert_tokens_to_ids("Fig"), tok.eos_token_id] + [IGNORE_INDEX] * 3
+    )
+    assert task.count_targets(batch) == 5 + 2
+
+
+def test_seq_cls_label_ids_follow_the_sorted_label_set(tok):
+    task = make_task("seq_cls", tok, text="{review}")
+    rows = [{"review": "great", "label": "pos"}, {"review": "bad", "label": "neg"}]
+    task.fit(rows)
+    assert task.labels == ["neg", "pos"]
+    assert task.model_kwargs() == {"num_labels": 2}
+    batch = task.collate(task.encode(rows))
+    assert batch["labels"].tolist() == [1, 0]
+    problems = task.check_records([{"review": "x", "label": "meh"}], "eval", need_targets=True)
+    assert problems and "meh" in problems[0]
+
+
+def test_missing_columns_are_reported_per_split(tok):
+    task = make_task("causal_lm_cls", tok, text="{Tweet text} Label :", target="{Label}")
+    problems = task.check_records([{"text": "a", "label": "b"}], "train", need_targets=True)
+    assert "data.train" in problems[0] and "Tweet text" in problems[0] and "Label" in problems[0]
+    # a test file without labels is fine: only the prompt's columns are needed
+    assert task.check_records([{"Tweet text": "a"}], "test", need_targets=False) == []
+    assert not task.has_targets([{"Tweet text": "a"}])
+
+
+def _greedy_no_cache(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    """Reference decoding: full forward pass per token, no KV cache, no padding."""
+    seq = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            nxt = int(logits.argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+            seq.append(nxt)
+    return out
+
+
+def test_batched_left_padded_generation_matches_a_cache_free_greedy_reference(llama):
+    model, tok = llama
+    prompts = [
+        "the food was great",
+        "staff",
+        "the food was awful and staff very rude",
+        "Alpha serves",
+    ]
+    ids = tok(prompts)["input_ids"]
+    ctx = EvalContext(model=model, device=torch.device("cpu"), batch_size=3)
+    texts = generate_texts(ctx, tok, ids, max_new_tokens=6)
+    for prompt_ids, text in zip(ids, texts):
+        ref = _greedy_no_cache(model, prompt_ids, 6, tok.eos_token_id)
+        assert text == tok.decode(ref, skip_special_tokens=True).strip()
+    assert not model.training
+
+
+def test_scores_match_their_definitions():
+    preds = ["a", "b", "a", "x"]
+    refs = ["a", "b", "b", "a"]
+    out = score(["accuracy", "macro_f1"], preds, refs, labels=["a", "b"])
+    assert out["accuracy"] == pytest.approx(0.5)
+    # F1(a) = 2*1/(2+2) = 0.5, F1(b) = 2*1/(1+2) = 2/3
+    assert out["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert out["invalid_rate"] == pytest.approx(0.25)
+    base = majority_baseline(["a", "a", "b"], ["a", "b", "b", "b"], ["a", "b"])
+    assert base["majority_label"] == "a" and base["majority_accuracy"] == pytest.approx(0.25)
+    gen = score(["rouge_l"], ["the cat sat"], [["a dog", "the cat sat down"]])
+    assert gen["rouge_l"] == pytest.approx(2 * 1 * 0.75 / 1.75)
+
+
+def test_grouped_references_for_generation(tok):
+    task = make_task("causal_lm_gen", tok, text="{mr} :", target="{ref}")
+    rows = [{"mr": "m1", "ref": "a"}, {"mr": "m2", "ref": "b"}, {"mr": "m1", "ref": "c"}]
+    grouped, refs = task._grouped(rows)
+    assert [r["mr"] for r in grouped] == ["m1", "m2"] and refs == [["a", "c"], ["b"]]
+
+
+def test_pad_left_and_right():
+    assert pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
+    assert pad([[1, 2], [3]], 0, left=True).tolist() == [[1, 2], [0, 3]]

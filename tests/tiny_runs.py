@@ -1,0 +1,234 @@
+"""Tiny, randomly initialised models + toy data sets on disk, for end-to-end runs in seconds.
+
+Used by test_cli*.py / test_train*.py / test_tasks*.py. Nothing is downloaded: a word-level
+tokenizer is built from the toy data's words (``tokenizers`` WordLevel wrapped in
+``PreTrainedTokenizerFast``) and saved next to each model, so ``load_base_model(folder)`` and
+``AutoTokenizer.from_pretrained(folder)`` treat the folder like any local checkpoint.
+
+Toy data (seeded, so every run sees the same rows):
+
+* ``reviews.csv``  ``review,label``: "the food was great and staff very nice" -> positive; the
+  words decide the label, so even a tiny model can learn it.
+* ``e2e.csv``      ``mr,ref``: ``name[Alpha] food[thai]`` -> "Alpha serves thai food", with two
+  references per meaning representation (as E2E NLG has several).
+* ``corpus.txt``   plain sentences for causal language modelling.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import torch
+
+POSITIVE = ["great", "nice", "good", "lovely"]
+NEGATIVE = ["awful", "poor", "bad", "rude"]
+NAMES = ["Alpha", "Bravo", "Cobalt", "Delta", "Echo", "Fig"]
+FOODS = ["thai", "french", "indian", "italian"]
+FILLER = "the food was and staff very review label mr ref serves name food".split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+LABELS = ["positive", "negative"]
+
+
+def _words() -> list[str]:
+    extra = [f"name[{n}]" for n in NAMES] + [f"food[{f}]" for f in FOODS]
+    return sorted(set(POSITIVE + NEGATIVE + NAMES + FOODS + FILLER + LABELS + extra + [":", ","]))
+
+
+def make_tokenizer(folder: Path, token_type_ids: bool = False):
+    """A word-level fast tokenizer (pad 0, unk 1, bos 2, eos 3) saved in ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + _words())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    names = (
+        ["input_ids", "token_type_ids", "attention_mask"]
+        if token_type_ids
+        else ["input_ids", "attention_mask"]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_input_names=names,
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def vocab_size() -> int:
+    return len(SPECIALS) + len(_words())
+
+
+def make_model(kind: str, folder: Path) -> Path:
+    """Save a tiny ``llama`` / ``bert`` / ``t5`` / ``bart`` with its tokenizer into ``folder``."""
+    import transformers as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    v = vocab_size()
+    ids = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+    if kind == "llama":
+        # 64-wide so every Linear fits NF4's 64-weight blocks (QLoRA runs quantise it)
+        cfg = tf.LlamaConfig(
+            vocab_size=v,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **ids,
+        )
+        model = tf.LlamaForCausalLM(cfg)
+    elif kind == "bert":
+        cfg = tf.BertConfig(
+            vocab_size=v,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
+        model = tf.BertModel(cfg)
+    elif kind == "t5":
+        cfg = tf.T5Config(
+            vocab_size=v,
+            d_model=32,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=3,
+        )
+        model = tf.T5ForConditionalGeneration(cfg)
+    elif kind == "bart":
+        cfg = tf.BartConfig(
+            vocab_size=v,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            decoder_start_token_id=3,
+            forced_eos_token_id=None,
+            **ids,
+        )
+        model = tf.BartForConditionalGeneration(cfg)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(folder)
+    make_tokenizer(folder, token_type_ids=kind == "bert")
+    return folder
+
+
+def write_reviews(path: Path, n: int = 48, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(LABELS)
+        a, b = rng.sample(POSITIVE if label == "positive" else NEGATIVE, 2)
+        rows.append({"review": f"the food was {a} and staff very {b}", "label": label})
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["review", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_e2e(path: Path, n_mr: int = 12, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_mr):
+        name, food = rng.choice(NAMES), rng.choice(FOODS)
+        mr = f"name[{name}] , food[{food}]"
+        rows.append({"mr": mr, "ref": f"{name} serves {food} food"})
+        rows.append({"mr": mr, "ref": f"the {food} food was {rng.choice(POSITIVE)}"})
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["mr", "ref"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_corpus(path: Path, n: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = [
+        f"{rng.choice(NAMES)} serves {rng.choice(FOODS)} food and staff very "
+        f"{rng.choice(POSITIVE + NEGATIVE)}"
+        for _ in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# Method blocks that fit the tiny models, per architecture's attention projection names.
+TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+
+
+def method_block(method: str, arch: str = "llama") -> dict:
+    targets = TARGETS[arch]
+    if method in ("lora", "qlora"):
+        return {
+            "type": method,
+            "r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.1,
+            "target_modules": targets,
+        }
+    if method == "adalora":
+        return {
+            "type": method,
+            "init_r": 6,
+            "target_r": 2,
+            "tinit": 1,
+            "tfinal": 1,
+            "deltaT": 1,
+            "lora_alpha": 8,
+            "target_modules": targets,
+        }
+    if method == "prompt_tuning":
+        return {"type": method, "num_virtual_tokens": 4}
+    if method == "p_tuning":
+        return {"type": method, "num_virtual_tokens": 4, "encoder_hidden_size": 16}
+    if method == "prefix_tuning":
+        return {"type": method, "num_virtual_tokens": 4}
+    raise ValueError(method)
+
+
+def base_config(
+    model_dir: Path, out_dir: Path, task: dict, data: dict, method: dict, **top
+) -> dict:
+    """A run config mapping for the tiny runs: 1 thread, no progress bar, a few steps."""
+    config = {
+        "model": {"name": str(model_dir)},
+        "task": task,
+        "data": data,
+        "method": method,
+        "output_dir": str(out_dir),
+        "epochs": 2,
+        "lr": 1e-2,
+        "batch_size": 8,
+        "num_threads": 1,
+        "progress": False,
+        "tensorboard": True,
+        "plots": True,
+    }
+    config.update(top)
+    return config
