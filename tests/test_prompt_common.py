@@ -35,9 +35,12 @@ TASK_ARCHS: dict[str, tuple[str, ...]] = {
     "CAUSAL_LM": CAUSAL,
     "SEQ_2_SEQ_LM": SEQ2SEQ,
     "SEQ_CLS": ENCODERS + CAUSAL,
-    "TOKEN_CLS": ENCODERS + ("bloom", "gpt2", "llama", "qwen2"),
+    "TOKEN_CLS": ENCODERS + ("bloom", "gpt2", "llama", "qwen2", "t5"),
     "QUESTION_ANS": ENCODERS + CAUSAL,
 }
+# combinations refused at get_peft_model (see test_prompt_errors): T5's token-classification model
+# is its encoder alone, which takes no key/value cache.
+REFUSED = {("t5", "TOKEN_CLS", "prefix"), ("t5", "TOKEN_CLS", "prefix_proj")}
 
 METHODS = ("prompt", "ptuning_mlp", "ptuning_lstm", "prefix", "prefix_proj")
 
@@ -232,6 +235,18 @@ def peft_reference_forward(theirs, task: str, method: str, inputs: dict):
     if labels is not None:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten())
     return SimpleNamespace(logits=logits, loss=loss)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: extra threads only contend on a shared machine.
+
+    Import it into a test module to apply it there (it restores the thread count afterwards).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # --- tests ---------------------------------------------------------------------------------
