@@ -148,6 +148,8 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[list[str], Any]]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
+            value = raw  # `task.text=review : {review}` is text, not a YAML mapping
         out.append((key.strip().split("."), value))
     return out
 
