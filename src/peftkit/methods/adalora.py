@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import warnings
 import weakref
 from typing import Any
@@ -125,6 +126,11 @@ class AdaLoraConfig(LoraConfig):
         return self.lora_alpha
 
 
+@functools.lru_cache(maxsize=64)
+def _fp32_divisor(ranknum: float) -> float:
+    return float(torch.tensor(ranknum, dtype=torch.float32) + RANKNUM_EPS)
+
+
 class AdaLoraLayer(LoraLayer):
     """SVD-form adapter state: ``lora_A`` (r, in), ``lora_E`` (r, 1), ``lora_B`` (out, r) per name.
 
@@ -195,7 +201,7 @@ class AdaLoraLayer(LoraLayer):
 
     def rank_divisor(self, name: str) -> float:
         """``ranknum + 1e-5`` rounded to fp32, as PEFT computes it on its fp32 ``ranknum`` tensor."""
-        return float(torch.tensor(self.ranknum[name], dtype=torch.float32) + RANKNUM_EPS)
+        return _fp32_divisor(self.ranknum[name])
 
 
 class SVDLinear(AdaLoraLayer):

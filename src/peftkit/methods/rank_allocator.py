@@ -25,6 +25,8 @@ gradients, masks agree bit for bit with HF PEFT's.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 # path of an adapted module -> its (A (r, in), E (r, 1), B (out, r)) parameters
@@ -45,6 +47,19 @@ def module_path_of(key: str, adapter_name: str | None = None) -> str:
     if key.endswith(RANK_PATTERN_SUFFIX):
         key = key[: -len(RANK_PATTERN_SUFFIX)]
     return key
+
+
+def _full_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """``p.grad``, or under DeepSpeed ZeRO (which keeps gradients partitioned) the gathered one."""
+    if p.grad is not None:
+        return p.grad
+    deepspeed = sys.modules.get("deepspeed")  # only when the run already uses it
+    if deepspeed is None:
+        return None
+    try:
+        return deepspeed.utils.safe_get_full_grad(p)
+    except Exception:  # noqa: BLE001 - not a DeepSpeed-managed parameter
+        return None
 
 
 class RankAllocator:
@@ -88,18 +103,20 @@ class RankAllocator:
         Call after ``loss.backward()`` (gradients present) and before ``zero_grad()``.
         """
         tensors = [(path, f, t) for path, abe in triplets.items() for f, t in zip("AEB", abe)]
-        if all(t.grad is None for _, _, t in tensors):
+        grads = [_full_grad(t) for _, _, t in tensors]
+        if all(g is None for g in grads):
             raise RuntimeError(
                 "AdaLoRA update_and_allocate() found no gradients on the adapter: call it after "
                 "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
             )
         b1, b2 = self.config.beta1, self.config.beta2
-        for path, factor, p in tensors:
+        for (path, factor, p), grad in zip(tensors, grads):
             key = (path, factor)
             if key not in self.sensitivity or self.sensitivity[key].shape != p.shape:
                 self.sensitivity[key] = torch.zeros_like(p)
                 self.uncertainty[key] = torch.zeros_like(p)
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)  # unused module: no signal
+            if grad is None:
+                grad = torch.zeros_like(p)  # a module the batch did not reach: no signal
             ipt = (p * grad).abs()
             self.sensitivity[key] = b1 * self.sensitivity[key] + (1 - b1) * ipt
             self.uncertainty[key] = (
