@@ -374,3 +374,26 @@ def test_data_columns_are_checked_before_the_model_loads(assets, tmp_path, monke
     err = capsys.readouterr().err
     assert "data.train: column(s) ['Tweet text'] used by the task are not in the data" in err
     assert main(["train", str(tmp_path / "c.yaml"), "task.text=review : {review}", "--check"]) == 0
+
+
+def test_overrides_may_follow_options_and_resume(capsys):
+    from peftkit.cli import _collect_overrides, _parser
+
+    parser = _parser()
+    cases = {
+        ("train", "c.yaml", "--overwrite", "epochs=2", "lr=1e-3"): (["epochs=2", "lr=1e-3"], None),
+        ("train", "c.yaml", "seed=1", "--resume", "epochs=3"): (["seed=1", "epochs=3"], True),
+        ("train", "c.yaml", "--resume", "runs/x/checkpoints/step-1"): (
+            [],
+            "runs/x/checkpoints/step-1",
+        ),
+    }
+    for argv, (overrides, resume) in cases.items():
+        args, extra = parser.parse_known_args(list(argv))
+        _collect_overrides(parser, args, extra)
+        assert (args.overrides, args.resume) == (overrides, resume)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "c.yaml", "--frobnicate"])
+    assert (
+        info.value.code == 2 and "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+    )

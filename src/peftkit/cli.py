@@ -468,9 +468,33 @@ COMMANDS = {
 }
 
 
+def _collect_overrides(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]
+) -> None:
+    """KEY=VALUE overrides may come after options (``--overwrite epochs=3``): argparse leaves
+    those over, and ``--resume epochs=3`` would take the override as its checkpoint."""
+    if (
+        isinstance(getattr(args, "resume", None), str)
+        and "=" in args.resume
+        and not Path(args.resume).exists()
+    ):
+        extra = [args.resume, *extra]
+        args.resume = True
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        if not hasattr(args, "overrides"):
+            parser.error(f"`peftkit {args.command}` takes no KEY=VALUE overrides: {overrides}")
+        args.overrides = [*args.overrides, *overrides]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see the module docstring)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    _collect_overrides(parser, args, extra)
     from .train.schema import ConfigError
 
     debug = os.environ.get("PEFTKIT_DEBUG", "") not in ("", "0")
