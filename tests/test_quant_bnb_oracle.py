@@ -8,9 +8,16 @@ import itertools
 import pytest
 import torch
 
-from peftkit.quant import Linear4bit, dequantize_4bit, quantize_4bit
+from peftkit.quant import (
+    Linear4bit,
+    dequantize_4bit,
+    from_bnb_quant_state,
+    get_dequant_backend,
+    quantize_4bit,
+    set_dequant_backend,
+    to_bnb_quant_state,
+)
 from peftkit.quant.codebooks import code_4bit, dynamic_code_8bit
-from peftkit.quant.nf4 import QuantState4bit
 
 bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional
@@ -20,40 +27,6 @@ def _bnb_quantize(w, quant_type, blocksize, double_quant):
     return BF.quantize_4bit(
         w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
     )
-
-
-def _as_bnb_state(state: QuantState4bit):
-    """Our state expressed as a bitsandbytes QuantState (what the CUDA fast path would hand it)."""
-    kwargs = dict(
-        shape=state.shape,
-        dtype=state.dtype,
-        blocksize=state.blocksize,
-        code=code_4bit(state.quant_type),
-        quant_type=state.quant_type,
-    )
-    if not state.double_quant:
-        return BF.QuantState(absmax=state.absmax_fp32, **kwargs)
-    inner = BF.QuantState(
-        absmax=state.absmax_scales,
-        code=dynamic_code_8bit(),
-        blocksize=state.nested_blocksize,
-        dtype=torch.float32,
-    )
-    return BF.QuantState(
-        absmax=state.absmax_codes, offset=state.absmax_offset, state2=inner, **kwargs
-    )
-
-
-def _from_bnb_state(bst) -> QuantState4bit:
-    state = QuantState4bit(
-        shape=bst.shape, dtype=bst.dtype, blocksize=bst.blocksize, quant_type=bst.quant_type
-    )
-    if bst.nested:
-        state.absmax_codes, state.absmax_scales = bst.absmax, bst.state2.absmax
-        state.absmax_offset = bst.offset
-    else:
-        state.absmax_fp32 = bst.absmax
-    return state
 
 
 def test_codebooks_match_bitsandbytes():
@@ -95,8 +68,8 @@ def test_same_codes_and_statistics(quant_type, blocksize, double_quant, dtype):
     theirs = BF.dequantize_4bit(ref_packed, ref)
     assert ours.dtype == theirs.dtype == dtype
     assert torch.equal(ours, theirs)
-    assert torch.equal(BF.dequantize_4bit(packed.view(-1, 1), _as_bnb_state(state)), ours)
-    assert torch.equal(dequantize_4bit(ref_packed, _from_bnb_state(ref)), theirs)
+    assert torch.equal(BF.dequantize_4bit(packed.view(-1, 1), to_bnb_quant_state(state)), ours)
+    assert torch.equal(dequantize_4bit(ref_packed, from_bnb_quant_state(ref)), theirs)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -163,3 +136,29 @@ def test_linear4bit_matches_bnb_linear4bit(quant_type):
     (g_ours,) = torch.autograd.grad(y_ours.sum(), x)
     (g_theirs,) = torch.autograd.grad(y_theirs.sum(), x)
     torch.testing.assert_close(g_ours, g_theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_bitsandbytes_dequant_backend_gives_identical_layers():
+    """The optional bitsandbytes fast path (default on CUDA) computes the same layer output."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(torch.nn.Linear(256, 64), compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 256)
+    assert get_dequant_backend() == "auto"  # on CPU: our PyTorch path
+    ours = layer(x)
+    set_dequant_backend("bitsandbytes")
+    try:
+        theirs = layer(x)
+        w_theirs = layer.dequantize()
+    finally:
+        set_dequant_backend("auto")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    torch.testing.assert_close(w_theirs, layer.dequantize(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="backend"):
+        set_dequant_backend("triton")
+
+
+def test_state_conversion_round_trip():
+    packed, state = quantize_4bit(torch.randn(64, 128), "fp4", 64, True)
+    back = from_bnb_quant_state(to_bnb_quant_state(state))
+    assert back.shape == state.shape and back.quant_type == "fp4" and back.double_quant
+    assert torch.equal(dequantize_4bit(packed, back), dequantize_4bit(packed, state))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -121,6 +122,17 @@ def test_refuses_already_quantized_models():
         quantize_model(other)
     with pytest.raises(ValueError, match="no nn.Linear"):
         quantize_model(nn.Sequential(nn.ReLU()))
+    awq = _llama()
+    awq.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="awq"))
+    with pytest.raises(ValueError, match="awq quantization_config"):
+        quantize_model(awq)
+
+
+def test_gguf_loaded_models_are_float_and_quantizable():
+    """transformers de-quantises GGUF weights but leaves a GGUF quantizer object behind."""
+    model = _llama()
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    assert is_quantized(quantize_model(model))
 
 
 def test_prepare_model_for_kbit_training():

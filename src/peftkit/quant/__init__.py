@@ -5,6 +5,12 @@ Bit-compatible with bitsandbytes 0.50 (same packed bytes and statistics), which 
 fast path on CUDA (:mod:`peftkit.quant.bnb_compat`), never a requirement.
 """
 
+from .bnb_compat import (
+    from_bnb_quant_state,
+    get_dequant_backend,
+    set_dequant_backend,
+    to_bnb_quant_state,
+)
 from .codebooks import code_4bit, dynamic_code_8bit
 from .linear4bit import Linear4bit
 from .model_quant import (
@@ -24,6 +30,8 @@ __all__ = [
     "dequantize_4bit",
     "dequantize_model",
     "dynamic_code_8bit",
+    "from_bnb_quant_state",
+    "get_dequant_backend",
     "is_quantized",
     "prepare_model_for_kbit_training",
     "quantization_error",
@@ -31,4 +39,6 @@ __all__ = [
     "quantize_model",
     "quantized_param_count",
     "save_merged",
+    "set_dequant_backend",
+    "to_bnb_quant_state",
 ]

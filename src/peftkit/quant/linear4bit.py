@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bnb_compat import bnb_dequantize, use_bnb_for
 from .nf4 import (
     SUPPORTED_BLOCKSIZES,
     SUPPORTED_DTYPES,
@@ -187,8 +188,17 @@ class Linear4bit(nn.Module):
 
     # ------------------------------------------------------------------ the LoRA contract
     def dequantize(self) -> torch.Tensor:
-        """The (out_features, in_features) weight in ``compute_dtype``."""
-        return dequantize_4bit(self.packed_weight, self.quant_state, dtype=self.compute_dtype)
+        """The (out_features, in_features) weight in ``compute_dtype``.
+
+        bitsandbytes' kernel does the work on CUDA when installed (see
+        :func:`peftkit.quant.set_dequant_backend`); the result is the same either way.
+        """
+        state = self.quant_state
+        if use_bnb_for(self.packed_weight.device):
+            weight = bnb_dequantize(self.packed_weight, state)  # weight_dtype
+        else:
+            weight = dequantize_4bit(self.packed_weight, state)  # weight_dtype
+        return weight.to(self.compute_dtype)
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:

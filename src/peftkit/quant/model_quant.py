@@ -54,8 +54,12 @@ def _already_quantized_reason(model: nn.Module) -> str | None:
         if _is_quantizable(module) and isinstance(weight, torch.Tensor):
             if not weight.dtype.is_floating_point:
                 return f"module {name!r} holds {weight.dtype} weights"
-    if getattr(model, "hf_quantizer", None) is not None:
-        return "transformers loaded it with a quantization_config"
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")
+        method = str(getattr(method, "value", method)).lower()
+        if method != "gguf":  # GGUF checkpoints are de-quantised to float when loaded
+            return f"transformers loaded it with a {method or 'quantization'} quantization_config"
     return None
 
 

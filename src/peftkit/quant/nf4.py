@@ -214,7 +214,8 @@ def dequantize_4bit(
             f"packed data has {packed.numel()} bytes but shape {tuple(state.shape)} needs "
             f"{(n + 1) // 2}; the state does not belong to this tensor"
         )
-    unit = _pair_table(state.quant_type, packed.device)[packed.reshape(-1).long()]  # (n/2, 2)
+    table = _pair_table(state.quant_type, packed.device)  # (256, 2)
+    unit = table.index_select(0, packed.reshape(-1).int())  # (n/2, 2): one gather per byte
     unit = unit.reshape(-1)[:n]  # (n,) values in [-1, 1]
     absmax = state.absmax
     full = n - n % bs
