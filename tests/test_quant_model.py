@@ -103,6 +103,16 @@ def test_skip_modules_and_blocksize_check():
     assert isinstance(model.model.layers[0].self_attn.q_proj, Linear4bit)
     assert not any(isinstance(m, Linear4bit) for m in model.model.layers[1].modules())
 
+    model = _llama()
+    with pytest.raises(TypeError, match="compute_dtype=torch.float64"):
+        quantize_model(model, compute_dtype=torch.float64)
+    with pytest.raises(ValueError, match="'nf4' or 'fp4'"):
+        quantize_model(model, quant_type="int4")
+    model.model.layers[1].mlp.up_proj.to(torch.float64)
+    with pytest.raises(TypeError, match="layers.1.mlp.up_proj.*float64"):
+        quantize_model(model)
+    assert not is_quantized(model)  # no error above left a half-quantised model
+
     model = _llama(intermediate=96)  # down_proj has in_features=96
     with pytest.raises(ValueError, match=r"down_proj.*in_features=96.*blocksize=64.*blocksize=32"):
         quantize_model(model)

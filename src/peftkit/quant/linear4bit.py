@@ -65,6 +65,42 @@ def _check_blocksize_fits(in_features: int, blocksize: int, name: str = "") -> N
         )
 
 
+def check_layer_args(
+    quant_type: str,
+    blocksize: int,
+    compute_dtype: torch.dtype | None = None,
+    weight_dtype: torch.dtype | None = None,
+) -> None:
+    """Raise a clear error for a quant_type / blocksize / dtype a Linear4bit cannot use."""
+    if quant_type not in LINEAR_QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r} is not supported; use 'nf4' or 'fp4'")
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(
+            f"blocksize={blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}"
+        )
+    for label, dt in (("weight_dtype", weight_dtype), ("compute_dtype", compute_dtype)):
+        if dt is not None and dt not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{label}={dt} is not supported; use torch.float32, torch.bfloat16 or torch.float16"
+            )
+
+
+def check_weight(weight: torch.Tensor, name: str) -> None:
+    """Raise a clear error for a weight that cannot be quantised (dtype, meta device)."""
+    if weight.dtype not in SUPPORTED_DTYPES:
+        hint = (
+            "it looks already quantised"
+            if not weight.dtype.is_floating_point
+            else "cast the model to float32 or bfloat16 first"
+        )
+        raise TypeError(
+            f"layer {name} has {weight.dtype} weights; only float32/float16/bfloat16 layers "
+            f"can be quantised ({hint})"
+        )
+    if weight.device.type == "meta":
+        raise ValueError(f"layer {name} is on the meta device; load its weights before quantising")
+
+
 class Linear4bit(nn.Module):
     """Linear layer with NF4/FP4 weights, dequantised to ``compute_dtype`` on each call.
 
@@ -98,18 +134,7 @@ class Linear4bit(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if quant_type not in LINEAR_QUANT_TYPES:
-            raise ValueError(f"quant_type={quant_type!r} is not supported; use 'nf4' or 'fp4'")
-        for label, dt in (("weight_dtype", weight_dtype), ("compute_dtype", compute_dtype)):
-            if dt is not None and dt not in SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"{label}={dt} is not supported; use torch.float32, torch.bfloat16 or "
-                    "torch.float16"
-                )
-        if blocksize not in SUPPORTED_BLOCKSIZES:
-            raise ValueError(
-                f"blocksize={blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}"
-            )
+        check_layer_args(quant_type, blocksize, compute_dtype, weight_dtype)
         _check_blocksize_fits(in_features, blocksize)
         self.in_features = in_features
         self.out_features = out_features
@@ -228,21 +253,7 @@ class Linear4bit(nn.Module):
         weight = linear.weight
         if type(linear).__name__ == "Conv1D" and hasattr(linear, "nf"):
             weight = weight.t()  # Conv1D stores (in, out)
-        if weight.dtype not in SUPPORTED_DTYPES:
-            hint = (
-                "it looks already quantised"
-                if not weight.dtype.is_floating_point
-                else "cast the model to float32 or bfloat16 first"
-            )
-            raise TypeError(
-                f"layer {name or type(linear).__name__} has {weight.dtype} weights; only "
-                f"float32/float16/bfloat16 layers can be quantised ({hint})"
-            )
-        if weight.device.type == "meta":
-            raise ValueError(
-                f"layer {name or type(linear).__name__} is on the meta device; load its weights "
-                "before quantising"
-            )
+        check_weight(weight, name or type(linear).__name__)
         out_features, in_features = weight.shape
         _check_blocksize_fits(in_features, blocksize, name)
         bias = getattr(linear, "bias", None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .linear4bit import Linear4bit, _check_blocksize_fits
+from .linear4bit import Linear4bit, _check_blocksize_fits, check_layer_args, check_weight
 
 # Task heads are trained from scratch (or saved whole via modules_to_save); never quantise them.
 DEFAULT_SKIP_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
@@ -107,8 +107,8 @@ def quantize_model(
     Skipped: the output head (``get_output_embeddings()``), any layer tied to the input
     embedding, task heads named ``lm_head`` / ``score`` / ``classifier`` / ``qa_outputs``, and
     ``skip_modules`` (full names, trailing names like ``"o_proj"``, or parent names like
-    ``"model.layers.0"``). All layers are checked before any is replaced, so an error leaves the
-    model untouched.
+    ``"model.layers.0"``). Arguments and all layers are checked before any is replaced, so an
+    error leaves the model untouched.
 
     Args:
         model: a float model (transformers or any nn.Module).
@@ -129,12 +129,14 @@ def quantize_model(
             f"refusing to quantise an already quantised model: {reason}. Load the model in "
             "full precision (or call peftkit.quant.dequantize_model) before quantize_model"
         )
+    check_layer_args(quant_type, blocksize, compute_dtype)
     skips = _default_skips(model) | set(skip_modules or ())
     targets = []
     for name, module in model.named_modules():
         if not _is_quantizable(module) or _name_matches(name, skips | set(DEFAULT_SKIP_NAMES)):
             continue
         in_features = module.weight.shape[1 if isinstance(module, nn.Linear) else 0]
+        check_weight(module.weight, repr(name))
         _check_blocksize_fits(in_features, blocksize, name)
         targets.append(name)
     if not targets:
