@@ -139,6 +139,9 @@ def test_transformers_conv1d_is_transposed():
     x = torch.randn(2, 128)
     err = (q(x) - conv(x)).abs().max() / conv(x).abs().max()
     assert err < 0.15
+    back = q.to_linear()  # de-quantises to the original layer type and layout
+    assert type(back) is Conv1D and back.weight.shape == conv.weight.shape
+    torch.testing.assert_close(back(x), q(x), rtol=0, atol=0)
 
 
 def test_lora_contract_attributes():

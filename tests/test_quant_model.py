@@ -258,3 +258,24 @@ def test_adapter_loads_in_hf_peft_on_full_precision_and_bnb_bases(tmp_path):
         again = quantize_model(tf.AutoModelForCausalLM.from_pretrained(base_dir).eval())
     reloaded = PeftModel.from_pretrained(again, adapter_dir)
     torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_layers_round_trip(tmp_path):
+    """GPT-2's Conv1D layers (weight stored (in, out)) quantise, and de-quantise back to Conv1D,
+    so the merged export keeps GPT-2's checkpoint layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    ids = _ids()
+    ref = _logits(model, ids)
+    quantize_model(model)
+    assert isinstance(model.transformer.h[0].attn.c_attn, Linear4bit)
+    quant = _logits(model, ids)
+    assert 0 < _rel_err(quant, ref) < 0.25
+    save_merged(model, tmp_path, dtype=torch.float32)
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D
+    torch.testing.assert_close(_logits(model, ids), quant, rtol=0, atol=0)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), quant, rtol=0, atol=0)

@@ -143,6 +143,7 @@ class Linear4bit(nn.Module):
         self.blocksize = blocksize
         self.weight_dtype = weight_dtype
         self.compute_dtype = compute_dtype or weight_dtype
+        self.from_conv1d = False  # set by from_linear: to_linear then rebuilds a Conv1D
         # Zero storage of the right shapes; load_state_dict or requantize_ fills it.
         n = in_features * out_features
         n_blocks = n // blocksize
@@ -269,34 +270,45 @@ class Linear4bit(nn.Module):
             device=weight.device,
         )
         layer.requantize_(weight)
+        layer.from_conv1d = weight is not linear.weight
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         return layer
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A full-precision ``nn.Linear`` copy holding the dequantised weight.
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A full-precision copy holding the dequantised weight: an ``nn.Linear``, or a
+        transformers ``Conv1D`` (weight stored (in, out)) if the layer was quantised from one,
+        so a de-quantised GPT-2 keeps its checkpoint layout.
 
         ``dtype`` defaults to the original weight dtype (the values are exactly those the
         4-bit layer computes with when ``compute_dtype`` equals it).
         """
         dtype = dtype or self.weight_dtype
         device = self.packed_weight.device
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=device,
-            dtype=dtype,
-        )
         with torch.no_grad():
-            w = dequantize_4bit(self.packed_weight, self.quant_state)  # weight_dtype
-            linear.weight.copy_(w.to(dtype))
+            w = dequantize_4bit(self.packed_weight, self.quant_state).to(dtype)  # (out, in)
+            if self.from_conv1d:
+                from transformers.pytorch_utils import Conv1D
+
+                layer = Conv1D(self.out_features, self.in_features).to(device=device, dtype=dtype)
+                layer.weight.copy_(w.t())
+                if self.bias is None:
+                    layer.bias = None
+            else:
+                layer = nn.Linear(
+                    self.in_features,
+                    self.out_features,
+                    bias=self.bias is not None,
+                    device=device,
+                    dtype=dtype,
+                )
+                layer.weight.copy_(w)
             if self.bias is not None:
-                linear.bias.copy_(self.bias.to(dtype))
-        linear.weight.requires_grad_(False)
+                layer.bias.copy_(self.bias.to(dtype))
+        layer.weight.requires_grad_(False)
         if self.bias is not None:
-            linear.bias.requires_grad_(self.bias.requires_grad)
-        return linear
+            layer.bias.requires_grad_(self.bias.requires_grad)
+        return layer
 
     # --------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
