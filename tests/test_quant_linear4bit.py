@@ -141,7 +141,7 @@ def test_transformers_conv1d_is_transposed():
     assert err < 0.15
     back = q.to_linear()  # de-quantises to the original layer type and layout
     assert type(back) is Conv1D and back.weight.shape == conv.weight.shape
-    torch.testing.assert_close(back(x), q(x), rtol=0, atol=0)
+    torch.testing.assert_close(back(x), q(x), rtol=1e-5, atol=1e-6)  # addmm vs linear rounding
 
 
 def test_lora_contract_attributes():

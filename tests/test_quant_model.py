@@ -276,6 +276,7 @@ def test_gpt2_conv1d_layers_round_trip(tmp_path):
     assert 0 < _rel_err(quant, ref) < 0.25
     save_merged(model, tmp_path, dtype=torch.float32)
     assert type(model.transformer.h[0].attn.c_attn) is Conv1D
-    torch.testing.assert_close(_logits(model, ids), quant, rtol=0, atol=0)
+    dequantized = _logits(model, ids)
+    assert _rel_err(dequantized, quant) <= 1e-5  # Conv1D's addmm rounds differently from linear
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(_logits(reloaded, ids), quant, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(reloaded, ids), dequantized, rtol=0, atol=0)
