@@ -397,3 +397,18 @@ def test_overrides_may_follow_options_and_resume(capsys):
     assert (
         info.value.code == 2 and "unrecognized arguments: --frobnicate" in capsys.readouterr().err
     )
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(assets, tmp_path, capsys):
+    losses = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        cfg = task_config(
+            assets, "causal_lm_cls", out, mixed_precision=precision, plots=False, tensorboard=False
+        )
+        cfg["data"].pop("test")
+        assert main(["train", str(write_config(tmp_path / f"{precision}.yaml", cfg))]) == 0
+        assert f"mixed precision {precision}" in capsys.readouterr().out
+        losses[precision] = json.loads((out / "summary.json").read_text())["eval"]["eval_loss"]
+    assert losses["bf16"] != losses["no"]  # autocast really ran in bf16
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=0.02)

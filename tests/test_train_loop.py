@@ -59,18 +59,21 @@ def interrupt_at(step: int):
     return on_step
 
 
-@pytest.mark.parametrize("stop_step", [6, 4], ids=["mid-epoch", "epoch-end"])
+@pytest.mark.parametrize("stop_step", [6, 8], ids=["mid-epoch", "epoch-end"])
 def test_ctrl_c_then_resume_continues_bit_for_bit(assets, tmp_path, stop_step):
     """train(N) == train(k) + Ctrl-C + resume(N-k): same loss curve, evals and final weights."""
     # 32 train rows, batch 4, accumulation 2 -> 4 optimizer steps per epoch, 12 in all;
     # dropout 0.1 makes every step draw from the RNG, so a wrong RNG restore shows.
+    # Stopping at the end of epoch 2, with a best epoch before the stop (epoch 2 reaches the
+    # highest possible invalid_rate, 1.0, here), covers a resumed run whose best predates it.
+    extra = {"metric_for_best": "invalid_rate"} if stop_step == 8 else {}
     full = tmp_path / "full"
-    summary = run_train(load_config(None, data=cls_config(assets, full)))
+    summary = run_train(load_config(None, data=cls_config(assets, full, **extra)))
     assert summary["status"] == "completed" and summary["global_step"] == 12
 
     cut = tmp_path / "cut"
     first = run_train(
-        load_config(None, data=cls_config(assets, cut)), on_step=interrupt_at(stop_step)
+        load_config(None, data=cls_config(assets, cut, **extra)), on_step=interrupt_at(stop_step)
     )
     assert first["status"] == "interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
@@ -80,7 +83,7 @@ def test_ctrl_c_then_resume_continues_bit_for_bit(assets, tmp_path, stop_step):
         == stop_step
     )
     assert len(train_losses(cut)) == stop_step
-    second = run_train(load_config(None, data=cls_config(assets, cut)), resume=True)
+    second = run_train(load_config(None, data=cls_config(assets, cut, **extra)), resume=True)
     assert second["status"] == "completed" and second["global_step"] == 12
 
     assert train_losses(cut) == train_losses(full)  # exact float equality, step by step
@@ -89,6 +92,10 @@ def test_ctrl_c_then_resume_continues_bit_for_bit(assets, tmp_path, stop_step):
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert second["best"] == summary["best"]
+    assert second["eval"] == summary["eval"]
+    if extra:
+        assert summary["best"]["epoch"] <= 2
+    assert (cut / "predictions_eval.csv").read_text() == (full / "predictions_eval.csv").read_text()
 
 
 def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):

@@ -29,7 +29,7 @@ from ..checkpoint import atomic_write_text
 from ..tasks import TASKS, EvalResult, Task
 from .config import ConfigError, RunConfig, config_to_yaml, method_config_class, read_yaml
 from .logger import RunLog, read_metrics
-from .loop import Trainer, TrainOutcome, make_accelerator, plan_steps
+from .loop import Trainer, TrainOutcome, evaluate_rows, make_accelerator, plan_steps
 from .splits import Splits, load_splits
 from .state import Progress, latest_checkpoint
 
@@ -382,8 +382,12 @@ def _finish(
     if config.load_best_at_end and progress.best_epoch is not None and trainer.restore_best():
         chosen = f"best (epoch {progress.best_epoch}, {trainer.best_metric_name}={progress.best_metric:.4f})"
         result, final_eval = outcome.best_result, outcome.best_eval
-        if result is None and splits.eval:  # resumed after the best epoch: recompute
-            final_eval, result = trainer.evaluate(progress.best_epoch, progress.global_step)
+        if result is None and splits.eval:
+            # resumed after the best epoch: recompute its predictions (not logged again, so
+            # metrics.jsonl stays the record of one uninterrupted run)
+            final_eval, result = evaluate_rows(
+                trainer.eval_context(), task, splits.eval, trainer.eval_features
+            )
     adapter_dir = output_dir / "adapter"
     if main:
         model.save_pretrained(adapter_dir)
