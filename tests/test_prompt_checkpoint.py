@@ -81,6 +81,12 @@ def test_reparameterised_encoders_are_saved_and_training_resumes(method, tmp_pat
 
     # one identical SGD step on both gives identical encoders
     inputs = {**tiny_inputs(task), "labels": tiny_inputs(task)["input_ids"]}
+
+    # for inference the table alone is used, as in PEFT
+    frozen = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert frozen.prompt_encoder["default"].direct
+    with torch.no_grad():
+        assert_rel_close(frozen(**inputs).logits, ours.eval()(**inputs).logits)
     for model in (ours, resumed):
         model.train()
         torch.manual_seed(3)  # same dropout masks

@@ -178,3 +178,5 @@ def test_4d_masks_and_caller_caches_are_refused_clearly():
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 3, 3))
     with pytest.raises(ValueError, match="do not pass one"):
         model.generate(input_ids=ids, cache=object())
+    with pytest.raises(ValueError, match="drop use_cache=False"):
+        model.generate(input_ids=ids, use_cache=False)

@@ -81,6 +81,8 @@ def _generate_with_prefix(
         raise ValueError(
             "prefix tuning supplies the key/value cache to generate(); do not pass one"
         )
+    if kwargs.get("use_cache") is False:
+        raise ValueError("prefix tuning generates from the key/value cache; drop use_cache=False")
     copies = _expansion(model, kwargs)
     kwargs[cache_kw] = build_cache(table, config, rows * copies, _float_dtype(model))
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
