@@ -428,15 +428,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise _usage(f"{args.target}: nothing to inspect")
         if args.model:
             config.model.name = args.model
-        total = None
-        if not restore_task_state(task, target) and config.data.train is not None:
-            splits = load_splits(config)
+        splits = load_splits(config) if config.data.train is not None else None
+        if not restore_task_state(task, target) and splits is not None:
             check_data(task, splits, config.source)
-        model, tokenizer = load_model(config, task)
-        if config.data.train is not None:
+        model, _ = load_model(config, task)
+        total = None
+        if splits is not None:  # AdaLoRA's budget schedule needs the run's step count
             from .train.loop import plan_steps
 
-            splits = load_splits(config)
             total = plan_steps(len(task.encode(splits.train)), config).total_steps
         model = attach_adapter(config, model, task, total_steps=total)
     else:
