@@ -37,6 +37,7 @@ TASK_ARCHS: dict[str, tuple[str, ...]] = {
     "SEQ_CLS": ENCODERS + CAUSAL,
     "TOKEN_CLS": ENCODERS + ("bloom", "gpt2", "llama", "qwen2", "t5"),
     "QUESTION_ANS": ENCODERS + CAUSAL,
+    "FEATURE_EXTRACTION": ("bert", "llama"),
 }
 # combinations refused at get_peft_model (see test_prompt_errors): T5's token-classification model
 # is its encoder alone, which takes no key/value cache.
@@ -50,6 +51,7 @@ _AUTO = {
     "SEQ_CLS": tf.AutoModelForSequenceClassification,
     "TOKEN_CLS": tf.AutoModelForTokenClassification,
     "QUESTION_ANS": tf.AutoModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": tf.AutoModel,
 }
 
 
@@ -193,6 +195,8 @@ def outputs_of(output) -> torch.Tensor:
     """The tensor to compare: logits, or start and end logits side by side for QA."""
     if getattr(output, "start_logits", None) is not None:
         return torch.cat((output.start_logits, output.end_logits), dim=-1)
+    if getattr(output, "logits", None) is None:
+        return output.last_hidden_state  # feature extraction
     return output.logits
 
 

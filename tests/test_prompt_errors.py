@@ -180,3 +180,14 @@ def test_4d_masks_and_caller_caches_are_refused_clearly():
         model.generate(input_ids=ids, cache=object())
     with pytest.raises(ValueError, match="drop use_cache=False"):
         model.generate(input_ids=ids, use_cache=False)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning_mlp"])
+def test_right_padding_under_a_last_token_classifier_is_refused(method):
+    model = get_peft_model(tiny_model("llama", "SEQ_CLS"), ours_config(method, "SEQ_CLS"))
+    inputs = tiny_inputs("SEQ_CLS", pad_left=0)
+    inputs["attention_mask"][1, -2:] = 0
+    with pytest.raises(ValueError, match="pad on the left"):
+        model(**inputs)
+    inputs["attention_mask"] = inputs["attention_mask"].flip(1)  # left padding works
+    assert model(**inputs).logits.shape == (2, 3)

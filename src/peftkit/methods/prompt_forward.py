@@ -9,6 +9,7 @@ Prompt tuning / P-tuning (``N`` = ``num_virtual_tokens`` rows prepended)::
     labels CAUSAL_LM / TOKEN_CLS -> (B, N+T)   -100 for the prompt (never a loss target)
     start/end_positions (QA)  -> + N           they index the longer sequence
     seq2seq: only the encoder input gets the prompt; decoder inputs and labels are unchanged
+             (the table has a second block of N rows, unused, because PEFT's format has it)
 
 Prefix tuning (``P`` key/value positions in every attention layer)::
 
@@ -118,6 +119,8 @@ def embedding_forward(
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         return _seq2seq_embedding_forward(model, tokens, table, kwargs)
     rows = batch_size(kwargs)
+    if config.task_type == TaskType.SEQ_CLS:
+        check_last_token_pooling(model, kwargs.get("attention_mask"))
     cache_kw = accepts_kwarg(model, CACHE_KWARGS)
     extend_mask(kwargs, "attention_mask", rows, tokens)
     if cache_kw is not None and cache_length(kwargs.get(cache_kw)) > 0:
@@ -142,6 +145,23 @@ def embedding_forward(
         shift(kwargs, "start_positions", tokens)
         shift(kwargs, "end_positions", tokens)
     return model(inputs_embeds=embeds, **kwargs)
+
+
+def check_last_token_pooling(model: nn.Module, mask: torch.Tensor | None) -> None:
+    """Refuse right padding for classifiers that pool the last token (``score`` heads).
+
+    Decoder-only classifiers find the last real token from ``input_ids``; prompt methods hand
+    them embeddings instead, so they pool the last position, which right padding fills with a
+    pad token. Left padding keeps the last position real.
+    """
+    if mask is None or not hasattr(model, "score") or mask.dim() != 2:
+        return
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError(
+            f"{type(model).__name__} pools the last position, and with prompt tuning / P-tuning "
+            f"it cannot see which tokens are padding: pad on the left "
+            f"(tokenizer.padding_side = 'left'), so every row ends with a real token"
+        )
 
 
 def _seq2seq_embedding_forward(
