@@ -37,7 +37,6 @@ from .prefix_cache import build_cache, cache_length
 from .prompt_base import PromptLearningConfig
 from .prompt_support import (
     CACHE_KWARGS,
-    accepts_kwarg,
     cache_entry,
     checkpointing,
     word_embeddings,
@@ -121,9 +120,9 @@ def embedding_forward(
     rows = batch_size(kwargs)
     if config.task_type == TaskType.SEQ_CLS:
         check_last_token_pooling(model, kwargs.get("attention_mask"))
-    cache_kw = accepts_kwarg(model, CACHE_KWARGS)
+    given = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
     extend_mask(kwargs, "attention_mask", rows, tokens)
-    if cache_kw is not None and cache_length(kwargs.get(cache_kw)) > 0:
+    if cache_length(given) > 0:
         shift(kwargs, "position_ids", tokens)  # the prompt is already in the cache
         return model(**kwargs)
     input_ids = kwargs.pop("input_ids", None)
