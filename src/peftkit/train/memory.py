@@ -12,7 +12,9 @@ All numbers are MB (2**20 bytes, rounded down). GPU numbers are the CUDA caching
 resident set size from ``/proc/self/status``: ``VmRSS`` now and ``VmHWM`` (the high-water mark),
 which writing ``5`` to ``/proc/self/clear_refs`` resets at the start of the phase. Where that
 file cannot be written (not Linux, or locked down) a background thread samples the RSS every
-20 ms instead.
+20 ms instead. The reset is process-wide: ``getrusage``'s ``ru_maxrss`` (what ``/usr/bin/time``
+prints) then reports the peak since the last phase began, not since the process started; the
+run's ``summary.json`` keeps the true peak (the largest phase peak).
 """
 
 from __future__ import annotations
