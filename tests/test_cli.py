@@ -324,8 +324,10 @@ def test_inspect_prints_the_structure_and_the_trainable_line(trained, capsys):
         f"trainable params: {summary['trainable_params']:,d} || all params: "
         f"{summary['all_params']:,d}"
     ) in text
-    assert main(["inspect", str(out)]) == 0  # the saved adapter, loaded frozen
-    assert "trainable params: 0 ||" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0  # the saved adapter: the same adapter modules
+    saved = capsys.readouterr().out
+    assert "(lora_A): ModuleDict(" in saved
+    assert f"trainable params: {summary['trainable_params']:,d} ||" in saved
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -441,7 +441,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         if task is not None:
             restore_task_state(task, target)
-        model = load_for_inference(target, config, task, model_name=args.model).model
+        # loaded as trainable, so the parameter line counts the adapter as training saw it
+        model = load_for_inference(
+            target, config, task, model_name=args.model, trainable=True
+        ).model
     print(model)
     print(trainable_line(model))
     return 0

@@ -123,8 +123,9 @@ def load_for_inference(
     use_adapter: bool = True,
     dtype: str | None = None,
     quantization: bool = True,
+    trainable: bool = False,
 ) -> Loaded:
-    """Base model (+ the target's adapter, frozen, in eval mode) and tokenizer."""
+    """Base model (+ the target's adapter, in eval mode; frozen unless ``trainable``) and tokenizer."""
     from .. import PeftModel
     from ..models import load_base_model
 
@@ -168,7 +169,7 @@ def load_for_inference(
         task.configure_model(model)
     has_adapter = bool(use_adapter and target.adapter_dir is not None)
     if has_adapter:
-        model = PeftModel.from_pretrained(model, target.adapter_dir)
+        model = PeftModel.from_pretrained(model, target.adapter_dir, is_trainable=trainable)
     model.eval()
     return Loaded(model, tokenizer, config, task, target, has_adapter)
 
