@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--with-peft", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix of the result files (keeps earlier runs)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
 
@@ -123,12 +124,15 @@ def main() -> None:
     table = rank_report(ours)
     print(table)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    png = plot_rank_heatmap(ours, os.path.join(HERE, "results", "adalora_ranks.png"))
+    png = plot_rank_heatmap(ours, os.path.join(HERE, "results", f"adalora_ranks{args.tag}.png"))
     result = {
         "model": "SmolLM2-135M-Instruct (bundled GGUF, fp32)",
         "data": "tiny Shakespeare, batch 8 x seq 64",
         "config": schedule,
         "load_s": round(load_s, 1),
+        "load_avg_1min_at_end": round(
+            os.getloadavg()[0], 2
+        ),  # the machine is shared: step times vary
         "median_step_s": round(sorted(step_s)[len(step_s) // 2], 2),
         "held_out_loss": {
             "base": round(base_loss, 4),
@@ -141,12 +145,19 @@ def main() -> None:
         "heatmap": os.path.relpath(png, HERE),
     }
     if args.with_peft:
-        result["held_out_loss"]["peft"] = round(eval_loss(models["peft"], held_out), 4)
+        # PEFT adds the orthogonality penalty to every returned loss, eval included; peftkit only
+        # in training. The transformers model inside PEFT's wrapper gives the plain eval loss.
+        result["held_out_loss"]["peft (penalty included, as PEFT reports it)"] = round(
+            eval_loss(models["peft"], held_out), 4
+        )
+        result["held_out_loss"]["peft"] = round(
+            eval_loss(models["peft"].base_model.model, held_out), 4
+        )
         result["same_rank_pattern_every_step_as_peft"] = same_pattern_every_step
         result["max_train_loss_rel_diff_vs_peft"] = max(
             abs(r["peftkit_loss"] - r["peft_loss"]) / abs(r["peft_loss"]) for r in log
         )
-    with open(os.path.join(HERE, "results", "adalora_real_run.json"), "w") as fh:
+    with open(os.path.join(HERE, "results", f"adalora_real_run{args.tag}.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print(
         json.dumps(

@@ -108,24 +108,30 @@ def rank_report(peft_model: nn.Module, adapter_name: str | None = None) -> str:
 def plot_rank_heatmap(
     peft_model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None
 ) -> str:
-    """Write a PNG heatmap of final ranks (blocks down, modules across); returns the path.
+    """Write a PNG heatmap of the model's final ranks (blocks down, modules across); returns the path."""
+    tuner, name = _tuner_and_name(peft_model, adapter_name)
+    config = tuner.peft_config[name]
+    return plot_ranks(final_ranks(peft_model, name), path, config.init_r, config.target_r)
+
+
+def plot_ranks(ranks: dict[str, int], path: str | os.PathLike, init_r: int, target_r: int) -> str:
+    """Heatmap PNG of ``{module path: rank}`` (e.g. read back from a run's saved results).
 
     Uses matplotlib's Agg canvas directly (no pyplot state); the file is written atomically.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tuner, name = _tuner_and_name(peft_model, adapter_name)
-    config = tuner.peft_config[name]
-    rows, cols, grid = rank_grid(final_ranks(peft_model, name))
+    rows, cols, grid = rank_grid(ranks)
     data = [[math.nan if v is None else float(v) for v in row] for row in grid]  # (blocks, modules)
     short_rows = [r.rsplit(".", 1)[-1] for r in rows]
     row_labels = short_rows if len(set(short_rows)) == len(short_rows) else rows
 
-    fig = Figure(figsize=(1.6 + 0.9 * len(cols), 1.8 + 0.35 * len(rows)), dpi=110)
+    width = max(4.8, 2.2 + 0.9 * len(cols))
+    fig = Figure(figsize=(width, 1.8 + 0.3 * len(rows)), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(data, cmap="viridis", vmin=0, vmax=config.init_r, aspect="auto")
+    image = ax.imshow(data, cmap="viridis", vmin=0, vmax=init_r, aspect="auto")
     ax.set_xticks(range(len(cols)), labels=cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels=row_labels)
     ax.set_xlabel("module")
@@ -133,11 +139,12 @@ def plot_rank_heatmap(
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if v is not None:
-                color = "black" if v > 0.6 * config.init_r else "white"
+                color = "black" if v > 0.6 * init_r else "white"
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color=color)
     kept = int(sum(v for row in grid for v in row if v is not None))
     ax.set_title(
-        f"AdaLoRA final ranks (init_r={config.init_r}, target_r={config.target_r}, kept {kept})",
+        f"AdaLoRA final ranks\ninit_r={init_r}, target_r={target_r}, kept {kept} of "
+        f"{init_r * len(ranks)}",
         fontsize=9,
     )
     fig.colorbar(image, ax=ax, label="rank")
