@@ -127,11 +127,13 @@ class _DropoutThenProject(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         mask = _dropout_mask(x, ctx.p, ctx.seed)
         grad_x = grad_w = None
+        # Under autocast the forward ran in bf16/fp16: grad_out has that dtype, x and weight
+        # keep theirs; compute in grad_out's dtype and hand back each input's own dtype.
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight) * mask  # (..., in)
+            grad_x = ((grad_out @ weight.to(grad_out.dtype)) * mask).to(x.dtype)  # (..., in)
         if ctx.needs_input_grad[1]:
-            xd = (x * mask).reshape(-1, x.shape[-1])  # (N, in)
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ xd  # (r, in)
+            xd = (x * mask).reshape(-1, x.shape[-1]).to(grad_out.dtype)  # (N, in)
+            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).T @ xd).to(weight.dtype)  # (r, in)
         return grad_x, grad_w, None, None
 
 
