@@ -202,6 +202,12 @@ def test_train_each_method(assets, tmp_path, task, method, capsys):
         # update_and_allocate ran after every optimizer step: the budget was re-allocated
         assert adapter["total_step"] == summary["total_steps"]
         assert adapter["rank_pattern"]
+        # the run reports where the budget went: per-matrix ranks as the saved masks keep them
+        ranks = summary["adalora"]["ranks"]
+        assert sorted(ranks.values()) == sorted(sum(m) for m in adapter["rank_pattern"].values())
+        assert summary["adalora"]["kept"] == sum(ranks.values())
+        table = (out / "adalora_ranks.txt").read_text()
+        assert "AdaLoRA ranks" in table and "mean rank per module" in table
     capsys.readouterr()
     if method == "qlora":  # the base the adapter trained on (and is reloaded on) is 4-bit
         assert main(["inspect", str(out)]) == 0

@@ -177,3 +177,28 @@ def test_non_default_adapters_go_in_subfolders(tiny_model, tmp_path):
     model.set_adapter("second")
     with torch.no_grad():
         torch.testing.assert_close(logits_of(loaded(**inputs)), logits_of(model.eval()(**inputs)))
+
+
+@pytest.mark.parametrize("first", ["lora", "adalora"])
+def test_wrapping_an_adapted_model_again_is_refused(first, tiny_model):
+    from peftkit import AdaLoraConfig
+
+    base, _ = tiny_model("llama")
+    config = (
+        LoraConfig(r=4, target_modules=["q_proj"])
+        if first == "lora"
+        else AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
+    )
+    inner = get_peft_model(base, config).base_model.model  # the injected model, unwrapped
+    with pytest.raises(ValueError, match="already holds LoRA/AdaLoRA layers"):
+        get_peft_model(inner, LoraConfig(r=4, target_modules=["v_proj"]))
+
+
+def test_saved_files_get_the_usual_permissions(tiny_model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        _saved(tiny_model, tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name

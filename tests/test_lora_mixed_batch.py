@@ -7,24 +7,38 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import assert_rel_close, logits_of
 
+from conftest import assert_rel_close, logits_of
 from peftkit import LoraConfig, get_peft_model
 
 
 def _two_adapters(lib, base, task, targets, **extra):
     cfg_cls = LoraConfig if lib == "peftkit" else peft.LoraConfig
     make = get_peft_model if lib == "peftkit" else peft.get_peft_model
-    model = make(base, cfg_cls(task_type=task, r=2, target_modules=targets, init_lora_weights=False, **extra))
-    model.add_adapter("b", cfg_cls(task_type=task, r=5, lora_alpha=3, target_modules=targets[:1],
-                                   init_lora_weights=False, **extra))
+    model = make(
+        base, cfg_cls(task_type=task, r=2, target_modules=targets, init_lora_weights=False, **extra)
+    )
+    model.add_adapter(
+        "b",
+        cfg_cls(
+            task_type=task,
+            r=5,
+            lora_alpha=3,
+            target_modules=targets[:1],
+            init_lora_weights=False,
+            **extra,
+        ),
+    )
     return model.eval()
 
 
-@pytest.mark.parametrize("arch,task,targets", [
-    ("llama", "CAUSAL_LM", ["q_proj", "v_proj", "up_proj"]),
-    ("bert", "SEQ_CLS", ["query", "value"]),
-])
+@pytest.mark.parametrize(
+    "arch,task,targets",
+    [
+        ("llama", "CAUSAL_LM", ["q_proj", "v_proj", "up_proj"]),
+        ("bert", "SEQ_CLS", ["query", "value"]),
+    ],
+)
 def test_mixed_batch_matches_peft_and_single_adapter_runs(arch, task, targets, tiny_model):
     base, inputs = tiny_model(arch)
     ours = _two_adapters("peftkit", copy.deepcopy(base), task, targets)
@@ -55,8 +69,9 @@ def test_mixed_batch_generate_and_errors(tiny_model):
     model = _two_adapters("peftkit", base, "CAUSAL_LM", ["q_proj", "v_proj"])
     ids = inputs["input_ids"]
     with torch.no_grad():
-        both = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
-                              adapter_names=["default", "b"])
+        both = model.generate(
+            input_ids=ids, max_new_tokens=4, do_sample=False, adapter_names=["default", "b"]
+        )
         model.set_adapter("b")
         second = model.generate(input_ids=ids[1:], max_new_tokens=4, do_sample=False)
     assert torch.equal(both[1:], second)

@@ -1,24 +1,23 @@
-"""Two processes (DDP over gloo, on CPU, through accelerate's debug launcher) train the same
+"""Two processes (DDP over gloo on CPU, started by ``torchrun`` as a user would) train the same
 adapter as one process with the two shards' batches together: the loop shards batches per rank
-and accelerate averages the gradients."""
+and accelerate averages the gradients.
+
+The workers are fresh interpreters (``torchrun -m peftkit train``), not forks of pytest: a fork
+of a process whose OpenMP thread pool is already running can deadlock in its first parallel op.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tiny_runs import base_config, make_model, method_block, write_corpus
-
-
-def _worker(config: dict) -> None:
-    from accelerate.state import AcceleratorState
-
-    from peftkit.train.config import load_config
-    from peftkit.train.run import run_train
-
-    AcceleratorState._reset_state(True)  # forked from pytest: forget the parent's single process
-    run_train(load_config(None, data=config))
 
 
 def _config(root, out, batch):
@@ -40,21 +39,23 @@ def _config(root, out, batch):
     )
 
 
+def _train(root, name: str, batch: int, processes: int) -> dict[str, torch.Tensor]:
+    recipe = root / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(_config(root, root / name, batch)))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launch += [f"--nproc_per_node={processes}", "-m", "peftkit", "train", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return load_file(str(root / name / "adapter" / "adapter_model.safetensors"))
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_both_shards(tmp_path):
-    from accelerate import debug_launcher
-    from accelerate.state import AcceleratorState
-
-    from peftkit.train.config import load_config
-    from peftkit.train.run import run_train
-
     make_model("llama", tmp_path / "llama")
     write_corpus(tmp_path / "corpus.txt")
-    debug_launcher(_worker, args=(_config(tmp_path, tmp_path / "ddp", 4),), num_processes=2)
-    AcceleratorState._reset_state(True)
-    run_train(load_config(None, data=_config(tmp_path, tmp_path / "one", 8)))
-    ddp = load_file(str(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"))
-    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    ddp = _train(tmp_path, "ddp", batch=4, processes=2)
+    one = _train(tmp_path, "one", batch=8, processes=1)
     assert ddp.keys() == one.keys()
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-7)

@@ -16,11 +16,19 @@ from .model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from .quant import (
+    Linear4bit,
+    dequantize_model,
+    prepare_model_for_kbit_training,
+    quantize_model,
+    save_merged,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraConfig",
+    "Linear4bit",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
@@ -37,5 +45,9 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "dequantize_model",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
+    "save_merged",
 ]

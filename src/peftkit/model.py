@@ -440,10 +440,12 @@ def get_peft_model(
     """Wrap ``model`` with a fresh adapter; only the adapter (and saved modules) stay trainable."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel: use model.add_adapter(name, config)")
-    if any(
-        isinstance(m, nn.Module) and m.__class__.__name__.startswith("Lora")
-        for m in model.modules()
-    ):
-        raise ValueError("model already holds LoRA layers (merge_and_unload() it first)")
+    from .methods.lora import LoraLayer  # lazily: the methods import this module
+
+    if any(isinstance(m, LoraLayer) for m in model.modules()):  # AdaLoRA's SVD layers too
+        raise ValueError(
+            "model already holds LoRA/AdaLoRA layers: merge_and_unload() it first, or add a "
+            "second adapter with model.add_adapter(name, config)"
+        )
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name)

@@ -393,6 +393,8 @@ def _finish(
         model.save_pretrained(adapter_dir)
     summary["adapter"] = str(adapter_dir)
     summary["adapter_choice"] = chosen
+    if main and config.method_type == "adalora":
+        summary["adalora"] = _report_adalora_ranks(model, output_dir, config.plots, log)
     summary["best"] = {
         "metric": trainer.best_metric_name,
         "value": progress.best_metric,
@@ -427,6 +429,25 @@ def _finish(
 
         plot_run(read_metrics(output_dir / "metrics.jsonl"), output_dir, baselines)
     return summary
+
+
+def _report_adalora_ranks(model: Any, output_dir: Path, plots: bool, log: RunLog) -> dict:
+    """Where AdaLoRA put its budget: a rank table in the log and ``adalora_ranks.txt``, a
+    heatmap ``adalora_ranks.png`` beside ``loss.png``, the per-matrix ranks in the summary."""
+    from ..methods.adalora_report import final_ranks, plot_rank_heatmap, rank_report
+
+    table = rank_report(model)
+    log.info(table)
+    atomic_write_text(str(output_dir / "adalora_ranks.txt"), table + "\n")
+    ranks = final_ranks(model)
+    report: dict[str, Any] = {
+        "ranks": ranks,
+        "kept": sum(ranks.values()),
+        "mean_rank": round(sum(ranks.values()) / max(len(ranks), 1), 3),
+    }
+    if plots:
+        report["heatmap"] = plot_rank_heatmap(model, output_dir / "adalora_ranks.png")
+    return report
 
 
 def _headline(task: Task, metrics: dict[str, float], baselines: dict[str, Any]) -> str:
