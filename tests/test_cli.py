@@ -59,6 +59,11 @@ TASKS = {
         {"type": "seq_cls", "text": "{review}", "label": "label"},
         lambda a: {"train": str(a["reviews"]), "eval_size": 8},
     ),
+    "seq_cls_llama": (  # decoder-only classifier: a `score` head on the last real token
+        "llama",
+        {"type": "seq_cls", "text": "{review}", "label": "label"},
+        lambda a: {"train": str(a["reviews"]), "eval_size": 8},
+    ),
     "seq2seq_t5": (
         "t5",
         {"type": "seq2seq", "text": "{mr}", "target": "{ref}", "max_new_tokens": 6},
@@ -136,6 +141,7 @@ def test_train_each_task_then_eval_reproduces_the_reported_metrics(assets, tmp_p
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     expected_type = {
         "seq_cls": "SEQ_CLS",
+        "seq_cls_llama": "SEQ_CLS",
         "seq2seq_t5": "SEQ_2_SEQ_LM",
         "seq2seq_bart": "SEQ_2_SEQ_LM",
     }.get(name, "CAUSAL_LM")
@@ -175,7 +181,7 @@ def test_the_tiny_classifier_actually_learns(assets, tmp_path):
 
 METHOD_RUNS = [("causal_lm_cls", m) for m in available_methods() if m != "lora"] + [
     (task, m)
-    for task in ("seq_cls", "seq2seq_t5")
+    for task in ("seq_cls", "seq_cls_llama", "seq2seq_t5")
     for m in ("adalora", "prompt_tuning", "p_tuning", "prefix_tuning")
     if m in available_methods()
 ]
@@ -184,7 +190,8 @@ METHOD_RUNS = [("causal_lm_cls", m) for m in available_methods() if m != "lora"]
 @pytest.mark.parametrize(("task", "method"), METHOD_RUNS)
 def test_train_each_method(assets, tmp_path, task, method, capsys):
     out = tmp_path / "run"
-    cfg = task_config(assets, task, out, method=method, plots=False, batch_size=4)
+    plots = method == "adalora"  # the rank heatmap is the only method-specific plot
+    cfg = task_config(assets, task, out, method=method, plots=plots, batch_size=4)
     cfg["data"].pop("test", None)
     assert main(["train", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -208,6 +215,9 @@ def test_train_each_method(assets, tmp_path, task, method, capsys):
         assert summary["adalora"]["kept"] == sum(ranks.values())
         table = (out / "adalora_ranks.txt").read_text()
         assert "AdaLoRA ranks" in table and "mean rank per module" in table
+        heatmap = out / "adalora_ranks.png"
+        assert summary["adalora"]["heatmap"] == str(heatmap)
+        assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     if method == "qlora":  # the base the adapter trained on (and is reloaded on) is 4-bit
         assert main(["inspect", str(out)]) == 0

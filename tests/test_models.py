@@ -316,6 +316,21 @@ def test_smollm2_bundled(tmp_path):
     # A plain float model: it saves (HF refuses to save GGUF-loaded models).
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
+    # text-initialised prompt tuning finds the tokenizer behind the short name too
+    from peftkit import PromptTuningConfig, get_peft_model
+
+    text = "Is this a complaint?"
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=4,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path="smollm2-135m",
+    )
+    peft_model = get_peft_model(model, config)
+    ids = tok(text)["input_ids"][:4]
+    table = peft_model.prompt_encoder["default"].embedding.weight  # (4, D)
+    torch.testing.assert_close(table, model.get_input_embeddings().weight[ids])
 
 
 @pytest.mark.slow

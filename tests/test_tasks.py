@@ -196,3 +196,53 @@ def test_grouped_references_for_generation(tok):
 def test_pad_left_and_right():
     assert pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
     assert pad([[1, 2], [3]], 0, left=True).tolist() == [[1, 2], [0, 3]]
+
+
+@pytest.mark.parametrize(
+    ("method", "left"), [("prompt", True), ("ptuning", True), ("prefix", False), ("lora", False)]
+)
+def test_decoder_classifier_pads_left_only_under_embedding_prompts(tmp_path, tok, method, left):
+    """A llama `score` head pools the last position when prompt/P-tuning hand it embeddings:
+    left padding keeps that position real; other methods keep right padding."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit import (
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+        get_peft_model,
+    )
+
+    folder = make_model("llama", tmp_path / "llama")
+    base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    config = {
+        "prompt": PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+        "ptuning": PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+        "prefix": PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+        "lora": LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"]),
+    }[method]
+    model = get_peft_model(base, config)
+    task = make_task("seq_cls", tok, text="{review}")
+    task.fit([{"review": "x", "label": "negative"}, {"review": "y", "label": "positive"}])
+    task.configure_model(base)
+    task.use_model(model)
+    rows = [
+        {"review": "the food was great", "label": "positive"},
+        {"review": "the food was great and staff very nice", "label": "positive"},
+    ]
+    batch = task.collate(task.encode(rows))
+    short = batch["attention_mask"][0]
+    assert bool(short[0] == 0) is left and bool(short[-1] == 0) is not left
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    assert model(**inputs).logits.shape == (2, 2)
+    if left:  # the same rows padded on the right are refused: the head would pool a pad
+        task.pad_left = False
+        right = {k: v for k, v in task.collate(task.encode(rows)).items() if k != "labels"}
+        with pytest.raises(ValueError, match="pad on the left"):
+            model(**right)
+    else:  # right padding: the short row classifies exactly as it does alone
+        alone = {k: v for k, v in task.collate(task.encode(rows[:1])).items() if k != "labels"}
+        torch.testing.assert_close(
+            model(**inputs).logits[0], model(**alone).logits[0], rtol=1e-5, atol=1e-6
+        )

@@ -370,6 +370,17 @@ def prepare_tokenizer(tokenizer: Any, padding_side: str | None = None) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def tokenizer_folder(name_or_path: str | os.PathLike) -> str:
+    """Where ``AutoTokenizer.from_pretrained`` finds the tokenizer of a model name: a bundled
+    short name or a GGUF file resolves to its converted plain folder; anything else (a folder,
+    a hub id) is returned as given."""
+    try:
+        source = resolve_model(name_or_path)
+    except FileNotFoundError:
+        return os.fspath(name_or_path)
+    return str(_plain_folder_for_gguf(source)) if source.gguf_file else source.path
+
+
 def load_base_model(
     name_or_path: str | os.PathLike,
     task: str = "causal_lm",

@@ -87,7 +87,11 @@ def text_init_ids(config: PromptTuningConfig, rows: int) -> list[int]:
     kwargs = dict(config.tokenizer_kwargs or {})
     kwargs.pop("trust_remote_code", None)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+        # peftkit's model names (bundled "smollm2-135m", a .gguf file) resolve to their folder
+        from ..models import tokenizer_folder
+
+        folder = tokenizer_folder(config.tokenizer_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception as exc:  # hub errors, missing files, bad folders come in many types
         raise ValueError(
             f"prompt_tuning_init='TEXT' could not load the tokenizer "

@@ -107,6 +107,9 @@ class Task:
     def configure_model(self, model: torch.nn.Module) -> None:
         """Adjust the loaded base model to the task (e.g. label names); default: nothing."""
 
+    def use_model(self, model: torch.nn.Module) -> None:
+        """Adjust to the adapted model the run trains or evaluates; default: nothing."""
+
     def bind(self, tokenizer: Any) -> None:
         """Attach the tokenizer; a missing pad token becomes the EOS token."""
         if tokenizer.pad_token_id is None:

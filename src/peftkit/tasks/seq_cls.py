@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..config import TaskType
+from ..config import PeftType, TaskType
 from .base import EvalContext, EvalResult, Task, chunks, pad, register_task
 from .scoring import majority_baseline, score
 from .template import Template
@@ -53,6 +53,7 @@ class SequenceClassification(Task):
         self.pair = Template(options.text_pair) if options.text_pair else None
         self.labels: list[str] | None = [str(x) for x in options.labels] if options.labels else None
         self._eval_preds: list[int] = []
+        self.pad_left = False  # set by use_model
 
     def input_columns(self) -> list[str]:
         return self.text.fields + (self.pair.fields if self.pair else [])
@@ -93,6 +94,23 @@ class SequenceClassification(Task):
         if getattr(config, "pad_token_id", None) is None and self.tokenizer is not None:
             config.pad_token_id = self.tokenizer.pad_token_id  # decoder models find the last token
 
+    def use_model(self, model: torch.nn.Module) -> None:
+        """Pad on the left where a prompt method meets a last-token classifier.
+
+        Decoder-only classifiers (a ``score`` head) pool the last real token, which they find
+        from ``input_ids``; prompt tuning and P-tuning feed embeddings instead, so the head pools
+        the last position, and only left padding keeps that position a real token. Everything
+        else stays right-padded (positions count from the first real token).
+        """
+        config = getattr(model, "active_peft_config", None)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.pad_left = bool(
+            config is not None
+            and config.is_prompt_learning
+            and config.peft_type != PeftType.PREFIX_TUNING
+            and hasattr(base, "score")
+        )
+
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
         first = [self.text.render(r) for r in records]
         kwargs: dict[str, Any] = {"truncation": True, "max_length": self.options.max_length}
@@ -113,12 +131,13 @@ class SequenceClassification(Task):
 
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [f["input_ids"] for f in features]
+        left = self.pad_left
         batch = {
-            "input_ids": pad(ids, self.tokenizer.pad_token_id),  # (B, T)
-            "attention_mask": pad([[1] * len(i) for i in ids], 0),  # (B, T)
+            "input_ids": pad(ids, self.tokenizer.pad_token_id, left=left),  # (B, T)
+            "attention_mask": pad([[1] * len(i) for i in ids], 0, left=left),  # (B, T)
         }
         if "token_type_ids" in features[0]:
-            batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0)
+            batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0, left=left)
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features])  # (B,)
         return batch

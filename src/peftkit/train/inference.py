@@ -170,6 +170,8 @@ def load_for_inference(
     has_adapter = bool(use_adapter and target.adapter_dir is not None)
     if has_adapter:
         model = PeftModel.from_pretrained(model, target.adapter_dir, is_trainable=trainable)
+    if task is not None:
+        task.use_model(model)
     model.eval()
     return Loaded(model, tokenizer, config, task, target, has_adapter)
 

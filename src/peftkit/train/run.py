@@ -117,7 +117,9 @@ def attach_adapter(
         from ..quant import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, build_peft_config(config, task, total_steps))
+    peft_model = get_peft_model(model, build_peft_config(config, task, total_steps))
+    task.use_model(peft_model)
+    return peft_model
 
 
 def trainable_line(model: Any) -> str:
