@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from peftkit.train.config import load_config
 from peftkit.train.loop import EpochBatches
-from peftkit.train.memory import MemoryTracker, PhaseMemory
+from peftkit.train.memory import MemoryTracker, PhaseMemory, cpu_rss_bytes
 from peftkit.train.run import run_train
 from peftkit.train.schedule import lr_multiplier, make_scheduler
 from peftkit.train.state import list_checkpoints
@@ -200,9 +200,12 @@ def test_memory_report_sees_a_phase_peak_and_uses_peft_wording():
     with MemoryTracker("train") as mem:
         block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
         del block
+    now = cpu_rss_bytes() // 2**20
     result = mem.result
-    assert result.cpu_peak - result.cpu_begin >= 60
-    assert result.cpu_end - result.cpu_begin < 30  # freed again
+    assert result.cpu_peak - result.cpu_begin >= 60  # the freed block still counts in the peak
+    # the end reading is the RSS at the end (whether the C allocator gave the block back to the
+    # OS is its business: glibc's mmap threshold moves with the process's history)
+    assert abs(result.cpu_end - now) <= 2 and result.cpu_end <= result.cpu_peak
     lines = PhaseMemory("eval", 100, 110, 150).lines()
     assert "CPU Memory before entering the eval : 100" in lines
     assert "CPU Memory consumed at the end of the eval (end-begin): 10" in lines
