@@ -11,7 +11,15 @@ from torch import nn
 
 from conftest import ARCHS, assert_rel_close, logits_of
 from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.methods.lora import LoraConv, LoraEmbedding, LoraLinear, _DropoutThenProject
+from peftkit.methods.lora import (
+    LoraConv,
+    LoraEmbedding,
+    LoraLinear,
+    _DropoutThenProject,
+    dropout_then_project,
+    pack_bits,
+    unpack_bits,
+)
 
 
 class Toy(nn.Module):
@@ -168,16 +176,31 @@ def test_bias_training_round_trips_with_peft(bias, tiny_model, tmp_path):
         assert_rel_close(logits_of(back(**inputs)), logits_of(ours(**inputs)))
 
 
-def test_dropout_projection_gradients_match_explicit_dropout():
-    x = torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    out = _DropoutThenProject.apply(x, w, 0.3, 1234)
-    from peftkit.methods.lora import _dropout_mask
+@pytest.mark.parametrize("width", [8, 13])  # a multiple of 8 and a ragged last byte
+def test_dropout_projection_gradients_match_explicit_dropout(width):
+    x = torch.randn(4, 6, width, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, width, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) >= 0.3
+    assert torch.equal(unpack_bits(pack_bits(keep), width).bool(), keep)
+    out = _DropoutThenProject.apply(x, w, 0.3, keep)
+    torch.testing.assert_close(out, (x * keep / 0.7) @ w.T)
+    torch.autograd.gradcheck(lambda a, b: _DropoutThenProject.apply(a, b, 0.3, keep), (x, w))
 
-    mask = _dropout_mask(x.detach(), 0.3, 1234)
-    assert set(mask.unique().tolist()) <= {0.0, 1 / 0.7}
-    torch.testing.assert_close(out, (x * mask) @ w.T)
-    torch.autograd.gradcheck(lambda a, b: _DropoutThenProject.apply(a, b, 0.3, 1234), (x, w))
+
+def test_dropout_keeps_a_one_bit_mask_not_a_copy_of_the_input():
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    w = torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dropout_then_project(x, w, 0.1).sum().backward()
+    sizes = sorted(t.numel() * t.element_size() for t in saved)
+    assert sizes == sorted([x.numel() * 4, w.numel() * 4, x.numel() // 8])
+    # the mask really is random dropout at rate p: about 10% of the inputs are dropped
+    big = torch.ones(200_000, 1, requires_grad=True)
+    dropout_then_project(big, torch.ones(1, 1), 0.1).sum().backward()
+    dropped = (big.grad == 0).float().mean().item()
+    assert 0.09 < dropped < 0.11
+    assert torch.allclose(big.grad[big.grad != 0], torch.tensor(1 / 0.9))
 
 
 def test_dropout_is_active_in_training_only(tiny_model):

@@ -37,7 +37,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import PeftType, register_config
 from ..tuner import InjectedAdapterModel
-from .lora import LoraConfig, LoraLayer, _DropoutThenProject, _linear_features, _reference_tensor
+from .lora import (
+    LoraConfig,
+    LoraLayer,
+    _linear_features,
+    _reference_tensor,
+    dropout_then_project,
+)
 from .rank_allocator import RankAllocator, Triplets, module_path_of
 
 RANKNUM_EPS = 1e-5  # added to ranknum in the divisor, as PEFT does
@@ -227,8 +233,7 @@ class SVDLinear(AdaLoraLayer):
             AE = A * E  # (r, in)
             p = self.lora_dropout_p[name]
             if self.training and p > 0:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-                h = _DropoutThenProject.apply(xa, AE, p, seed)  # (..., r)
+                h = dropout_then_project(xa, AE, p)  # (..., r)
             else:
                 h = xa @ AE.T  # (..., r)
             delta = (h @ B.T) * self.scaling[name] / self.rank_divisor(name)  # (..., out)

@@ -11,9 +11,10 @@ Layer layout mirrors HF PEFT's so state dicts map one-to-one: the wrapper keeps 
 as ``base_layer`` and each named adapter's factors in ``lora_A[name]`` / ``lora_B[name]``
 (``lora_embedding_A/B`` for embeddings).
 
-Dropout: PEFT materialises ``dropout(x)`` per adapted layer and autograd keeps it for backward.
-We regenerate the dropout mask from a seed in backward instead (:class:`_DropoutThenProject`),
-so training with dropout stores nothing beyond the input that the layer sees anyway.
+Dropout: PEFT materialises ``dropout(x)`` per adapted layer and autograd keeps it (4 bytes per
+element in fp32) for backward. We keep the layer input, which is saved anyway, plus the dropout
+mask packed to one bit per element (:class:`_DropoutThenProject`): 1/32 of that copy, with the
+random numbers drawn once (regenerating them in backward would cost more time than the copy).
 """
 
 from __future__ import annotations
@@ -109,41 +110,59 @@ def match_pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 
 
 class _DropoutThenProject(torch.autograd.Function):
-    """``dropout(x) @ A.T`` whose backward re-creates the dropout mask from a seed.
+    """``dropout(x) @ A.T`` that saves the layer input and a 1-bit mask, not ``dropout(x)``.
 
-    Saving the seed instead of ``dropout(x)`` means training with dropout keeps no extra activation
-    per adapted layer (PEFT keeps one full copy of the layer input per layer).
+    ``keep`` is the boolean keep-mask (same shape as ``x``); kept elements are scaled by
+    ``1 / (1 - p)`` (inverted dropout, as ``nn.Dropout``).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        mask = _dropout_mask(x, p, seed)
-        ctx.save_for_backward(x, weight)
-        ctx.p, ctx.seed = p, seed
-        return F.linear(x * mask, weight)  # (..., r)
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, p: float, keep: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, pack_bits(keep))
+        ctx.p, ctx.width = p, x.shape[-1]
+        return F.linear(x * keep * (1.0 / (1.0 - p)), weight)  # (..., r)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        mask = _dropout_mask(x, ctx.p, ctx.seed)
+        x, weight, packed = ctx.saved_tensors
+        keep = unpack_bits(packed, ctx.width)  # (..., in) uint8 0/1
+        scale = 1.0 / (1.0 - ctx.p)
         grad_x = grad_w = None
         # Under autocast the forward ran in bf16/fp16: grad_out has that dtype, x and weight
         # keep theirs; compute in grad_out's dtype and hand back each input's own dtype.
         if ctx.needs_input_grad[0]:
-            grad_x = ((grad_out @ weight.to(grad_out.dtype)) * mask).to(x.dtype)  # (..., in)
+            grad_x = ((grad_out @ weight.to(grad_out.dtype)) * keep * scale).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            xd = (x * mask).reshape(-1, x.shape[-1]).to(grad_out.dtype)  # (N, in)
+            xd = (x * keep * scale).reshape(-1, x.shape[-1]).to(grad_out.dtype)  # (N, in)
             grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).T @ xd).to(weight.dtype)  # (r, in)
         return grad_x, grad_w, None, None
 
 
-def _dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted-dropout mask (0 or 1/(1-p)) drawn from a private generator seeded with ``seed``."""
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    keep = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    keep.bernoulli_(1.0 - p, generator=gen)
-    return keep.div_(1.0 - p)
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)  # (8,)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (..., n) -> uint8 (..., ceil(n / 8)), eight mask elements per byte."""
+    bits = mask.to(torch.uint8)
+    if mask.shape[-1] % 8:
+        bits = F.pad(bits, (0, -mask.shape[-1] % 8))
+    bits = bits.reshape(*bits.shape[:-1], -1, 8)  # (..., n/8, 8)
+    weights = torch.bitwise_left_shift(1, _BIT_SHIFTS.to(bits.device)).to(torch.uint8)  # (8,)
+    return (bits * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 (..., ceil(n / 8)) -> uint8 0/1 (..., n)."""
+    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1  # (..., n/8, 8)
+    return bits.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def dropout_then_project(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout(x, p) @ weight.T`` in training, drawing the mask from torch's global RNG."""
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    return _DropoutThenProject.apply(x, weight, p, keep)
 
 
 class LoraLayer(nn.Module):
@@ -333,8 +352,7 @@ class LoraLinear(LoraLayer):
             xa = x.to(A.dtype)
             p = self.lora_dropout_p[name]
             if self.training and p > 0:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-                h = _DropoutThenProject.apply(xa, A, p, seed)  # (..., r)
+                h = dropout_then_project(xa, A, p)  # (..., r)
             else:
                 h = F.linear(xa, A)  # (..., r)
             result = result + (F.linear(h, B) * self.scaling[name]).to(result.dtype)
