@@ -141,6 +141,7 @@ class _DropoutThenProject(torch.autograd.Function):
 
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)  # (8,)
+_BIT_VALUES = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)  # (8,) 1, 2, ..., 128
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -149,8 +150,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if mask.shape[-1] % 8:
         bits = F.pad(bits, (0, -mask.shape[-1] % 8))
     bits = bits.reshape(*bits.shape[:-1], -1, 8)  # (..., n/8, 8)
-    weights = torch.bitwise_left_shift(1, _BIT_SHIFTS.to(bits.device)).to(torch.uint8)  # (8,)
-    return (bits * weights).sum(-1, dtype=torch.uint8)
+    return (bits * _BIT_VALUES.to(bits.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
