@@ -16,7 +16,15 @@ import yaml
 
 from peftkit.cli import main
 from peftkit.train.config import available_methods
-from tiny_runs import base_config, make_model, method_block, write_corpus, write_e2e, write_reviews
+from tiny_runs import (
+    base_config,
+    make_model,
+    method_block,
+    write_conll,
+    write_corpus,
+    write_e2e,
+    write_reviews,
+)
 
 COMMANDS = ["train", "eval", "generate", "merge", "inspect"]
 
@@ -33,6 +41,7 @@ def assets(tmp_path_factory):
         "reviews": write_reviews(root / "reviews.csv", n=40),
         "e2e": write_e2e(root / "e2e.csv", n_mr=12),
         "corpus": write_corpus(root / "corpus.txt", n=40),
+        "conll": write_conll(root / "ner.conll", n=40),
     }
 
 
@@ -63,6 +72,11 @@ TASKS = {
         "llama",
         {"type": "seq_cls", "text": "{review}", "label": "label"},
         lambda a: {"train": str(a["reviews"]), "eval_size": 8},
+    ),
+    "token_cls": (
+        "bert",
+        {"type": "token_cls"},
+        lambda a: {"train": str(a["conll"]), "eval_size": 8},
     ),
     "seq2seq_t5": (
         "t5",
@@ -142,6 +156,7 @@ def test_train_each_task_then_eval_reproduces_the_reported_metrics(assets, tmp_p
     expected_type = {
         "seq_cls": "SEQ_CLS",
         "seq_cls_llama": "SEQ_CLS",
+        "token_cls": "TOKEN_CLS",
         "seq2seq_t5": "SEQ_2_SEQ_LM",
         "seq2seq_bart": "SEQ_2_SEQ_LM",
     }.get(name, "CAUSAL_LM")
@@ -166,6 +181,29 @@ def test_train_each_task_then_eval_reproduces_the_reported_metrics(assets, tmp_p
         assert read_csv(out / "eval_eval.csv") == preds
 
 
+def test_the_tiny_tagger_actually_learns(assets, tmp_path, capsys):
+    """NER on toy sentences (names and cuisines tagged): entity F1 well above the all-O baseline,
+    and the predictions file holds one tag per word."""
+    out = tmp_path / "run"
+    cfg = task_config(assets, "token_cls", out, epochs=8, lr=3e-2, batch_size=4, plots=False)
+    assert main(["train", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baselines"]["majority_label"] == "O"
+    assert summary["eval"]["f1"] >= 0.8
+    assert summary["eval"]["accuracy"] > summary["baselines"]["majority_accuracy"]
+    rows = read_csv(out / "predictions_eval.csv")
+    assert len(rows) == 8
+    for row in rows:
+        assert len(row["prediction"].split()) == len(row["reference"].split())
+    labels = json.loads((out / "task_state.json").read_text())["labels"]
+    assert labels == ["O", "B-food", "B-name"]
+    # `generate` tags a sentence of whitespace-separated words as evaluation did
+    words = rows[0]["tokens"].split(" ||| ")
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", " ".join(words)]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n")[-1] == rows[0]["prediction"]
+
+
 def test_the_tiny_classifier_actually_learns(assets, tmp_path):
     """A loop that trains: the toy reviews (label given by the words) beat the majority class."""
     out = tmp_path / "run"
@@ -181,7 +219,7 @@ def test_the_tiny_classifier_actually_learns(assets, tmp_path):
 
 METHOD_RUNS = [("causal_lm_cls", m) for m in available_methods() if m != "lora"] + [
     (task, m)
-    for task in ("seq_cls", "seq_cls_llama", "seq2seq_t5")
+    for task in ("seq_cls", "seq_cls_llama", "token_cls", "seq2seq_t5")
     for m in ("adalora", "prompt_tuning", "p_tuning", "prefix_tuning")
     if m in available_methods()
 ]

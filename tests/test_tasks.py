@@ -246,3 +246,42 @@ def test_decoder_classifier_pads_left_only_under_embedding_prompts(tmp_path, tok
         torch.testing.assert_close(
             model(**inputs).logits[0], model(**alone).logits[0], rtol=1e-5, atol=1e-6
         )
+
+
+def test_token_cls_labels_each_words_first_subword_only():
+    """WordPiece splits 'Snapchatting' in three: only its first piece carries the tag; special
+    tokens and the other pieces are ignored by the loss; truncated words are predicted O."""
+    from transformers import AutoTokenizer
+
+    from peftkit.models import tokenizer_folder
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder("minilm-l6"))
+    task = make_task("token_cls", tok)
+    rows = [
+        {"tokens": ["Snapchatting", "in", "Reykjavik"], "tags": ["B-product", "O", "B-location"]},
+        {"tokens": ["hi"], "tags": ["O"]},
+    ]
+    task.fit(rows)
+    assert task.labels == ["O", "B-location", "B-product"]
+    first, short = task.encode(rows)
+    pieces = tok.convert_ids_to_tokens(first["input_ids"])
+    assert pieces == ["[CLS]", "snap", "##cha", "##tting", "in", "reykjavik", "[SEP]"]
+    assert first["labels"] == [IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX, 0, 1, IGNORE_INDEX]
+    assert first["first_tokens"] == [1, 4, 5]
+    batch = task.collate([first, short])
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 0] + [IGNORE_INDEX] * 5
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    assert task._tags([2, 0], 3) == ["B-product", "O", "O"]  # a word lost to truncation -> O
+    problems = task.check_records([{"tokens": ["a", "b"], "tags": ["O"]}], "eval", True)
+    assert problems and "2 words but 1 tags" in problems[0]
+
+
+def test_token_cls_scores_entities_like_conlleval(tok):
+    task = make_task("token_cls", tok)
+    task.labels = ["O", "B-PER", "I-PER"]
+    rows = [{"tokens": ["Ann", "Lee", "ran"], "tags": ["B-PER", "I-PER", "O"]}] * 2
+    task._eval_preds = [[1, 2, 0], [1, 0, 0]]  # one exact entity, one cut short
+    result = task.evaluate(None, rows, eval_loss=0.0)
+    assert result.metrics["f1"] == pytest.approx(0.5)
+    assert result.metrics["accuracy"] == pytest.approx(5 / 6)
+    assert result.predictions == ["B-PER I-PER O", "B-PER O O"]

@@ -162,6 +162,20 @@ def write_e2e(path: Path, n_mr: int = 12, seed: int = 0) -> Path:
     return path
 
 
+def write_conll(path: Path, n: int = 40, seed: int = 0) -> Path:
+    """Sentences tagged BIO: restaurant names are ``B-name``, cuisines ``B-food``, the rest ``O``."""
+    rng = random.Random(seed)
+    blocks = []
+    for _ in range(n):
+        name, food, word = rng.choice(NAMES), rng.choice(FOODS), rng.choice(POSITIVE + NEGATIVE)
+        pairs = [(name, "B-name"), ("serves", "O"), (food, "B-food"), ("food", "O")]
+        if rng.random() < 0.5:
+            pairs += [("and", "O"), ("staff", "O"), ("very", "O"), (word, "O")]
+        blocks.append("\n".join(f"{w}\t{t}" for w, t in pairs))
+    path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    return path
+
+
 def write_corpus(path: Path, n: int = 40, seed: int = 0) -> Path:
     rng = random.Random(seed)
     lines = [

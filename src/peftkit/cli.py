@@ -297,6 +297,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if task is not None and task.model_kind == "seq_cls":
         outputs = task.predict(ctx, [_seq_cls_row(task, r) for r in rows])
+    elif task is not None and task.model_kind == "token_cls":  # one tag per whitespace word
+        outputs = task.predict(ctx, [_token_cls_row(task, r) for r in rows])
     elif templated:
         if args.max_new_tokens:
             task.options.max_new_tokens = args.max_new_tokens
@@ -347,6 +349,16 @@ def _seq_cls_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
     if len(fields) == 1 and "text" in row:
         return {fields[0]: row["text"]}
     raise _usage(f"the classifier reads columns {fields}; give an --input file with them")
+
+
+def _token_cls_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
+    column = task.options.tokens
+    if column in row:
+        words = row[column]
+        return {column: words.split() if isinstance(words, str) else list(words)}
+    if "text" in row:
+        return {column: str(row["text"]).split()}
+    raise _usage(f"the tagger reads the words of column {column!r} (or 'text'); give them")
 
 
 def _prompt_text(task: Any, row: dict[str, Any], templated: bool) -> str:

@@ -8,10 +8,18 @@ causal_lm_cls   prompt -> label text (RAFT, SMS spam)       AutoModelForCausalLM
 causal_lm_gen   prompt -> free text (E2E NLG)               AutoModelForCausalLM       ROUGE-L, BLEU
 seq_cls         text -> class id, trained head (SST-2)      AutoModelForSeqCls         accuracy, macro-F1
 seq2seq         source -> target on T5 / BART               AutoModelForSeq2SeqLM      ROUGE-L, BLEU
+token_cls       words -> one tag each, trained head (NER)   AutoModelForTokenCls       entity F1, accuracy
 ==============  ==========================================  =========================  ===========
 """
 
-from . import causal_lm, causal_lm_cls, causal_lm_gen, seq2seq, seq_cls  # noqa: F401 (register)
+from . import (  # noqa: F401 (register)
+    causal_lm,
+    causal_lm_cls,
+    causal_lm_gen,
+    seq2seq,
+    seq_cls,
+    token_cls,
+)
 from .base import TASKS, EvalContext, EvalResult, Task, register_task
 from .template import Template
 
