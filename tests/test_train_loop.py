@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 
 from peftkit.train.config import load_config
 from peftkit.train.loop import EpochBatches
-from peftkit.train.memory import MemoryTracker, PhaseMemory, cpu_rss_bytes
+from peftkit.train.memory import PhaseMemory
 from peftkit.train.run import run_train
 from peftkit.train.schedule import lr_multiplier, make_scheduler
 from peftkit.train.state import list_checkpoints
@@ -196,16 +198,30 @@ def test_lr_schedule_warms_up_then_decays():
     sched.load_state_dict(torch.load(buf, weights_only=True))  # numbers only: safe to load
 
 
+_PHASE_PEAK_PROBE = """
+import json, torch
+from peftkit.train.memory import MemoryTracker, cpu_rss_bytes
+with MemoryTracker("train") as mem:
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    del block
+now = cpu_rss_bytes() // 2**20
+r = mem.result
+print(json.dumps({"begin": r.cpu_begin, "end": r.cpu_end, "peak": r.cpu_peak, "now": now}))
+"""
+
+
 def test_memory_report_sees_a_phase_peak_and_uses_peft_wording():
-    with MemoryTracker("train") as mem:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
-        del block
-    now = cpu_rss_bytes() // 2**20
-    result = mem.result
-    assert result.cpu_peak - result.cpu_begin >= 60  # the freed block still counts in the peak
+    # In a fresh interpreter: in this long-lived one, the C allocator may hand the 64 MB back
+    # from pages it already holds, and then the resident set (rightly) does not grow.
+    proc = subprocess.run(
+        [sys.executable, "-c", _PHASE_PEAK_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["peak"] - result["begin"] >= 60  # the freed block still counts in the peak
     # the end reading is the RSS at the end (whether the C allocator gave the block back to the
-    # OS is its business: glibc's mmap threshold moves with the process's history)
-    assert abs(result.cpu_end - now) <= 2 and result.cpu_end <= result.cpu_peak
+    # OS is its business)
+    assert abs(result["end"] - result["now"]) <= 2 and result["end"] <= result["peak"]
     lines = PhaseMemory("eval", 100, 110, 150).lines()
     assert "CPU Memory before entering the eval : 100" in lines
     assert "CPU Memory consumed at the end of the eval (end-begin): 10" in lines
