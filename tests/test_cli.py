@@ -24,6 +24,7 @@ from tiny_runs import (
     write_corpus,
     write_e2e,
     write_reviews,
+    write_squad,
 )
 
 COMMANDS = ["train", "eval", "generate", "merge", "inspect"]
@@ -42,6 +43,7 @@ def assets(tmp_path_factory):
         "e2e": write_e2e(root / "e2e.csv", n_mr=12),
         "corpus": write_corpus(root / "corpus.txt", n=40),
         "conll": write_conll(root / "ner.conll", n=40),
+        "squad": write_squad(root / "squad.json", n=30),
     }
 
 
@@ -77,6 +79,11 @@ TASKS = {
         "bert",
         {"type": "token_cls"},
         lambda a: {"train": str(a["conll"]), "eval_size": 8},
+    ),
+    "qa": (
+        "bert",
+        {"type": "qa", "max_length": 32},
+        lambda a: {"train": str(a["squad"]), "eval_size": 12},
     ),
     "seq2seq_t5": (
         "t5",
@@ -157,6 +164,7 @@ def test_train_each_task_then_eval_reproduces_the_reported_metrics(assets, tmp_p
         "seq_cls": "SEQ_CLS",
         "seq_cls_llama": "SEQ_CLS",
         "token_cls": "TOKEN_CLS",
+        "qa": "QUESTION_ANS",
         "seq2seq_t5": "SEQ_2_SEQ_LM",
         "seq2seq_bart": "SEQ_2_SEQ_LM",
     }.get(name, "CAUSAL_LM")
@@ -204,6 +212,32 @@ def test_the_tiny_tagger_actually_learns(assets, tmp_path, capsys):
     assert capsys.readouterr().out.rstrip("\n").split("\n")[-1] == rows[0]["prediction"]
 
 
+def test_the_tiny_reader_actually_learns(assets, tmp_path):
+    """Extractive QA on toy passages: it finds names and cuisines and abstains on "review"
+    (SQuAD v2 scoring), well above the always-"no answer" baseline."""
+    out = tmp_path / "run"
+    cfg = task_config(assets, "qa", out, epochs=10, lr=3e-2, batch_size=4, plots=False)
+    assert main(["train", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    base = summary["baselines"]["no_answer_f1"]
+    assert 0 < base < 1
+    assert summary["eval"]["f1"] >= 0.8 > base
+    rows = read_csv(out / "predictions_eval.csv")
+    assert len(rows) == 12
+    for row in rows:  # exact-match rows are marked correct, abstentions included
+        gold = row["reference"].split(" ||| ")
+        assert (row["correct"] == "true") == (row["prediction"] in gold)
+    # `generate` reads question + context columns from a file and answers as evaluation did
+    inputs = tmp_path / "in.csv"
+    with open(inputs, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["question", "context"])
+        writer.writeheader()
+        writer.writerows({"question": r["question"], "context": r["context"]} for r in rows)
+    result = tmp_path / "answers.csv"
+    assert main(["generate", str(out), "--input", str(inputs), "--output", str(result)]) == 0
+    assert [g["generation"] for g in read_csv(result)] == [r["prediction"] for r in rows]
+
+
 def test_the_tiny_classifier_actually_learns(assets, tmp_path):
     """A loop that trains: the toy reviews (label given by the words) beat the majority class."""
     out = tmp_path / "run"
@@ -219,7 +253,7 @@ def test_the_tiny_classifier_actually_learns(assets, tmp_path):
 
 METHOD_RUNS = [("causal_lm_cls", m) for m in available_methods() if m != "lora"] + [
     (task, m)
-    for task in ("seq_cls", "seq_cls_llama", "token_cls", "seq2seq_t5")
+    for task in ("seq_cls", "seq_cls_llama", "token_cls", "qa", "seq2seq_t5")
     for m in ("adalora", "prompt_tuning", "p_tuning", "prefix_tuning")
     if m in available_methods()
 ]

@@ -285,3 +285,39 @@ def test_token_cls_scores_entities_like_conlleval(tok):
     assert result.metrics["f1"] == pytest.approx(0.5)
     assert result.metrics["accuracy"] == pytest.approx(5 / 6)
     assert result.predictions == ["B-PER I-PER O", "B-PER O O"]
+
+
+def test_qa_targets_map_answer_characters_to_tokens_and_back():
+    """The gold span's tokens decode back to the exact answer text; an answer cut off by
+    max_length (and an unanswerable question) point at [CLS]; decoding abstains when the [CLS]
+    pair outscores every span."""
+    from transformers import AutoTokenizer
+
+    from peftkit.models import tokenizer_folder
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder("minilm-l6"))
+    context = "The Normans gave their name to Normandy, a region in France."
+    answer = "Normandy"
+    rows = [
+        {"question": "Which region?", "context": context,
+         "answers": {"text": [answer], "answer_start": [context.index(answer)]}},
+        {"question": "Who?", "context": context, "answers": {"text": [], "answer_start": []}},
+    ]  # fmt: skip
+    task = make_task("qa", tok, max_length=64)
+    first, second = task.encode(rows)
+    s, e = first["start_positions"], first["end_positions"]
+    assert 0 < s <= e
+    assert context[first["spans"][s][0] : first["spans"][e][1]] == answer
+    assert (second["start_positions"], second["end_positions"]) == (0, 0)
+    # decoding: the gold span's logits win, unless "no answer" scores higher
+    n = len(first["input_ids"])
+    start, end = [0.0] * n, [0.0] * n
+    start[s], end[e] = 5.0, 5.0
+    assert task._decode(start, end, first, context) == answer
+    start[0], end[0] = 6.0, 6.0
+    assert task._decode(start, end, first, context) == ""
+    # a context cut before the answer: nothing to point at but [CLS]
+    short = make_task("qa", tok, max_length=10)
+    (cut,) = short.encode(rows[:1])
+    assert (cut["start_positions"], cut["end_positions"]) == (0, 0)
+    assert task.check_records([{"question": "q", "context": "c", "answers": "x"}], "eval", True)

@@ -176,6 +176,31 @@ def write_conll(path: Path, n: int = 40, seed: int = 0) -> Path:
     return path
 
 
+def write_squad(path: Path, n: int = 30, seed: int = 0) -> Path:
+    """SQuAD v2 JSON: contexts "<Name> serves <food> food and staff very <word>"; question
+    "name" is answered by the name, "food" by the cuisine, "review" is unanswerable."""
+    import json
+
+    rng = random.Random(seed)
+    paragraphs = []
+    for k in range(n):
+        name, food, word = rng.choice(NAMES), rng.choice(FOODS), rng.choice(POSITIVE + NEGATIVE)
+        context = f"{name} serves {food} food and staff very {word}"
+        qas = [
+            {"id": f"{k}n", "question": "name", "answers": [{"text": name, "answer_start": 0}]},
+            {
+                "id": f"{k}f",
+                "question": "food",
+                "answers": [{"text": food, "answer_start": context.index(f" {food} ") + 1}],
+            },
+            {"id": f"{k}r", "question": "review", "answers": [], "is_impossible": True},
+        ]
+        paragraphs.append({"context": context, "qas": qas})
+    doc = {"version": "v2.0", "data": [{"title": "toy", "paragraphs": paragraphs}]}
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
 def write_corpus(path: Path, n: int = 40, seed: int = 0) -> Path:
     rng = random.Random(seed)
     lines = [

@@ -293,17 +293,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=args.batch_size)
     loaded.model.to(ctx.device)
     templated = isinstance(task, PromptedTask) and not args.raw
-    prompts = [_prompt_text(task, r, templated) for r in rows]
     start = time.perf_counter()
-    if task is not None and task.model_kind == "seq_cls":
-        outputs = task.predict(ctx, [_seq_cls_row(task, r) for r in rows])
-    elif task is not None and task.model_kind == "token_cls":  # one tag per whitespace word
-        outputs = task.predict(ctx, [_token_cls_row(task, r) for r in rows])
+    readers = {"seq_cls": _seq_cls_row, "token_cls": _token_cls_row, "qa": _seq_cls_row}
+    if task is not None and task.model_kind in readers:  # a label, tags, or an answer span
+        inputs = [readers[task.model_kind](task, r) for r in rows]
+        prompts = [_input_text(task, r) for r in inputs]
+        outputs = task.predict(ctx, inputs)
     elif templated:
+        prompts = [_prompt_text(task, r, templated) for r in rows]
         if args.max_new_tokens:
             task.options.max_new_tokens = args.max_new_tokens
         outputs = task.predict(ctx, [_template_row(task, r) for r in rows])
     else:
+        prompts = [_prompt_text(task, r, templated) for r in rows]
         encoder_decoder = (
             (task.model_kind == "seq2seq")
             if task
@@ -348,7 +350,7 @@ def _seq_cls_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
         return row
     if len(fields) == 1 and "text" in row:
         return {fields[0]: row["text"]}
-    raise _usage(f"the classifier reads columns {fields}; give an --input file with them")
+    raise _usage(f"the model reads columns {fields}; give an --input file with them")
 
 
 def _token_cls_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
@@ -359,6 +361,12 @@ def _token_cls_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
     if "text" in row:
         return {column: str(row["text"]).split()}
     raise _usage(f"the tagger reads the words of column {column!r} (or 'text'); give them")
+
+
+def _input_text(task: Any, row: dict[str, Any]) -> str:
+    """What a classifier / tagger / reader was given, as one line for the output file."""
+    cells = (row[c] for c in task.input_columns())
+    return " | ".join(" ".join(c) if isinstance(c, list) else str(c) for c in cells)
 
 
 def _prompt_text(task: Any, row: dict[str, Any], templated: bool) -> str:

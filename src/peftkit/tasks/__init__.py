@@ -9,6 +9,7 @@ causal_lm_gen   prompt -> free text (E2E NLG)               AutoModelForCausalLM
 seq_cls         text -> class id, trained head (SST-2)      AutoModelForSeqCls         accuracy, macro-F1
 seq2seq         source -> target on T5 / BART               AutoModelForSeq2SeqLM      ROUGE-L, BLEU
 token_cls       words -> one tag each, trained head (NER)   AutoModelForTokenCls       entity F1, accuracy
+qa              question + context -> answer span (SQuAD)   AutoModelForQuestionAns    SQuAD EM, F1
 ==============  ==========================================  =========================  ===========
 """
 
@@ -16,6 +17,7 @@ from . import (  # noqa: F401 (register)
     causal_lm,
     causal_lm_cls,
     causal_lm_gen,
+    qa,
     seq2seq,
     seq_cls,
     token_cls,
