@@ -175,3 +175,42 @@ def chunks(n: int, size: int) -> Iterator[range]:
     """``range(0, n)`` in consecutive pieces of ``size``."""
     for start in range(0, n, size):
         yield range(start, min(start + size, n))
+
+
+def pad_encoder_inputs(
+    features: Sequence[dict[str, Any]], pad_id: int, left: bool = False
+) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` (/ ``token_type_ids``) of tokenized features, padded."""
+    ids = [f["input_ids"] for f in features]
+    batch = {
+        "input_ids": pad(ids, pad_id, left=left),  # (B, T)
+        "attention_mask": pad([[1] * len(i) for i in ids], 0, left=left),  # (B, T)
+    }
+    if "token_type_ids" in features[0]:
+        batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0, left=left)
+    return batch
+
+
+def forward_batches(
+    ctx: EvalContext, task: Task, features: Sequence[dict[str, Any]]
+) -> Iterator[tuple[range, dict[str, torch.Tensor], Any]]:
+    """Run the model over ``features`` in eval mode without gradients, ``ctx.batch_size`` at a
+    time; yields ``(feature indices, batch, outputs)`` and restores the model's mode after."""
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    try:
+        for piece in chunks(len(features), ctx.batch_size):
+            batch = task.collate([features[i] for i in piece])
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            with torch.no_grad(), ctx.autocast():
+                outputs = model(**batch)
+            yield piece, batch, outputs
+    finally:
+        model.train(was_training)
+
+
+def input_positions(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """The outputs of the input's own ``width`` tokens: prompt tuning / P-tuning prepend virtual
+    tokens, whose positions come first, (B, N + T, ...) -> (B, T, ...)."""
+    return logits[:, logits.shape[1] - width :]

@@ -24,7 +24,15 @@ import torch
 
 from ..config import TaskType
 from ..metrics import squad_em_f1
-from .base import EvalContext, EvalResult, Task, chunks, pad, register_task
+from .base import (
+    EvalContext,
+    EvalResult,
+    Task,
+    forward_batches,
+    input_positions,
+    pad_encoder_inputs,
+    register_task,
+)
 
 
 @dataclasses.dataclass
@@ -43,11 +51,6 @@ class QaOptions:
     answers: str = "answers"
     max_length: int = 384
     max_answer_tokens: int = 30
-
-
-def _logits_of_inputs(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """Drop the positions prompt tuning / P-tuning prepend: (B, N + T) -> (B, T)."""
-    return logits[:, logits.shape[1] - width :]
 
 
 @register_task
@@ -132,13 +135,7 @@ class ExtractiveQA(Task):
         return start, end
 
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [f["input_ids"] for f in features]
-        batch = {
-            "input_ids": pad(ids, self.tokenizer.pad_token_id),  # (B, T)
-            "attention_mask": pad([[1] * len(i) for i in ids], 0),  # (B, T)
-        }
-        if "token_type_ids" in features[0]:
-            batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0)
+        batch = pad_encoder_inputs(features, self.tokenizer.pad_token_id)
         if "start_positions" in features[0]:
             batch["start_positions"] = torch.tensor([f["start_positions"] for f in features])
             batch["end_positions"] = torch.tensor([f["end_positions"] for f in features])
@@ -150,8 +147,8 @@ class ExtractiveQA(Task):
     # --- decoding and scores --------------------------------------------------------------
     def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
         width = batch["input_ids"].shape[1]
-        starts = _logits_of_inputs(outputs.start_logits, width).float().cpu()  # (B, T)
-        ends = _logits_of_inputs(outputs.end_logits, width).float().cpu()  # (B, T)
+        starts = input_positions(outputs.start_logits, width).float().cpu()  # (B, T)
+        ends = input_positions(outputs.end_logits, width).float().cpu()  # (B, T)
         self._eval_logits.extend(zip(starts.tolist(), ends.tolist()))
 
     def _decode(self, start: list[float], end: list[float], feature: dict, context: str) -> str:
@@ -190,27 +187,16 @@ class ExtractiveQA(Task):
             rows=list(records),
         )
 
-    @torch.no_grad()
     def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
         features = self.encode(records, with_targets=False)
-        model = ctx.model
-        was_training = model.training
-        model.eval()
         preds: list[str] = []
-        try:
-            for piece in chunks(len(features), ctx.batch_size):
-                batch = self.collate([features[i] for i in piece])
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                with ctx.autocast():
-                    out = model(**batch)
-                width = batch["input_ids"].shape[1]
-                starts = _logits_of_inputs(out.start_logits, width).float().cpu().tolist()
-                ends = _logits_of_inputs(out.end_logits, width).float().cpu().tolist()
-                for s, e, i in zip(starts, ends, piece):
-                    context = str(records[i][self.options.context])
-                    preds.append(self._decode(s, e, features[i], context))
-        finally:
-            model.train(was_training)
+        for piece, batch, outputs in forward_batches(ctx, self, features):
+            width = batch["input_ids"].shape[1]
+            starts = input_positions(outputs.start_logits, width).float().cpu().tolist()
+            ends = input_positions(outputs.end_logits, width).float().cpu().tolist()
+            for s, e, i in zip(starts, ends, piece):
+                context = str(records[i][self.options.context])
+                preds.append(self._decode(s, e, features[i], context))
         return preds
 
     def baselines(

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from ..config import PeftType, TaskType
-from .base import EvalContext, EvalResult, Task, chunks, pad, register_task
+from .base import (
+    EvalContext,
+    EvalResult,
+    Task,
+    forward_batches,
+    pad_encoder_inputs,
+    register_task,
+)
 from .scoring import majority_baseline, score
 from .template import Template
 
@@ -130,14 +137,7 @@ class SequenceClassification(Task):
         return features
 
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [f["input_ids"] for f in features]
-        left = self.pad_left
-        batch = {
-            "input_ids": pad(ids, self.tokenizer.pad_token_id, left=left),  # (B, T)
-            "attention_mask": pad([[1] * len(i) for i in ids], 0, left=left),  # (B, T)
-        }
-        if "token_type_ids" in features[0]:
-            batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0, left=left)
+        batch = pad_encoder_inputs(features, self.tokenizer.pad_token_id, left=self.pad_left)
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features])  # (B,)
         return batch
@@ -157,22 +157,11 @@ class SequenceClassification(Task):
         metrics.pop("invalid_rate", None)
         return EvalResult(metrics=metrics, predictions=preds, references=refs, rows=list(records))
 
-    @torch.no_grad()
     def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
         features = self.encode(records, with_targets=False)
-        model = ctx.model
-        was_training = model.training
-        model.eval()
         preds: list[str] = []
-        try:
-            for piece in chunks(len(features), ctx.batch_size):
-                batch = self.collate([features[i] for i in piece])
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                with ctx.autocast():
-                    logits = model(**batch).logits  # (B, C)
-                preds.extend(self.labels[i] for i in logits.argmax(-1).tolist())
-        finally:
-            model.train(was_training)
+        for _, _, outputs in forward_batches(ctx, self, features):
+            preds.extend(self.labels[i] for i in outputs.logits.argmax(-1).tolist())  # (B, C)
         return preds
 
     def baselines(

@@ -24,14 +24,18 @@ import torch
 
 from ..config import TaskType
 from ..metrics import accuracy, seq_f1
-from .base import IGNORE_INDEX, EvalContext, EvalResult, Task, chunks, pad, register_task
+from .base import (
+    IGNORE_INDEX,
+    EvalContext,
+    EvalResult,
+    Task,
+    forward_batches,
+    input_positions,
+    pad,
+    pad_encoder_inputs,
+    register_task,
+)
 from .scoring import majority_baseline
-
-
-def _input_positions(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """The logits of the input's own tokens: prompt tuning / P-tuning prepend virtual tokens,
-    whose positions come first in the output (B, N + T, C) -> (B, T, C)."""
-    return logits[:, logits.shape[1] - width :]
 
 
 @dataclasses.dataclass
@@ -146,20 +150,14 @@ class TokenClassification(Task):
         return features
 
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [f["input_ids"] for f in features]
-        batch = {
-            "input_ids": pad(ids, self.tokenizer.pad_token_id),  # (B, T)
-            "attention_mask": pad([[1] * len(i) for i in ids], 0),  # (B, T)
-        }
-        if "token_type_ids" in features[0]:
-            batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0)
+        batch = pad_encoder_inputs(features, self.tokenizer.pad_token_id)
         if "labels" in features[0]:
             batch["labels"] = pad([f["labels"] for f in features], IGNORE_INDEX)  # (B, T)
         return batch
 
     def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
         keep = batch["labels"] != IGNORE_INDEX  # (B, T): each word's first token
-        best = _input_positions(outputs.logits, keep.shape[1]).argmax(-1)  # (B, T)
+        best = input_positions(outputs.logits, keep.shape[1]).argmax(-1)  # (B, T)
         self._eval_preds.extend(row[mask].tolist() for row, mask in zip(best, keep))
 
     def _tags(self, ids: list[int], n_words: int) -> list[str]:
@@ -191,26 +189,16 @@ class TokenClassification(Task):
             rows=list(records),
         )
 
-    @torch.no_grad()
     def predict_tags(self, ctx: EvalContext, records: Sequence[dict]) -> list[list[str]]:
         """One tag per word for each row (rows need no tags)."""
         features = self.encode(records, with_targets=False)
-        model = ctx.model
-        was_training = model.training
-        model.eval()
         out: list[list[str]] = []
-        try:
-            for piece in chunks(len(features), ctx.batch_size):
-                batch = self.collate([features[i] for i in piece])
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                with ctx.autocast():
-                    logits = model(**batch).logits
-                best = _input_positions(logits, batch["input_ids"].shape[1]).argmax(-1)  # (B, T)
-                for row, i in zip(best.tolist(), piece):
-                    ids = [row[pos] for pos in features[i]["first_tokens"]]
-                    out.append(self._tags(ids, len(self.words_of(records[i]))))
-        finally:
-            model.train(was_training)
+        for piece, batch, outputs in forward_batches(ctx, self, features):
+            width = batch["input_ids"].shape[1]
+            best = input_positions(outputs.logits, width).argmax(-1).tolist()  # (B, T)
+            for row, i in zip(best, piece):
+                ids = [row[pos] for pos in features[i]["first_tokens"]]
+                out.append(self._tags(ids, len(self.words_of(records[i]))))
         return out
 
     def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
