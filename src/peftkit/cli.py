@@ -294,7 +294,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded.model.to(ctx.device)
     templated = isinstance(task, PromptedTask) and not args.raw
     start = time.perf_counter()
-    readers = {"seq_cls": _seq_cls_row, "token_cls": _token_cls_row, "qa": _seq_cls_row}
+    readers = {"seq_cls": _input_row, "token_cls": _token_cls_row, "qa": _input_row}
     if task is not None and task.model_kind in readers:  # a label, tags, or an answer span
         inputs = [readers[task.model_kind](task, r) for r in rows]
         prompts = [_input_text(task, r) for r in inputs]
@@ -344,7 +344,7 @@ def _template_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _seq_cls_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
+def _input_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
     fields = task.input_columns()
     if all(f in row for f in fields):
         return row

@@ -214,3 +214,10 @@ def input_positions(logits: torch.Tensor, width: int) -> torch.Tensor:
     """The outputs of the input's own ``width`` tokens: prompt tuning / P-tuning prepend virtual
     tokens, whose positions come first, (B, N + T, ...) -> (B, T, ...)."""
     return logits[:, logits.shape[1] - width :]
+
+
+def name_labels(model: torch.nn.Module, labels: Sequence[str] | None) -> None:
+    """Give a classification head's model config the label names (``id2label`` / ``label2id``),
+    so a saved or merged model reports names, not ``LABEL_0``."""
+    model.config.id2label = dict(enumerate(labels or []))
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}

@@ -145,11 +145,16 @@ class ExtractiveQA(Task):
         return int(batch["start_positions"].shape[0])  # the loss is a mean over questions
 
     # --- decoding and scores --------------------------------------------------------------
-    def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
+    @staticmethod
+    def _span_logits(batch: dict[str, torch.Tensor], outputs: Any) -> zip:
+        """Per row, (start logits, end logits) of the input's own tokens, as lists."""
         width = batch["input_ids"].shape[1]
-        starts = input_positions(outputs.start_logits, width).float().cpu()  # (B, T)
-        ends = input_positions(outputs.end_logits, width).float().cpu()  # (B, T)
-        self._eval_logits.extend(zip(starts.tolist(), ends.tolist()))
+        starts = input_positions(outputs.start_logits, width).float().cpu().tolist()  # (B, T)
+        ends = input_positions(outputs.end_logits, width).float().cpu().tolist()  # (B, T)
+        return zip(starts, ends)
+
+    def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
+        self._eval_logits.extend(self._span_logits(batch, outputs))
 
     def _decode(self, start: list[float], end: list[float], feature: dict, context: str) -> str:
         """The best-scoring answer span's text, or "" when no-answer scores higher."""
@@ -191,10 +196,7 @@ class ExtractiveQA(Task):
         features = self.encode(records, with_targets=False)
         preds: list[str] = []
         for piece, batch, outputs in forward_batches(ctx, self, features):
-            width = batch["input_ids"].shape[1]
-            starts = input_positions(outputs.start_logits, width).float().cpu().tolist()
-            ends = input_positions(outputs.end_logits, width).float().cpu().tolist()
-            for s, e, i in zip(starts, ends, piece):
+            for (s, e), i in zip(self._span_logits(batch, outputs), piece):
                 context = str(records[i][self.options.context])
                 preds.append(self._decode(s, e, features[i], context))
         return preds

@@ -20,6 +20,7 @@ from .base import (
     EvalResult,
     Task,
     forward_batches,
+    name_labels,
     pad_encoder_inputs,
     register_task,
 )
@@ -95,9 +96,8 @@ class SequenceClassification(Task):
         return {"num_labels": len(self.labels or [])}
 
     def configure_model(self, model: torch.nn.Module) -> None:
+        name_labels(model, self.labels)
         config = model.config
-        config.id2label = dict(enumerate(self.labels or []))
-        config.label2id = {v: k for k, v in config.id2label.items()}
         if getattr(config, "pad_token_id", None) is None and self.tokenizer is not None:
             config.pad_token_id = self.tokenizer.pad_token_id  # decoder models find the last token
 

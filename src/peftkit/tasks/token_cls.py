@@ -31,6 +31,7 @@ from .base import (
     Task,
     forward_batches,
     input_positions,
+    name_labels,
     pad,
     pad_encoder_inputs,
     register_task,
@@ -113,9 +114,7 @@ class TokenClassification(Task):
         return {"num_labels": len(self.labels or [])}
 
     def configure_model(self, model: torch.nn.Module) -> None:
-        config = model.config
-        config.id2label = dict(enumerate(self.labels or []))
-        config.label2id = {v: k for k, v in config.id2label.items()}
+        name_labels(model, self.labels)
 
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
         if not getattr(self.tokenizer, "is_fast", False):
