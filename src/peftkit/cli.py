@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.config import load_config
-    from .train.run import build_task, check_data, run_train
+    from .train.run import run_train
+    from .train.setup import build_task, check_data
     from .train.splits import load_splits
 
     config = load_config(args.config, args.overrides)
@@ -186,7 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.inference import load_for_inference, restore_task_state
     from .train.loop import evaluate_rows
     from .train.memory import MemoryTracker
-    from .train.run import check_data, write_predictions
+    from .train.run import write_predictions
+    from .train.setup import check_data
     from .train.splits import load_splits
 
     target, config, task = _load_target(args, args.overrides)
@@ -439,7 +441,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .train.inference import load_for_inference, restore_task_state
-    from .train.run import attach_adapter, check_data, load_model, trainable_line
+    from .train.setup import attach_adapter, check_data, load_model, trainable_line
     from .train.splits import load_splits
 
     target, config, task = _load_target(args, args.overrides)

@@ -14,7 +14,6 @@ Nothing heavy happens before the data has been read and checked against the task
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import shutil
@@ -26,108 +25,15 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_write_text
-from ..tasks import TASKS, EvalResult, Task
-from .config import ConfigError, RunConfig, config_to_yaml, method_config_class, read_yaml
+from ..tasks import EvalResult, Task
+from .config import ConfigError, RunConfig, config_to_yaml, read_yaml
 from .logger import RunLog, read_metrics
 from .loop import Trainer, TrainOutcome, evaluate_rows, make_accelerator, plan_steps
+from .setup import attach_adapter, build_task, check_data, load_model, trainable_line
 from .splits import Splits, load_splits
 from .state import Progress, latest_checkpoint
 
 TASK_STATE = "task_state.json"
-
-
-def build_task(config: RunConfig) -> Task:
-    """The task object for ``config.task`` (its options were checked by load_config)."""
-    spec = dict(config.task)
-    cls = TASKS[spec.pop("type")]
-    try:
-        return cls(cls.Options(**spec))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"task: {exc}"], source=config.source) from exc
-
-
-def check_data(task: Task, splits: Splits, source: str | None = None) -> None:
-    """Columns each split needs, then the label set from train, then labels of eval rows."""
-    problems: list[str] = []
-    if splits.train:
-        problems += task.check_records(splits.train, "train", need_targets=True)
-    if splits.eval:
-        problems += task.check_records(splits.eval, "eval", need_targets=True)
-    if splits.test:
-        problems += task.check_records(splits.test, "test", need_targets=False)
-    if problems:
-        raise ConfigError(problems, source=source)
-    try:
-        task.fit(splits.train or splits.eval)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError([f"task: {exc}"], source=source) from exc
-    if splits.eval:
-        problems += task.check_records(splits.eval, "eval", need_targets=True)
-    if problems:
-        raise ConfigError(problems, source=source)
-
-
-def load_model(config: RunConfig, task: Task) -> tuple[torch.nn.Module, Any]:
-    """Base model + tokenizer for the task (bundled name, folder, GGUF, hub id; dtype; 4-bit)."""
-    from ..models import load_base_model
-
-    model, tokenizer = load_base_model(
-        config.model.name,
-        task=task.model_kind,
-        dtype=None if config.model.dtype == "auto" else config.model.dtype,
-        gguf_file=config.model.gguf_file,
-        quantization=config.model.quantization,
-        tokenizer_name_or_path=config.model.tokenizer,
-        **task.model_kwargs(),
-    )
-    task.bind(tokenizer)
-    task.configure_model(model)
-    return model, tokenizer
-
-
-def build_peft_config(config: RunConfig, task: Task, total_steps: int | None = None) -> Any:
-    """The adapter config: the ``method`` block's fields on the registry's class for its type.
-
-    Fields the run knows are filled in: ``task_type`` from the task, ``total_step`` (AdaLoRA's
-    budget schedule) from the step plan, ``tokenizer_name_or_path`` (text-initialised prompts)
-    from the model.
-    """
-    fields = {k: v for k, v in config.method.items() if k != "type"}
-    cls = method_config_class(config.method_type)
-    names = {f.name for f in dataclasses.fields(cls)}
-    fields["task_type"] = task.task_type
-    fields["base_model_name_or_path"] = config.model.name
-    if "total_step" in names and fields.get("total_step") is None and total_steps is not None:
-        fields["total_step"] = total_steps
-    if "tokenizer_name_or_path" in names and fields.get("tokenizer_name_or_path") is None:
-        fields["tokenizer_name_or_path"] = config.model.tokenizer or config.model.name
-    try:
-        return cls(**fields)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"method: {exc}"], source=config.source) from exc
-
-
-def attach_adapter(
-    config: RunConfig, model: torch.nn.Module, task: Task, total_steps: int | None = None
-) -> Any:
-    """Prepare a 4-bit base for training when quantised, then ``get_peft_model``."""
-    from .. import get_peft_model
-
-    if config.model.quantization is not None:
-        from ..quant import prepare_model_for_kbit_training
-
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_model = get_peft_model(model, build_peft_config(config, task, total_steps))
-    task.use_model(peft_model)
-    return peft_model
-
-
-def trainable_line(model: Any) -> str:
-    trainable, total = model.get_nb_trainable_parameters()
-    return (
-        f"trainable params: {trainable:,d} || all params: {total:,d} || "
-        f"trainable%: {100 * trainable / max(total, 1):.4f}"
-    )
 
 
 def default_output_dir(config: RunConfig) -> Path:
@@ -520,13 +426,4 @@ def _memory_summary(memory: list[dict[str, Any]]) -> dict[str, Any]:
     return {"peak_cpu_mb": cpu, "peak_gpu_mb": max(gpus) if gpus else None, "memory": memory}
 
 
-__all__ = [
-    "attach_adapter",
-    "build_peft_config",
-    "build_task",
-    "check_data",
-    "load_model",
-    "run_train",
-    "trainable_line",
-    "write_predictions",
-]
+__all__ = ["run_train", "write_predictions"]

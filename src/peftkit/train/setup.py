@@ -1,0 +1,124 @@
+"""Setting a run up: the task, its data checked, the base model and the adapter on it.
+
+::
+
+    RunConfig ─> build_task ─> check_data (columns, label set) ─> load_model (+ tokenizer)
+              ─> build_peft_config (method block + what the run knows) ─> attach_adapter
+
+Nothing heavy happens before the data has been read and checked against the task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..tasks import TASKS, Task
+from .config import ConfigError, RunConfig, method_config_class
+from .splits import Splits
+
+
+def build_task(config: RunConfig) -> Task:
+    """The task object for ``config.task`` (its options were checked by load_config)."""
+    spec = dict(config.task)
+    cls = TASKS[spec.pop("type")]
+    try:
+        return cls(cls.Options(**spec))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"task: {exc}"], source=config.source) from exc
+
+
+def check_data(task: Task, splits: Splits, source: str | None = None) -> None:
+    """Columns each split needs, then the label set from train, then labels of eval rows."""
+    problems: list[str] = []
+    if splits.train:
+        problems += task.check_records(splits.train, "train", need_targets=True)
+    if splits.eval:
+        problems += task.check_records(splits.eval, "eval", need_targets=True)
+    if splits.test:
+        problems += task.check_records(splits.test, "test", need_targets=False)
+    if problems:
+        raise ConfigError(problems, source=source)
+    try:
+        task.fit(splits.train or splits.eval)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError([f"task: {exc}"], source=source) from exc
+    if splits.eval:
+        problems += task.check_records(splits.eval, "eval", need_targets=True)
+    if problems:
+        raise ConfigError(problems, source=source)
+
+
+def load_model(config: RunConfig, task: Task) -> tuple[torch.nn.Module, Any]:
+    """Base model + tokenizer for the task (bundled name, folder, GGUF, hub id; dtype; 4-bit)."""
+    from ..models import load_base_model
+
+    model, tokenizer = load_base_model(
+        config.model.name,
+        task=task.model_kind,
+        dtype=None if config.model.dtype == "auto" else config.model.dtype,
+        gguf_file=config.model.gguf_file,
+        quantization=config.model.quantization,
+        tokenizer_name_or_path=config.model.tokenizer,
+        **task.model_kwargs(),
+    )
+    task.bind(tokenizer)
+    task.configure_model(model)
+    return model, tokenizer
+
+
+def build_peft_config(config: RunConfig, task: Task, total_steps: int | None = None) -> Any:
+    """The adapter config: the ``method`` block's fields on the registry's class for its type.
+
+    Fields the run knows are filled in: ``task_type`` from the task, ``total_step`` (AdaLoRA's
+    budget schedule) from the step plan, ``tokenizer_name_or_path`` (text-initialised prompts)
+    from the model.
+    """
+    fields = {k: v for k, v in config.method.items() if k != "type"}
+    cls = method_config_class(config.method_type)
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields["task_type"] = task.task_type
+    fields["base_model_name_or_path"] = config.model.name
+    if "total_step" in names and fields.get("total_step") is None and total_steps is not None:
+        fields["total_step"] = total_steps
+    if "tokenizer_name_or_path" in names and fields.get("tokenizer_name_or_path") is None:
+        fields["tokenizer_name_or_path"] = config.model.tokenizer or config.model.name
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"method: {exc}"], source=config.source) from exc
+
+
+def attach_adapter(
+    config: RunConfig, model: torch.nn.Module, task: Task, total_steps: int | None = None
+) -> Any:
+    """Prepare a 4-bit base for training when quantised, then ``get_peft_model``."""
+    from .. import get_peft_model
+
+    if config.model.quantization is not None:
+        from ..quant import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_model = get_peft_model(model, build_peft_config(config, task, total_steps))
+    task.use_model(peft_model)
+    return peft_model
+
+
+def trainable_line(model: Any) -> str:
+    trainable, total = model.get_nb_trainable_parameters()
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / max(total, 1):.4f}"
+    )
+
+
+__all__ = [
+    "attach_adapter",
+    "build_peft_config",
+    "build_task",
+    "check_data",
+    "load_model",
+    "trainable_line",
+]
