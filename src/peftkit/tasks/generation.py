@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from ..progress import progress_bar
 from .base import EvalContext, chunks, pad
 
 
@@ -68,7 +68,7 @@ def generate_texts(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     left = not encoder_decoder
-    bar = tqdm(total=len(prompts), desc=desc, unit="row", leave=False, disable=not ctx.progress)
+    bar = progress_bar(len(prompts), desc=desc, unit="row", leave=False, enabled=ctx.progress)
     try:
         for piece in chunks(len(order), ctx.batch_size):
             rows = [order[i] for i in piece]

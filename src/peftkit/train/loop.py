@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_text, save_tensors
-from ..tasks.base import EvalContext, EvalResult, Task, chunks
+from ..progress import progress_bar
+from ..tasks.base import EvalContext, EvalResult, Task, forward_batches
 from .config import RunConfig
 from .logger import RunLog
 from .memory import MemoryTracker
@@ -91,24 +91,19 @@ def evaluate_rows(
 ) -> tuple[dict[str, float], EvalResult]:
     """Teacher-forced loss over ``features`` (weighted by each batch's target count, so it is the
     exact per-token mean) followed by the task's own metrics on ``records``."""
-    model = ctx.model
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
+    for _, batch, out in forward_batches(ctx, task, features):
+        n = task.count_targets(batch)
+        total += float(out.loss.float()) * n
+        count += n
+        task.observe(batch, out)
+    eval_loss = total / max(count, 1)
+    was_training = ctx.model.training
+    ctx.model.eval()
     try:
-        for piece in chunks(len(features), ctx.batch_size):
-            batch = task.collate([features[i] for i in piece])
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            with ctx.autocast():
-                out = model(**batch)
-            n = task.count_targets(batch)
-            total += float(out.loss.float()) * n
-            count += n
-            task.observe(batch, out)
-        eval_loss = total / max(count, 1)
         result = task.evaluate(ctx, records, eval_loss)
     finally:
-        model.train(was_training)
+        ctx.model.train(was_training)
     metrics = {
         "eval_loss": eval_loss,
         "eval_ppl": math.exp(eval_loss) if eval_loss < 700 else math.inf,
@@ -465,13 +460,12 @@ class Trainer:
         self.sampler.set_epoch(progress.epoch, skip=progress.batch_in_epoch)
         self.model.train()
         first_step = progress.batch_in_epoch // ga
-        bar = tqdm(
-            total=plan.steps_per_epoch,
-            initial=first_step,
+        bar = progress_bar(
+            plan.steps_per_epoch,
             desc=f"epoch {progress.epoch + 1}/{plan.num_epochs}",
             unit="step",
-            disable=not (config.progress and acc.is_main_process),
-            dynamic_ncols=True,
+            initial=first_step,
+            enabled=config.progress and acc.is_main_process,
         )
         status = "done"
         window_losses: list[float] = []

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_write_text
+from ..progress import quiet_library_bars
 from ..tasks import EvalResult, Task
 from .config import ConfigError, RunConfig, config_to_yaml, read_yaml
 from .logger import RunLog, read_metrics
@@ -147,6 +148,7 @@ def run_train(
 ) -> dict[str, Any]:
     """Train per ``config``; returns the summary (also written to ``summary.json``)."""
     wall_start = time.perf_counter()
+    quiet_library_bars()
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
     config.output_dir = str(output_dir)
     checkpoint = _resolve_resume(output_dir, resume)
