@@ -184,10 +184,8 @@ def _load_target(args: argparse.Namespace, overrides: Sequence[str] = ()):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .tasks import EvalContext
+    from .train.evaluate import evaluate_split
     from .train.inference import load_for_inference, restore_task_state
-    from .train.loop import evaluate_rows
-    from .train.memory import MemoryTracker
-    from .train.run import write_predictions
     from .train.setup import check_data
     from .train.splits import load_splits
 
@@ -225,13 +223,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or config.eval_batch_size or config.batch_size,
         progress=config.progress,
     )
-    start = time.perf_counter()
-    with MemoryTracker(args.split, device) as mem:
-        metrics, result = evaluate_rows(ctx, task, rows, task.encode(rows))
-    for line in mem.result.lines():
+    evaluation = evaluate_split(ctx, task, rows, phase=args.split)
+    metrics = evaluation.metrics
+    for line in evaluation.memory.lines():
         print(line)
     what = "base model (no adapter)" if not loaded.has_adapter else f"adapter {target.adapter_dir}"
-    print(f"{args.split} on {len(rows)} rows with {what} in {time.perf_counter() - start:.1f} s:")
+    print(f"{args.split} on {len(rows)} rows with {what} in {evaluation.time_s:.1f} s:")
     print("  " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     base = task.baselines(splits.train, rows) if splits.train and args.split == "eval" else {}
     if base.get("majority_accuracy") is not None:
@@ -239,18 +236,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"  majority-class baseline: accuracy={base['majority_accuracy']:.4f} "
             f"macro_f1={base['majority_macro_f1']:.4f} (always {base['majority_label']!r})"
         )
-    if result.predictions:
-        out = (
-            Path(args.output)
-            if args.output
-            else ((target.run_dir or Path.cwd()) / f"eval_{args.split}.csv")
-        )
-        write_predictions(
-            out,
-            result.rows if result.rows is not None else rows,
-            result.predictions,
-            result.references,
-        )
+    default_csv = (target.run_dir or Path.cwd()) / f"eval_{args.split}.csv"
+    out = evaluation.write_predictions(Path(args.output) if args.output else default_csv)
+    if out is not None:
         print(f"  predictions: {out}")
     if args.json:
         print(json.dumps({"split": args.split, "rows": len(rows), **metrics, **base}))

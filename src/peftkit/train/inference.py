@@ -25,7 +25,7 @@ import torch
 from ..config import CONFIG_NAME, TaskType, read_config
 from ..tasks import Task
 from .config import ConfigError, RunConfig, load_config
-from .run import TASK_STATE
+from .run_folder import TASK_STATE
 from .setup import build_task
 
 # adapter_config.json task_type -> the model kind load_base_model takes

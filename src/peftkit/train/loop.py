@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import atomic_write_text, save_tensors
 from ..progress import progress_bar
-from ..tasks.base import EvalContext, EvalResult, Task, forward_batches
+from ..tasks.base import EvalContext, Task
 from .config import RunConfig
+from .evaluate import SplitEvaluation, evaluate_split
 from .logger import RunLog
-from .memory import MemoryTracker
+from .memory import MemoryTracker, PhaseMemory
 from .schedule import make_scheduler, warmup_steps
 from .state import Progress, load_checkpoint, load_trainable, save_checkpoint, trainable_tensors
 
@@ -83,33 +84,6 @@ class EpochBatches(Sampler[list[int]]):
 
     def __iter__(self):
         yield from self.batches(self.epoch)[self.skip :]
-
-
-@torch.no_grad()
-def evaluate_rows(
-    ctx: EvalContext, task: Task, records: Sequence[dict], features: Sequence[dict]
-) -> tuple[dict[str, float], EvalResult]:
-    """Teacher-forced loss over ``features`` (weighted by each batch's target count, so it is the
-    exact per-token mean) followed by the task's own metrics on ``records``."""
-    total, count = 0.0, 0
-    for _, batch, out in forward_batches(ctx, task, features):
-        n = task.count_targets(batch)
-        total += float(out.loss.float()) * n
-        count += n
-        task.observe(batch, out)
-    eval_loss = total / max(count, 1)
-    was_training = ctx.model.training
-    ctx.model.eval()
-    try:
-        result = task.evaluate(ctx, records, eval_loss)
-    finally:
-        ctx.model.train(was_training)
-    metrics = {
-        "eval_loss": eval_loss,
-        "eval_ppl": math.exp(eval_loss) if eval_loss < 700 else math.inf,
-        **result.metrics,
-    }
-    return metrics, result
 
 
 @dataclasses.dataclass
@@ -189,14 +163,13 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 
 @dataclasses.dataclass
 class TrainOutcome:
-    """What :meth:`Trainer.train` hands back."""
+    """What :meth:`Trainer.train` hands back: where it stopped, the last and the best evaluation
+    of this process's run (None when there was none), the checkpoint, the memory per phase."""
 
     progress: Progress
     interrupted: bool
-    last_eval: dict[str, float] | None
-    best_eval: dict[str, float] | None
-    best_result: EvalResult | None
-    last_result: EvalResult | None
+    last: SplitEvaluation | None
+    best: SplitEvaluation | None
     checkpoint: Path | None
     memory: list[dict[str, Any]]
 
@@ -268,13 +241,12 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def _memory_report(self, mem: MemoryTracker, epoch: int) -> None:
-        for line in mem.result.lines():
+    def _memory_report(self, memory: PhaseMemory, epoch: int) -> None:
+        for line in memory.lines():
             self.log.info(line)
-        self.memory.append({"epoch": epoch, "phase": mem.phase, **mem.result.as_dict()})
+        self.memory.append({"epoch": epoch, "phase": memory.phase, **memory.as_dict()})
 
     # --- evaluation ------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(
         self,
         epoch: int,
@@ -282,19 +254,16 @@ class Trainer:
         records: Sequence[dict] | None = None,
         features: Sequence[dict] | None = None,
         phase: str = "eval",
-    ) -> tuple[dict[str, float], EvalResult | None]:
-        """Loss (token-weighted mean) + the task's metrics on the eval rows (or ``records``)."""
+    ) -> SplitEvaluation | None:
+        """Score the eval rows (or ``records``): logged, memory-reported, kept in metrics.jsonl."""
         records = self.eval_records if records is None else list(records)
         features = self.eval_features if features is None else list(features)
         if not features:
-            return {}, None
-        ctx = self.eval_context()
-        start = time.perf_counter()
-        with MemoryTracker(phase, self.accelerator.device) as mem:
-            metrics, result = evaluate_rows(ctx, self.task, records, features)
-        self._memory_report(mem, epoch)
-        self.log.record(phase, step, epoch=epoch, time_s=time.perf_counter() - start, **metrics)
-        return metrics, result
+            return None
+        evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
+        self._memory_report(evaluation.memory, epoch)
+        self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
+        return evaluation
 
     def _is_better(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -363,8 +332,7 @@ class Trainer:
     def train(self, resume_from: str | Path | None = None) -> TrainOutcome:
         """Run (or continue) training; returns when done, or after Ctrl-C with a checkpoint."""
         progress = Progress()
-        last_eval = best_eval = None
-        last_result = best_result = None
+        last = best = None
         if resume_from is not None:
             progress = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler)
             self.log.info(
@@ -372,8 +340,8 @@ class Trainer:
                 f"{progress.batch_in_epoch}, step {progress.global_step}/{self.plan.total_steps}"
             )
         elif self.config.eval_before_training and self.eval_features:
-            last_eval, last_result = self.evaluate(epoch=0, step=0)
-            self.log.info("before training: " + _format_metrics(last_eval))
+            last = self.evaluate(epoch=0, step=0)
+            self.log.info("before training: " + _format_metrics(last.metrics))
         checkpoint = None
         with StopFlag(self.log.info) as stop:
             while (
@@ -388,16 +356,7 @@ class Trainer:
                         f"interrupted at step {progress.global_step}; resumable "
                         f"checkpoint: {checkpoint}"
                     )
-                    return TrainOutcome(
-                        progress,
-                        True,
-                        last_eval,
-                        best_eval,
-                        best_result,
-                        last_result,
-                        checkpoint,
-                        self.memory,
-                    )
+                    return TrainOutcome(progress, True, last, best, checkpoint, self.memory)
                 epoch_done = progress.batch_in_epoch >= self.plan.batches_per_epoch
                 train_loss = progress.epoch_loss_sum / max(progress.epoch_batches, 1)
                 summary = {
@@ -406,10 +365,10 @@ class Trainer:
                 }
                 last_step = progress.global_step >= self.plan.total_steps
                 if self.eval_features and (self.config.eval_every_epoch or last_step):
-                    last_eval, last_result = self.evaluate(epoch, progress.global_step)
-                    summary.update(last_eval)
-                    if self._track_best(progress, last_eval, epoch):
-                        best_eval, best_result = last_eval, last_result
+                    last = self.evaluate(epoch, progress.global_step)
+                    summary.update(last.metrics)
+                    if self._track_best(progress, last.metrics, epoch):
+                        best = last
                 self.log.record("epoch", progress.global_step, epoch=epoch, **summary)
                 self.log.info(f"epoch={epoch}: " + _format_metrics(summary))
                 if epoch_done:
@@ -425,19 +384,8 @@ class Trainer:
                     self.log.info(
                         f"stopped after epoch {epoch}; resumable checkpoint: {checkpoint}"
                     )
-                    return TrainOutcome(
-                        progress,
-                        True,
-                        last_eval,
-                        best_eval,
-                        best_result,
-                        last_result,
-                        checkpoint,
-                        self.memory,
-                    )
-        return TrainOutcome(
-            progress, False, last_eval, best_eval, best_result, last_result, checkpoint, self.memory
-        )
+                    return TrainOutcome(progress, True, last, best, checkpoint, self.memory)
+        return TrainOutcome(progress, False, last, best, checkpoint, self.memory)
 
     def _checkpoint(self, progress: Progress) -> Path | None:
         self.accelerator.wait_for_everyone()
@@ -536,7 +484,7 @@ class Trainer:
                     break
                 step_start = time.perf_counter()
         bar.close()
-        self._memory_report(mem, progress.epoch + 1)
+        self._memory_report(mem.result, progress.epoch + 1)
         return status
 
 
