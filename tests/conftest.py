@@ -12,79 +12,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
-VOCAB = 96
+import tiny_models  # noqa: E402 (after the offline switches)
+from tiny_models import VOCAB  # noqa: E402
+
+# architecture -> the head its parity tests use (and how many labels it has)
+_HEADS = {
+    "bloom": ("CAUSAL_LM", {}),
+    "gpt2": ("CAUSAL_LM", {}),
+    "llama": ("CAUSAL_LM", {}),
+    "opt": ("CAUSAL_LM", {}),
+    "t5": ("SEQ_2_SEQ_LM", {}),
+    "bert": ("SEQ_CLS", {"num_labels": 3}),
+    "vit": ("IMAGE_CLS", {"num_labels": 5}),
+}
 
 
-def _tiny(name: str):
-    """A tiny model of one architecture plus the kwargs one forward needs."""
-    import transformers as tf
-
+def _tiny(name: str, seed: int = 0):
+    """A tiny model of one architecture (tests/tiny_models.py) plus the kwargs one forward needs."""
+    task, extra = _HEADS[name]
+    model = tiny_models.tiny_model(name, task, seed=seed, **extra)
+    if name == "vit":
+        pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        return model, {"pixel_values": pixels}
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # some padding
     text = {"input_ids": ids, "attention_mask": mask}
-    if name == "bloom":
-        cfg = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
-        return tf.BloomForCausalLM(cfg), text
-    if name == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-        return tf.GPT2LMHeadModel(cfg), text
-    if name == "llama":
-        cfg = tf.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        return tf.LlamaForCausalLM(cfg), text
-    if name == "opt":
-        cfg = tf.OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            ffn_dim=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-        )
-        return tf.OPTForCausalLM(cfg), text
     if name == "t5":
-        cfg = tf.T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_kv=8,
-            d_ff=48,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-        )
-        return tf.T5ForConditionalGeneration(cfg), {**text, "decoder_input_ids": ids[:, :5]}
-    if name == "bert":
-        cfg = tf.BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            num_labels=3,
-        )
-        return tf.BertForSequenceClassification(cfg), text
-    if name == "vit":
-        cfg = tf.ViTConfig(
-            image_size=16,
-            patch_size=4,
-            num_channels=3,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            num_labels=5,
-        )
-        pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-        return tf.ViTForImageClassification(cfg), {"pixel_values": pixels}
-    raise KeyError(name)
+        return model, {**text, "decoder_input_ids": ids[:, :5]}
+    return model, text
 
 
 # architecture -> (LoRA targets, task type, modules_to_save)
@@ -104,9 +60,7 @@ def tiny_model():
     """Factory: ``tiny_model(name) -> (model in eval mode, forward kwargs)``, seeded."""
 
     def make(name: str):
-        torch.manual_seed(0)
-        model, inputs = _tiny(name)
-        return model.eval(), inputs
+        return _tiny(name)
 
     return make
 

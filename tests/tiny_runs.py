@@ -20,7 +20,7 @@ import csv
 import random
 from pathlib import Path
 
-import torch
+from tiny_models import tiny_model
 
 POSITIVE = ["great", "nice", "good", "lovely"]
 NEGATIVE = ["awful", "poor", "bad", "rude"]
@@ -67,65 +67,43 @@ def vocab_size() -> int:
 
 def make_model(kind: str, folder: Path) -> Path:
     """Save a tiny ``llama`` / ``bert`` / ``t5`` / ``bart`` with its tokenizer into ``folder``."""
-    import transformers as tf
-
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     v = vocab_size()
     ids = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
     if kind == "llama":
         # 64-wide so every Linear fits NF4's 64-weight blocks (QLoRA runs quantise it)
-        cfg = tf.LlamaConfig(
+        model = tiny_model(
+            "llama",
+            "CAUSAL_LM",
+            hidden=64,
+            ffn=128,
             vocab_size=v,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             max_position_embeddings=256,
             **ids,
         )
-        model = tf.LlamaForCausalLM(cfg)
-    elif kind == "bert":
-        cfg = tf.BertConfig(
+    elif kind == "bert":  # the bare encoder: each task puts its own head on it
+        model = tiny_model(
+            "bert",
+            "FEATURE_EXTRACTION",
+            ffn=64,
             vocab_size=v,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
             max_position_embeddings=128,
             pad_token_id=0,
         )
-        model = tf.BertModel(cfg)
     elif kind == "t5":
-        cfg = tf.T5Config(
-            vocab_size=v,
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=3,
+        model = tiny_model(
+            "t5", "SEQ_2_SEQ_LM", ffn=64, vocab_size=v, pad_token_id=0, eos_token_id=3
         )
-        model = tf.T5ForConditionalGeneration(cfg)
     elif kind == "bart":
-        cfg = tf.BartConfig(
+        model = tiny_model(
+            "bart",
+            "SEQ_2_SEQ_LM",
+            ffn=64,
             vocab_size=v,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
             max_position_embeddings=128,
             decoder_start_token_id=3,
-            forced_eos_token_id=None,
             **ids,
         )
-        model = tf.BartForConditionalGeneration(cfg)
     else:
         raise ValueError(kind)
     model.save_pretrained(folder)
