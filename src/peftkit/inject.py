@@ -11,6 +11,9 @@ Matching follows HF PEFT so a config means the same thing in both libraries:
 
 ``modules_to_save`` modules are wrapped in :class:`ModulesToSaveWrapper`, which trains a copy per
 adapter and leaves the original in place for ``disable_adapter()``.
+
+Mixed-adapter batches (row ``b`` runs adapter ``adapter_names[b]``) are checked by
+:func:`check_mixed_batch` in every module that reads ``batch_adapters``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,24 @@ from torch import nn
 ALL_LINEAR = "all-linear"
 BASE_ADAPTER = "__base__"  # in a mixed batch: this row runs the base model
 _DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def check_mixed_batch(module: nn.Module, names: list[str], rows: int, where: str) -> None:
+    """Refuse a mixed-adapter batch that ``module`` (at path ``where``) cannot run as asked.
+
+    As in PEFT: inference only, and one adapter name per row of the batch.
+    """
+    if module.training:
+        raise ValueError(
+            f"{where}: mixed-adapter batches (adapter_names=...) run in inference only and the "
+            f"model is in training mode (as in PEFT); call model.eval() first, or train one "
+            f"adapter at a time with set_adapter()"
+        )
+    if len(names) != rows:
+        raise ValueError(
+            f"adapter_names has {len(names)} entries but the batch has {rows} rows (at {where}); "
+            f"pass one adapter name (or {BASE_ADAPTER!r}) per row"
+        )
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
@@ -178,9 +199,13 @@ class ModulesToSaveWrapper(nn.Module):
         if self.batch_adapters is None or self.disable_adapters:
             return self.active_module()(x, *args, **kwargs)
         # Mixed batch: each distinct module runs on its own rows (few distinct adapters per batch).
+        where = f"modules_to_save {type(self.original_module).__name__}"
+        check_mixed_batch(self, self.batch_adapters, len(x), where)
         out = None
         for name in dict.fromkeys(self.batch_adapters):
-            rows = torch.tensor([i for i, n in enumerate(self.batch_adapters) if n == name])
+            rows = torch.tensor(
+                [i for i, n in enumerate(self.batch_adapters) if n == name], device=x.device
+            )
             module = (
                 self.modules_to_save[name] if name in self.modules_to_save else self.original_module
             )

@@ -144,8 +144,6 @@ class AdaLoraLayer(LoraLayer):
     ``...lora_A.<adapter>`` exactly as in HF PEFT.
     """
 
-    adapter_module_names = ("lora_A", "lora_B", "lora_E")
-
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ParameterDict()
@@ -161,6 +159,7 @@ class AdaLoraLayer(LoraLayer):
         """
         r = config.init_r
         alpha = config.lora_alpha
+        self.module_name = module_name
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha if alpha > 0 else float(r)
@@ -224,21 +223,20 @@ class SVDLinear(AdaLoraLayer):
         delta = B @ (A * E) * self.scaling[name] / self.rank_divisor(name)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._prepare_forward()
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._active():
-            A, E, B = self.triplet(name)
-            xa = x.to(A.dtype)
-            AE = A * E  # (r, in)
-            p = self.lora_dropout_p[name]
-            if self.training and p > 0:
-                h = dropout_then_project(xa, AE, p)  # (..., r)
-            else:
-                h = xa @ AE.T  # (..., r)
-            delta = (h @ B.T) * self.scaling[name] / self.rank_divisor(name)  # (..., out)
-            result = result + delta.to(result.dtype)
-        return result
+    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A, E, B = self.triplet(name)  # (r, in), (r, 1), (out, r)
+        xa = x.to(A.dtype)
+        AE = A * E  # (r, in)
+        p = self.lora_dropout_p[name]
+        if self.training and p > 0:
+            h = dropout_then_project(xa, AE, p)  # (..., r)
+        else:
+            h = xa @ AE.T  # (..., r)
+        return (h @ B.T) * self.scaling[name] / self.rank_divisor(name)  # (..., out)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        A, E, B = self.triplet(name)
+        return A * E, B * (self.scaling[name] / self.rank_divisor(name))
 
     def extra_repr(self) -> str:
         return ", ".join(
@@ -366,13 +364,15 @@ class AdaLoraModel(InjectedAdapterModel):
         return None
 
     # --- training ------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the model; in training add ``orth_reg_weight`` x the orthogonality penalty to the loss.
 
         HF PEFT adds the penalty whenever a loss is returned; peftkit adds it in training mode only,
-        so evaluation losses (and perplexities) are the model's own.
+        so evaluation losses (and perplexities) are the model's own. ``adapter_names`` runs a
+        mixed-adapter batch (inference only), as for LoRA.
         """
-        outputs = self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         name = self.trainable_adapter_name
         if self.training and isinstance(loss, torch.Tensor) and name is not None:

@@ -11,6 +11,17 @@ Layer layout mirrors HF PEFT's so state dicts map one-to-one: the wrapper keeps 
 as ``base_layer`` and each named adapter's factors in ``lora_A[name]`` / ``lora_B[name]``
 (``lora_embedding_A/B`` for embeddings).
 
+Mixed-adapter batches (``model(..., adapter_names=[...])``): row ``b`` adds only adapter
+``adapter_names[b]``'s update. Every layer type shares one mechanism (:meth:`LoraLayer.mixed_update`)::
+
+    factors(name) -> down (r, ...), up (out, r)        each adapter, scale folded into ``up``
+    stack, zero-padded to the largest rank             (n + 1, r_max, ...), (n + 1, out, r_max)
+    row -> slot                                        "__base__" / absent adapters: the zero slot
+    rowwise_update(x, down[slot], up[slot])            one batched projection per layer type
+
+so there is no Python loop over sub-batches; only the down-projection differs per type (a matmul,
+an embedding lookup, a grouped convolution).
+
 Dropout: PEFT materialises ``dropout(x)`` per adapted layer and autograd keeps it (4 bytes per
 element in fp32) for backward. We keep the layer input, which is saved anyway, plus the dropout
 mask packed to one bit per element (:class:`_DropoutThenProject`): 1/32 of that copy, with the
@@ -30,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, register_config
+from ..inject import check_mixed_batch
 
 
 @register_config
@@ -166,9 +178,11 @@ def dropout_then_project(x: torch.Tensor, weight: torch.Tensor, p: float) -> tor
 
 
 class LoraLayer(nn.Module):
-    """Common state of every LoRA wrapper: the frozen ``base_layer`` and per-adapter factors."""
+    """Common state of every LoRA wrapper: the frozen ``base_layer`` and per-adapter factors.
 
-    adapter_module_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    A layer type supplies :meth:`update` (one adapter's term), :meth:`factors` and, when its
+    down-projection is not a matmul over the last dim, :meth:`rowwise_update`.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -186,6 +200,7 @@ class LoraLayer(nn.Module):
         self.disable_adapters = False
         # Per-row adapter names for a mixed batch (set by the tuner for one forward call).
         self.batch_adapters: list[str] | None = None
+        self.module_name = type(base_layer).__name__  # the module path, once an adapter is added
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads e.g. ``self.wo.weight.dtype``: answer from the wrapped layer.
@@ -207,6 +222,7 @@ class LoraLayer(nn.Module):
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
         """Create adapter ``name``'s factors for this layer, initialised as ``config`` says."""
         r, alpha = config.rank_for(module_name), config.alpha_for(module_name)
+        self.module_name = module_name
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -311,6 +327,66 @@ class LoraLayer(nn.Module):
         if self.disable_adapters and self.merged:
             self.unmerge()
 
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_layer(x) + Σ_active update(name, x)``; in a mixed batch, row ``b`` adds only
+        adapter ``batch_adapters[b]``'s update (none for ``"__base__"``)."""
+        self._prepare_forward()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.batch_adapters is not None and not self.disable_adapters:
+            delta = self.mixed_update(x)
+            return result if delta is None else result + delta.to(result.dtype)
+        for name in self._active():
+            result = result + self.update(name, x).to(result.dtype)
+        return result
+
+    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s term ``scaling * B A dropout(x)``, shaped like the base output."""
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down (r, ...), up (out, r))`` of adapter ``name``, the scaling folded into ``up``."""
+        raise NotImplementedError
+
+    def rowwise_update(
+        self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """Row ``b`` of ``x`` through the stacked factors of slot ``slots[b]``.
+
+        ``down`` (n, r, in) and ``up`` (n, out, r) stack the adapters; ``slots`` is (B,).
+        """
+        h = torch.einsum("b...i,bri->b...r", x.to(down.dtype), down[slots])  # (B, ..., r)
+        return torch.einsum("b...r,bor->b...o", h, up[slots])  # (B, ..., out)
+
+    def mixed_update(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-row updates of a mixed batch in one batched pass (no loop over sub-batches).
+
+        The factors of the adapters named in the batch are zero-padded to the largest rank and
+        stacked; row ``b`` then gathers its adapter's slot; ``"__base__"`` rows and adapters
+        this layer does not carry get the all-zero slot. ``None`` when no row has an update here.
+        """
+        names = self.batch_adapters
+        check_mixed_batch(self, names, x.shape[0], self.module_name)
+        if self.merged_adapters:
+            raise ValueError(
+                f"{self.module_name}: cannot run a mixed-adapter batch while adapters "
+                f"{self.merged_adapters} are merged into its weights (as in PEFT); call "
+                f"model.unmerge_adapter() first"
+            )
+        present = [n for n in dict.fromkeys(names) if n in self.r]
+        if not present:
+            return None
+        downs, ups = zip(*(self.factors(n) for n in present))  # (r_i, ...), (out, r_i)
+        r_max = max(d.shape[0] for d in downs)
+        down = downs[0].new_zeros(len(present) + 1, r_max, *downs[0].shape[1:])  # (n+1, r, ...)
+        up = ups[0].new_zeros(len(present) + 1, ups[0].shape[0], r_max)  # (n+1, out, r)
+        for i, (d, u) in enumerate(zip(downs, ups)):
+            down[i, : d.shape[0]] = d
+            up[i, :, : u.shape[1]] = u
+        index = {n: i for i, n in enumerate(present)}
+        slots = torch.tensor([index.get(n, len(present)) for n in names], device=x.device)  # (B,)
+        return self.rowwise_update(x, down, up, slots)
+
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.r)
 
@@ -342,53 +418,18 @@ class LoraLinear(LoraLayer):
         ]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._prepare_forward()
-        result = self.base_layer(x, *args, **kwargs)
-        if self.batch_adapters is not None and not self.disable_adapters:
-            return result + self._mixed_batch_delta(x).to(result.dtype)
-        for name in self._active():
-            A, B = self.lora_A[name].weight, self.lora_B[name].weight
-            xa = x.to(A.dtype)
-            p = self.lora_dropout_p[name]
-            if self.training and p > 0:
-                h = dropout_then_project(xa, A, p)  # (..., r)
-            else:
-                h = F.linear(xa, A)  # (..., r)
-            result = result + (F.linear(h, B) * self.scaling[name]).to(result.dtype)
-        return result
+    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
+        xa = x.to(A.dtype)
+        p = self.lora_dropout_p[name]
+        if self.training and p > 0:
+            h = dropout_then_project(xa, A, p)  # (..., r)
+        else:
+            h = F.linear(xa, A)  # (..., r)
+        return F.linear(h, B) * self.scaling[name]  # (..., out)
 
-    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """LoRA updates for a batch whose rows use different adapters, in two batched einsums.
-
-        Adapters are zero-padded to the largest rank and stacked; row ``b`` gathers its own
-        factors, so there is no Python loop over adapters (PEFT loops over sub-batches). Rows named
-        ``"__base__"`` (or an adapter this layer does not carry) get a zero update.
-        """
-        names = self.batch_adapters
-        if len(names) != x.shape[0]:
-            raise ValueError(
-                f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows"
-            )
-        present = [n for n in dict.fromkeys(names) if n in self.r]
-        if self.merged_adapters:
-            raise ValueError(
-                "mixed-adapter batches need unmerged adapters: call unmerge_adapter() first"
-            )
-        ref = self.lora_A[present[0]].weight if present else None
-        if ref is None:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
-        r_max = max(self.r[n] for n in present)
-        stack_a = ref.new_zeros(len(present) + 1, r_max, self.in_features)  # (n+1, r, in)
-        stack_b = ref.new_zeros(len(present) + 1, self.out_features, r_max)  # (n+1, out, r)
-        for i, n in enumerate(present):
-            stack_a[i, : self.r[n]] = self.lora_A[n].weight
-            stack_b[i, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
-        row = torch.tensor(
-            [present.index(n) if n in present else len(present) for n in names], device=x.device
-        )
-        h = torch.einsum("b...i,bri->b...r", x.to(ref.dtype), stack_a[row])  # (B, ..., r)
-        return torch.einsum("b...r,bor->b...o", h, stack_b[row])  # (B, ..., out)
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight * self.scaling[name]
 
 
 def _linear_features(layer: nn.Module) -> tuple[int, int]:
@@ -424,23 +465,36 @@ class LoraEmbedding(LoraLayer):
         B, A = self.lora_embedding_B[name], self.lora_embedding_A[name]
         return (B @ A).T * self.scaling[name]  # (num, dim)
 
-    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._prepare_forward()
-        result = self.base_layer(ids, *args, **kwargs)
+    def update(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
         emb = self.base_layer
-        for name in self._active():
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            h = F.embedding(
-                ids,
-                A.T,
-                emb.padding_idx,
-                emb.max_norm,
-                emb.norm_type,
-                emb.scale_grad_by_freq,
-                emb.sparse,
-            )  # (..., r)
-            result = result + ((h @ B.T) * self.scaling[name]).to(result.dtype)
-        return result
+        h = F.embedding(
+            ids,
+            A.T,
+            emb.padding_idx,
+            emb.max_norm,
+            emb.norm_type,
+            emb.scale_grad_by_freq,
+            emb.sparse,
+        )  # (..., r)
+        return (h @ B.T) * self.scaling[name]  # (..., dim)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name] * self.scaling[name]
+
+    def rowwise_update(
+        self, ids: torch.Tensor, down: torch.Tensor, up: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """Row ``b`` looks its ids up in slot ``slots[b]``'s ``A.T``: ``down`` (n, r, num)."""
+        if self.base_layer.max_norm is not None:
+            raise ValueError(
+                f"{self.module_name}: mixed-adapter batches do not support embeddings with "
+                f"max_norm (the lookup renormalises each adapter's table in place); run each "
+                f"adapter in its own batch with set_adapter()"
+            )
+        at_row = slots.view(-1, *([1] * (ids.dim() - 1)))  # (B, 1, ...)
+        h = down.transpose(1, 2)[at_row, ids]  # (B, ..., r)
+        return torch.einsum("b...r,bor->b...o", h, up[slots])  # (B, ..., dim)
 
 
 class LoraConv(LoraLayer):
@@ -474,17 +528,30 @@ class LoraConv(LoraLayer):
         delta = torch.einsum("or,ri...->oi...", B.flatten(1), A)  # (out, in, *k)
         return delta * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._prepare_forward()
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._active():
-            A, B = self.lora_A[name], self.lora_B[name]
-            xa = x.to(A.weight.dtype)
-            p = self.lora_dropout_p[name]
-            if self.training and p > 0:
-                xa = F.dropout(xa, p)
-            result = result + (B(A(xa)) * self.scaling[name]).to(result.dtype)
-        return result
+    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        xa = x.to(A.weight.dtype)
+        p = self.lora_dropout_p[name]
+        if self.training and p > 0:
+            xa = F.dropout(xa, p)
+        return B(A(xa)) * self.scaling[name]  # (B, out, *S')
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        B = self.lora_B[name].weight.flatten(1)  # (out, r)
+        return self.lora_A[name].weight, B * self.scaling[name]
+
+    def rowwise_update(
+        self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """Each row convolved with its own ``A`` in one grouped convolution (groups = rows)."""
+        n_rows, r, base = x.shape[0], down.shape[1], self.base_layer  # A convolves like the base
+        weight = down[slots].flatten(0, 1)  # (B*r, in, *k)
+        x_all = x.to(down.dtype).flatten(0, 1).unsqueeze(0)  # (1, B*in, *S)
+        conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        h = conv(x_all, weight, None, base.stride, base.padding, base.dilation, groups=n_rows)
+        # h: (1, B*r, *S')
+        h = h.view(n_rows, r, *h.shape[2:])  # (B, r, *S')
+        return torch.einsum("br...,bor->bo...", h, up[slots])  # (B, out, *S')
 
 
 def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
