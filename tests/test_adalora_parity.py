@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import _tiny, assert_rel_close, logits_of
 from peftkit import AdaLoraConfig, PeftModel, get_peft_model
+from peftkit.methods.adalora_report import final_ranks
 
 # arch -> target modules, task type (a small set covering Linear, GPT-2 Conv1D and a classifier head)
 TARGETS = {
@@ -28,11 +29,6 @@ TARGETS = {
     "bert": (["query", "value"], "SEQ_CLS"),
 }
 SCHEDULE = dict(init_r=6, target_r=2, total_step=10, tinit=2, tfinal=3, deltaT=2, lora_alpha=8)
-
-
-def _strip(pattern: dict) -> dict:
-    """PEFT keeps ``.default`` on rank_pattern keys in memory; its files (and peftkit) do not."""
-    return {k.removesuffix(".default"): list(v) for k, v in (pattern or {}).items()}
 
 
 def _adapter_state(model) -> dict[str, torch.Tensor]:
@@ -102,10 +98,10 @@ def _train_both(ours, theirs, arch, inputs, optimizer: str, steps: int):
             opt.zero_grad()
             losses.append(loss.detach())
         assert_rel_close(losses[0], losses[1])  # includes the orthogonality penalty
-        history.append(
+        history.append(  # the keys too: "<path>.lora_E.default" in memory in both libraries
             (
                 dict(ours.peft_config["default"].rank_pattern or {}),
-                _strip(theirs.peft_config["default"].rank_pattern),
+                {k: list(v) for k, v in (theirs.peft_config["default"].rank_pattern or {}).items()},
             )
         )
     return history
@@ -138,12 +134,16 @@ def test_training_gives_same_masks_and_logits(arch, optimizer, tiny_model):
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_trained_peftkit_adapter_loads_in_peft(arch, tiny_model, tmp_path):
     ours, theirs, inputs = _pair(tiny_model, arch)
-    _train_both(ours, theirs, arch, inputs, "adamw", steps=10)
+    history = _train_both(ours, theirs, arch, inputs, "adamw", steps=10)
+    assert all(k.endswith(".lora_E.default") for k in history[-1][0])  # PEFT's in-memory keys
     ours.save_pretrained(tmp_path)
+    theirs.save_pretrained(tmp_path / "peft")
 
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     pattern = saved["rank_pattern"]
-    assert saved["peft_type"] == "ADALORA" and pattern == ours.peft_config["default"].rank_pattern
+    peft_saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and pattern == peft_saved["rank_pattern"]  # same file
+    assert all(k.endswith(".lora_E") for k in pattern)  # PEFT's files drop the adapter name
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     for key, keep in pattern.items():
         prefix = "base_model.model." + key.removesuffix(".lora_E")
@@ -196,3 +196,33 @@ def test_saved_untrained_adapter_keeps_full_rank_and_round_trips(tiny_model, tmp
     back = peft.PeftModel.from_pretrained(_plain_copy("llama"), tmp_path / "ours").eval()
     with torch.no_grad():
         assert_rel_close(logits_of(back(**inputs)), logits_of(ours.eval()(**inputs)))
+
+
+@pytest.mark.parametrize("suffix", ["", ".default"])
+def test_rank_pattern_with_or_without_adapter_name_loads(suffix, tiny_model, tmp_path):
+    """Files key ``rank_pattern`` by ``<path>.lora_E`` (PEFT's and older peftkit ones); a config
+    dumped from PEFT's in-memory pattern keeps ``.<adapter>``. Both load, under any adapter name,
+    and resume training at the saved ranks."""
+    ours, theirs, inputs = _pair(tiny_model, "llama")
+    _train_both(ours, theirs, "llama", inputs, "adamw", steps=10)
+    ours.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data["rank_pattern"] = {k + suffix: v for k, v in data["rank_pattern"].items()}
+    config_file.write_text(json.dumps(data))
+    kept = {k.removesuffix(".lora_E" + suffix): sum(v) for k, v in data["rank_pattern"].items()}
+
+    loaded = PeftModel.from_pretrained(_plain_copy("llama"), tmp_path, adapter_name="x")
+    assert {p: layer.r["x"] for p, layer in loaded.base_model.adapter_layers()} == kept
+    assert final_ranks(loaded, "x") == kept
+    ours.eval()
+    with torch.no_grad():
+        assert_rel_close(logits_of(loaded(**inputs)), logits_of(ours(**inputs)))
+
+    trainable = PeftModel.from_pretrained(_plain_copy("llama"), tmp_path, is_trainable=True)
+    opt = torch.optim.SGD([p for p in trainable.parameters() if p.requires_grad], lr=0.1)
+    trainable.train()
+    trainable(**_labels("llama", inputs)).loss.backward()
+    opt.step()
+    trainable.base_model.update_and_allocate(11)  # final phase: re-applies the loaded pattern
+    assert {p: layer.r["default"] for p, layer in trainable.base_model.adapter_layers()} == kept

@@ -40,7 +40,7 @@ def test_table_shows_the_rank_pattern(tiny_model):
     model = _trained(tiny_model)
     pattern = model.peft_config["default"].rank_pattern
     ranks = final_ranks(model)
-    assert ranks == {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
+    assert ranks == {k.removesuffix(".lora_E.default"): sum(v) for k, v in pattern.items()}
     rows, cols, grid = rank_grid(ranks)
     assert rows == ["model.layers.0", "model.layers.1"] and cols == TARGETS
     assert grid[1][2] == ranks["model.layers.1.mlp.down_proj"]
@@ -80,3 +80,12 @@ def test_report_refuses_a_lora_model(tiny_model):
     model = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="need an AdaLoRA model"):
         rank_report(model)
+
+
+def test_ranks_read_either_rank_pattern_key_spelling(tiny_model):
+    model = _trained(tiny_model)
+    config = model.peft_config["default"]
+    expected = final_ranks(model)
+    config.rank_pattern = {k.removesuffix(".default"): v for k, v in config.rank_pattern.items()}
+    assert final_ranks(model) == expected  # "<path>.lora_E" (files, older peftkit)
+    assert final_ranks(model.base_model) == expected  # the AdaLoraModel itself is accepted too

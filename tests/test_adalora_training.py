@@ -90,7 +90,7 @@ def test_allocator_masks_the_lowest_scores_and_ema_is_the_papers():
     for A, E, B in triplets.values():
         for p in (A, E, B):
             p.grad = torch.randn_like(p)
-    alloc = RankAllocator(_Cfg(), triplets)
+    alloc = RankAllocator(_Cfg(), triplets, adapter_name="x")
     alloc.update_ipt(triplets)
     A, E, B = triplets["a"]
     ipt = (E * E.grad).abs()
@@ -106,14 +106,14 @@ def test_allocator_masks_the_lowest_scores_and_ema_is_the_papers():
     pattern = alloc.mask_to_budget(triplets, budget=4)  # keep 4 of 6 triplets
     flat = torch.cat([scores["a"], scores["b"]])
     keep_expected = flat > flat.sort().values[1]
-    kept = torch.tensor(pattern["a.lora_E"] + pattern["b.lora_E"])
+    kept = torch.tensor(pattern["a.lora_E.x"] + pattern["b.lora_E.x"])  # PEFT's in-memory keys
     assert torch.equal(kept, keep_expected) and int(kept.sum()) == 4
     for name, (_, E, _) in triplets.items():
-        mask = torch.tensor(pattern[f"{name}.lora_E"]).view(-1, 1)
+        mask = torch.tensor(pattern[f"{name}.lora_E.x"]).view(-1, 1)
         assert torch.equal(E.detach(), torch.where(mask, E_before[name], torch.zeros(())))
     assert alloc.mask_to_budget(triplets, budget=6) == {
-        "a.lora_E": [True] * 3,
-        "b.lora_E": [True] * 3,
+        "a.lora_E.x": [True] * 3,
+        "b.lora_E.x": [True] * 3,
     }  # full budget masks nothing
 
 
@@ -166,10 +166,14 @@ def test_allocation_without_gradients_is_a_clear_error(tiny_model):
         model.base_model.update_and_allocate(1)
 
 
-def test_final_pattern_is_frozen_and_enforced(tiny_model):
+@pytest.mark.parametrize("keys", ["peft", "old"])
+def test_final_pattern_is_frozen_and_enforced(keys, tiny_model):
     model, batch = _model(tiny_model)  # total 10, tfinal 3: pattern frozen at step 7
     opt = _train(model, batch, steps=7)
     config = model.peft_config["default"]
+    assert all(k.endswith(".lora_E.default") for k in config.rank_pattern)  # PEFT's keys
+    if keys == "old":  # as older peftkit versions kept it (and resumed training states hold it)
+        config.rank_pattern = {k.removesuffix(".default"): v for k, v in config.rank_pattern.items()}
     frozen = copy.deepcopy(config.rank_pattern)
     assert sum(sum(m) for m in frozen.values()) <= 2 * len(TARGETS) * 2
     for step in range(8, 12):  # later steps (even past total_step) keep the pattern
@@ -179,7 +183,7 @@ def test_final_pattern_is_frozen_and_enforced(tiny_model):
         opt.zero_grad()
         assert config.rank_pattern == frozen
         for path, (_, E, _) in model.base_model.triplets("default").items():
-            keep = torch.tensor(frozen[path + ".lora_E"])
+            keep = torch.tensor(frozen[path + ".lora_E" + (".default" if keys == "peft" else "")])
             assert (E[~keep] == 0).all() and (E[keep] != 0).all()
 
 

@@ -44,7 +44,7 @@ from .lora import (
     _reference_tensor,
     dropout_then_project,
 )
-from .rank_allocator import RankAllocator, Triplets, module_path_of
+from .rank_allocator import RankAllocator, Triplets, module_path_of, saved_rank_pattern
 
 RANKNUM_EPS = 1e-5  # added to ranknum in the divisor, as PEFT does
 
@@ -65,8 +65,9 @@ class AdaLoraConfig(LoraConfig):
         beta2: EMA factor of the uncertainty ``|I - Ī|``.
         orth_reg_weight: weight of the orthogonality penalty added to the training loss.
         total_step: the number of optimiser steps of the run (required).
-        rank_pattern: ``{"<module path>.lora_E": [keep, ...]}``, written by the allocator; a saved
-            adapter holds only the kept triplets.
+        rank_pattern: ``{"<module path>.lora_E.<adapter>": [keep, ...]}``, written by the allocator
+            (HF PEFT's keys; ``adapter_config.json`` drops the adapter name, as PEFT's does, and
+            both spellings are read); a saved adapter holds only the kept triplets.
     """
 
     peft_type = PeftType.ADALORA
@@ -123,6 +124,12 @@ class AdaLoraConfig(LoraConfig):
             raise ValueError("AdaLoRA has no rank-stabilised scaling: set use_rslora=False")
         if self.alpha_pattern:
             warnings.warn("AdaLoRA ignores alpha_pattern (as HF PEFT does)", stacklevel=3)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``rank_pattern`` keys lose the adapter name (PEFT's file format)."""
+        out = super().to_dict()
+        out["rank_pattern"] = saved_rank_pattern(self.rank_pattern)
+        return out
 
     def rank_for(self, module_name: str) -> int:
         """Every matrix starts at ``init_r`` (``rank_pattern`` here is a mask, not a rank table)."""
@@ -336,7 +343,7 @@ class AdaLoraModel(InjectedAdapterModel):
         super().add_adapter(adapter_name, config)
         if not config.inference_mode:
             self.trainable_adapter_name = adapter_name
-            self.rank_allocator = RankAllocator(config, self.triplets(adapter_name))
+            self.rank_allocator = RankAllocator(config, self.triplets(adapter_name), adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -485,7 +492,7 @@ class AdaLoraModel(InjectedAdapterModel):
         """Keep only the triplets ``rank_pattern`` keeps (PEFT's on-disk AdaLoRA format)."""
         pattern = self.peft_config[adapter_name].rank_pattern
         for key, keep in (pattern or {}).items():
-            prefix = "base_model.model." + module_path_of(key, adapter_name)
+            prefix = "base_model.model." + module_path_of(key)
             idx = torch.tensor(keep, dtype=torch.bool)
             for factor, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
                 disk = f"{prefix}.{factor}"
@@ -514,7 +521,7 @@ class AdaLoraModel(InjectedAdapterModel):
             return
         layers = dict(self.adapter_layers())
         for key, keep in rank_pattern.items():
-            path = module_path_of(key, adapter_name)
+            path = module_path_of(key)
             layer = layers.get(path)
             if layer is None or adapter_name not in layer.lora_E:
                 raise ValueError(
@@ -525,5 +532,5 @@ class AdaLoraModel(InjectedAdapterModel):
                 layer.resize(adapter_name, list(map(bool, keep)))
         if adapter_name == self.trainable_adapter_name:
             self.rank_allocator = RankAllocator(
-                self.peft_config[adapter_name], self.triplets(adapter_name)
+                self.peft_config[adapter_name], self.triplets(adapter_name), adapter_name
             )

@@ -19,14 +19,19 @@ from torch import nn
 
 from ..checkpoint import atomic_write
 from .adalora import AdaLoraModel
-from .rank_allocator import pattern_key
+from .rank_allocator import module_path_of
 
 # the first "<layers|h|block...>.<i>." in a path splits it into block (row) and module kind (column)
 _BLOCK = re.compile(r"^(?P<row>(?:.*?\.)?(?:layers|layer|h|block|blocks)\.\d+)\.(?P<col>.+)$")
 
 
 def _tuner_and_name(peft_model: nn.Module, adapter_name: str | None) -> tuple[AdaLoraModel, str]:
-    tuner = getattr(peft_model, "base_model", peft_model)
+    # a PeftModel, or the AdaLoraModel itself (whose getattr would reach the transformers model's)
+    tuner = (
+        peft_model
+        if isinstance(peft_model, AdaLoraModel)
+        else getattr(peft_model, "base_model", peft_model)
+    )
     if not isinstance(tuner, AdaLoraModel):
         raise ValueError(
             f"rank reports need an AdaLoRA model (get_peft_model with AdaLoraConfig); got a "
@@ -42,11 +47,12 @@ def final_ranks(peft_model: nn.Module, adapter_name: str | None = None) -> dict[
     """``{module path: rank}``: kept triplets per adapted matrix (all of them before allocation)."""
     tuner, name = _tuner_and_name(peft_model, adapter_name)
     pattern = tuner.peft_config[name].rank_pattern or {}
+    masks = {module_path_of(key): keep for key, keep in pattern.items()}  # either key spelling
     ranks = {}
     for path, layer in tuner.adapter_layers():
         if name not in layer.lora_E:
             continue
-        keep = pattern.get(pattern_key(path))
+        keep = masks.get(path)
         ranks[path] = int(sum(map(bool, keep))) if keep is not None else layer.r[name]
     return ranks
 

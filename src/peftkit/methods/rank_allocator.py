@@ -16,7 +16,9 @@ The budget (total kept triplets over all matrices) follows the paper's schedule:
     step > T - tfinal                  b = bT = target_r x (number of adapted matrices)
 
 with ``T = total_step``. Every ``deltaT`` steps of the middle phase the ``b0 - b`` lowest-scoring
-triplets get ``E[i] = 0``; the boolean keep-mask per matrix is the ``rank_pattern``.
+triplets get ``E[i] = 0``; the boolean keep-mask per matrix is the ``rank_pattern``, keyed as
+PEFT keys it: ``<path>.lora_E.<adapter>`` in memory, ``<path>.lora_E`` in ``adapter_config.json``
+(both spellings are read).
 
 This module knows tensors only (``{path: (A, E, B)}``), not layers or models, so it can be tested on
 its own. The arithmetic order follows the published algorithm step by step so that, from the same
@@ -35,18 +37,27 @@ Triplets = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 RANK_PATTERN_SUFFIX = ".lora_E"
 
 
-def pattern_key(path: str) -> str:
-    """``rank_pattern`` key for a module path (HF PEFT's on-disk spelling: ``<path>.lora_E``)."""
-    return path + RANK_PATTERN_SUFFIX
+def pattern_key(path: str, adapter_name: str | None = None) -> str:
+    """``rank_pattern`` key of a module path, spelled as HF PEFT spells it.
+
+    In memory (the allocator's output): ``<path>.lora_E.<adapter>``; in ``adapter_config.json``
+    (``adapter_name=None``): ``<path>.lora_E``.
+    """
+    key = path + RANK_PATTERN_SUFFIX
+    return f"{key}.{adapter_name}" if adapter_name else key
 
 
-def module_path_of(key: str, adapter_name: str | None = None) -> str:
-    """Inverse of :func:`pattern_key`; also accepts PEFT's in-memory ``<path>.lora_E.<adapter>``."""
-    if adapter_name and key.endswith("." + adapter_name):
-        key = key[: -len(adapter_name) - 1]
-    if key.endswith(RANK_PATTERN_SUFFIX):
-        key = key[: -len(RANK_PATTERN_SUFFIX)]
-    return key
+def module_path_of(key: str) -> str:
+    """Inverse of :func:`pattern_key`: the module path of either spelling (or of a bare path)."""
+    path, suffix, adapter = key.rpartition(RANK_PATTERN_SUFFIX)  # adapter: "" or ".<name>"
+    return path if suffix and (not adapter or adapter.startswith(".")) else key
+
+
+def saved_rank_pattern(pattern: dict[str, list[bool]] | None) -> dict[str, list[bool]] | None:
+    """``pattern`` with PEFT's on-disk keys (``<path>.lora_E``, adapter name dropped)."""
+    if pattern is None:
+        return None
+    return {pattern_key(module_path_of(k)): list(v) for k, v in pattern.items()}
 
 
 def _full_grad(p: torch.Tensor) -> torch.Tensor | None:
@@ -68,10 +79,12 @@ class RankAllocator:
     Args:
         config: an ``AdaLoraConfig`` (reads ``init``/``target`` ranks, the schedule and the betas).
         triplets: the adapter's current ``{path: (A, E, B)}``; fixes the starting budget.
+        adapter_name: ends the ``rank_pattern`` keys (``<path>.lora_E.<adapter>``, as PEFT's).
     """
 
-    def __init__(self, config, triplets: Triplets) -> None:
+    def __init__(self, config, triplets: Triplets, adapter_name: str = "default") -> None:
         self.config = config
+        self.adapter_name = adapter_name
         if not triplets:
             raise ValueError("AdaLoRA found no adapted matrices to allocate ranks over")
         self.init_budget = sum(E.shape[0] for _, E, _ in triplets.values())
@@ -159,12 +172,15 @@ class RankAllocator:
         for path, (_, E, _) in triplets.items():
             drop = scores[path] <= threshold  # (r,)
             E.masked_fill_(drop.view(-1, 1), 0.0)
-            pattern[pattern_key(path)] = (~drop).tolist()
+            pattern[pattern_key(path, self.adapter_name)] = (~drop).tolist()
         return pattern
 
     @torch.no_grad()
     def mask_using_rank_pattern(self, triplets: Triplets, rank_pattern: dict[str, list[bool]]):
-        """Re-apply a fixed keep-mask (the final phase: masked values must stay zero)."""
+        """Re-apply a fixed keep-mask (the final phase: masked values must stay zero).
+
+        Reads either key spelling (with or without the adapter name).
+        """
         masks = {module_path_of(k): v for k, v in rank_pattern.items()}
         for path, (_, E, _) in triplets.items():
             keep = masks.get(path)
