@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -89,3 +90,22 @@ def test_ranks_read_either_rank_pattern_key_spelling(tiny_model):
     config.rank_pattern = {k.removesuffix(".default"): v for k, v in config.rank_pattern.items()}
     assert final_ranks(model) == expected  # "<path>.lora_E" (files, older peftkit)
     assert final_ranks(model.base_model) == expected  # the AdaLoraModel itself is accepted too
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_write_run_report_writes_the_table_and_heatmap(plots, tiny_model, tmp_path):
+    model = _trained(tiny_model)
+    table, summary = model.base_model.write_run_report(tmp_path, plots=plots)
+    assert table == rank_report(model)
+    assert (tmp_path / "adalora_ranks.txt").read_text() == table + "\n"
+    ranks = final_ranks(model)
+    assert summary["ranks"] == ranks and summary["kept"] == sum(ranks.values())
+    assert summary["mean_rank"] == round(sum(ranks.values()) / len(ranks), 3)
+    png = tmp_path / "adalora_ranks.png"
+    if plots:
+        assert summary["heatmap"] == os.fspath(png) and png.read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert "heatmap" not in summary and not png.exists()
+    json.dumps(summary)  # goes into the run's summary.json as is
+    written = ["adalora_ranks.png", "adalora_ranks.txt"] if plots else ["adalora_ranks.txt"]
+    assert sorted(os.listdir(tmp_path)) == written  # no temp files left behind

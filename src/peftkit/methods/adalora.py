@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import pathlib
 import warnings
 import weakref
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..checkpoint import atomic_write_text
 from ..config import PeftType, register_config
 from ..tuner import InjectedAdapterModel
 from .lora import (
@@ -481,6 +483,31 @@ class AdaLoraModel(InjectedAdapterModel):
                 path, factor = key.rsplit("|", 1)
                 table[(path, factor)] = tensor.clone()
         self._steps_since_allocation = int(state.get("steps_since_allocation", 0))
+
+    # --- run report (the trainer calls it on any adapted model that has one) ---------------------
+    def write_run_report(self, folder: pathlib.Path, plots: bool) -> tuple[str, dict]:
+        """Where the rank budget went: ``adalora_ranks.txt`` (and ``adalora_ranks.png`` with
+        ``plots``) in ``folder``, for the active adapter.
+
+        Returns:
+            ``(table, summary)``: the rank table for the log, and ``{"ranks": {module path: rank},
+            "kept": total rank, "mean_rank": rounded to 3 places}`` plus ``"heatmap"``: the PNG's
+            path when plotted.
+        """
+        from .adalora_report import final_ranks, plot_rank_heatmap, rank_report
+
+        folder = pathlib.Path(folder)
+        table = rank_report(self)
+        atomic_write_text(str(folder / "adalora_ranks.txt"), table + "\n")
+        ranks = final_ranks(self)
+        summary: dict[str, Any] = {
+            "ranks": ranks,
+            "kept": sum(ranks.values()),
+            "mean_rank": round(sum(ranks.values()) / max(len(ranks), 1), 3),
+        }
+        if plots:
+            summary["heatmap"] = plot_rank_heatmap(self, folder / "adalora_ranks.png")
+        return table, summary
 
     @property
     def rankallocator(self) -> RankAllocator | None:
