@@ -173,7 +173,9 @@ def test_final_pattern_is_frozen_and_enforced(keys, tiny_model):
     config = model.peft_config["default"]
     assert all(k.endswith(".lora_E.default") for k in config.rank_pattern)  # PEFT's keys
     if keys == "old":  # as older peftkit versions kept it (and resumed training states hold it)
-        config.rank_pattern = {k.removesuffix(".default"): v for k, v in config.rank_pattern.items()}
+        config.rank_pattern = {
+            k.removesuffix(".default"): v for k, v in config.rank_pattern.items()
+        }
     frozen = copy.deepcopy(config.rank_pattern)
     assert sum(sum(m) for m in frozen.values()) <= 2 * len(TARGETS) * 2
     for step in range(8, 12):  # later steps (even past total_step) keep the pattern
