@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from peftkit.tasks import TASKS, EvalContext, Template
+from peftkit.tasks import TASK_TYPES, EvalContext, Template, run_eval, task_kind, task_spec
 from peftkit.tasks.base import IGNORE_INDEX, pad
 from peftkit.tasks.causal_lm_cls import truncate_left
 from peftkit.tasks.generation import generate_texts
@@ -36,11 +38,12 @@ def llama(tmp_path_factory):
     )
 
 
-def make_task(kind: str, tokenizer, **options):
-    cls = TASKS[kind]
-    task = cls(cls.Options(**options))
-    task.bind(tokenizer)
-    return task
+def make_task(kind: str, tokenizer, rows=None, model=None, **options):
+    """The task of ``task.type: kind`` with ``options``, its labels learnt from ``rows``."""
+    spec = task_spec({"type": kind, **options})
+    if rows is not None:
+        spec = spec.fit(rows)
+    return spec.build(tokenizer, model)
 
 
 def test_template_fills_columns_with_spaces_and_reports_missing_ones():
@@ -66,8 +69,11 @@ def test_causal_cls_learns_only_the_label_and_eos(tok):
     short = batch["attention_mask"][1]
     assert short.sum() < short.numel() and (batch["labels"][1][short == 0] == IGNORE_INDEX).all()
     assert (batch["input_ids"][1][short == 0] == tok.pad_token_id).all()
-    # the causal loss predicts token t+1 from <= t; the count of scored tokens excludes position 0
-    assert task.count_targets(batch) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    # "positive"/"negative" + EOS: 2 scored tokens per row, none at position 0
+    assert task.count_targets(batch) == 4
+    # the causal loss predicts token t+1 from <= t: a label at position 0 is never scored
+    labels = torch.tensor([[5, 6, IGNORE_INDEX], [IGNORE_INDEX, 7, 8]])
+    assert task.count_targets({"labels": labels}) == 1 + 2
 
 
 def test_long_prompts_lose_tokens_from_the_left_and_keep_bos():
@@ -120,24 +126,34 @@ def test_seq2seq_targets_end_with_eos_and_pad_to_ignore(tok):
 
 
 def test_seq_cls_label_ids_follow_the_sorted_label_set(tok):
-    task = make_task("seq_cls", tok, text="{review}")
+    spec = task_spec({"type": "seq_cls", "text": "{review}"})
     rows = [{"review": "great", "label": "pos"}, {"review": "bad", "label": "neg"}]
-    task.fit(rows)
-    assert task.labels == ["neg", "pos"]
-    assert task.model_kwargs() == {"num_labels": 2}
+    spec = spec.fit(rows)
+    assert spec.labels == ("neg", "pos") and spec.state() == {"labels": ["neg", "pos"]}
+    assert spec.model_kwargs() == {
+        "num_labels": 2,
+        "id2label": {0: "neg", 1: "pos"},
+        "label2id": {"neg": 0, "pos": 1},
+    }
+    task = spec.build(tok, None)
     batch = task.collate(task.encode(rows))
     assert batch["labels"].tolist() == [1, 0]
-    problems = task.check_records([{"review": "x", "label": "meh"}], "eval", need_targets=True)
+    problems = spec.check_records([{"review": "x", "label": "meh"}], "eval", need_targets=True)
     assert problems and "meh" in problems[0]
+    with pytest.raises(ValueError, match="found 1 label value"):
+        spec.fit(rows[:1])
+    # a run folder's task_state.json gives the label set back without the data
+    fresh = task_spec({"type": "seq_cls", "text": "{review}"})
+    assert fresh.needs_labels and fresh.restore({"labels": ["neg", "pos"]}) == spec
 
 
 def test_missing_columns_are_reported_per_split(tok):
-    task = make_task("causal_lm_cls", tok, text="{Tweet text} Label :", target="{Label}")
-    problems = task.check_records([{"text": "a", "label": "b"}], "train", need_targets=True)
+    spec = task_spec({"type": "causal_lm_cls", "text": "{Tweet text} Label :", "target": "{Label}"})
+    problems = spec.check_records([{"text": "a", "label": "b"}], "train", need_targets=True)
     assert "data.train" in problems[0] and "Tweet text" in problems[0] and "Label" in problems[0]
     # a test file without labels is fine: only the prompt's columns are needed
-    assert task.check_records([{"Tweet text": "a"}], "test", need_targets=False) == []
-    assert not task.has_targets([{"Tweet text": "a"}])
+    assert spec.check_records([{"Tweet text": "a"}], "test", need_targets=False) == []
+    assert not spec.has_targets([{"Tweet text": "a"}])
 
 
 def _greedy_no_cache(model, ids: list[int], steps: int, eos: int) -> list[int]:
@@ -177,20 +193,24 @@ def test_scores_match_their_definitions():
     refs = ["a", "b", "b", "a"]
     out = score(["accuracy", "macro_f1"], preds, refs, labels=["a", "b"])
     assert out["accuracy"] == pytest.approx(0.5)
-    # F1(a) = 2*1/(2+2) = 0.5, F1(b) = 2*1/(1+2) = 2/3
-    assert out["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
-    assert out["invalid_rate"] == pytest.approx(0.25)
+    # F1(a) = 2*1/(2+2) = 1/2, F1(b) = 2*1/(1+2) = 2/3; mean 7/12
+    assert out["macro_f1"] == pytest.approx(7 / 12)
+    assert out["invalid_rate"] == pytest.approx(0.25)  # "x" is no label
     base = majority_baseline(["a", "a", "b"], ["a", "b", "b", "b"], ["a", "b"])
     assert base["majority_label"] == "a" and base["majority_accuracy"] == pytest.approx(0.25)
+    # best reference: LCS 3 of 3 predicted and 4 reference words, F = 2 * 1 * 3/4 / (1 + 3/4)
     gen = score(["rouge_l"], ["the cat sat"], [["a dog", "the cat sat down"]])
-    assert gen["rouge_l"] == pytest.approx(2 * 1 * 0.75 / 1.75)
+    assert gen["rouge_l"] == pytest.approx(6 / 7)
 
 
 def test_grouped_references_for_generation(tok):
-    task = make_task("causal_lm_gen", tok, text="{mr} :", target="{ref}")
+    task = make_task("causal_lm_gen", tok, text="{mr} :", target="{ref}", metrics=["rouge_l"])
     rows = [{"mr": "m1", "ref": "a"}, {"mr": "m2", "ref": "b"}, {"mr": "m1", "ref": "c"}]
-    grouped, refs = task._grouped(rows)
-    assert [r["mr"] for r in grouped] == ["m1", "m2"] and refs == [["a", "c"], ["b"]]
+    assert [r["mr"] for r in task.scored_rows(rows)] == ["m1", "m2"]
+    # one prediction per prompt, scored against every reference of that prompt
+    result = task.score(rows, ["c", "x"], eval_loss=0.0)
+    assert result.references == [["a", "c"], ["b"]] and result.predictions == ["c", "x"]
+    assert result.metrics["rouge_l"] == pytest.approx(0.5)  # "c" matches, "x" does not
 
 
 def test_pad_left_and_right():
@@ -223,10 +243,8 @@ def test_decoder_classifier_pads_left_only_under_embedding_prompts(tmp_path, tok
         "lora": LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"]),
     }[method]
     model = get_peft_model(base, config)
-    task = make_task("seq_cls", tok, text="{review}")
-    task.fit([{"review": "x", "label": "negative"}, {"review": "y", "label": "positive"}])
-    task.configure_model(base)
-    task.use_model(model)
+    labelled = [{"review": "x", "label": "negative"}, {"review": "y", "label": "positive"}]
+    task = make_task("seq_cls", tok, rows=labelled, model=model, text="{review}")
     rows = [
         {"review": "the food was great", "label": "positive"},
         {"review": "the food was great and staff very nice", "label": "positive"},
@@ -237,8 +255,8 @@ def test_decoder_classifier_pads_left_only_under_embedding_prompts(tmp_path, tok
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     assert model(**inputs).logits.shape == (2, 2)
     if left:  # the same rows padded on the right are refused: the head would pool a pad
-        task.pad_left = False
-        right = {k: v for k, v in task.collate(task.encode(rows)).items() if k != "labels"}
+        plain = make_task("seq_cls", tok, rows=labelled, model=base, text="{review}")
+        right = {k: v for k, v in plain.collate(plain.encode(rows)).items() if k != "labels"}
         with pytest.raises(ValueError, match="pad on the left"):
             model(**right)
     else:  # right padding: the short row classifies exactly as it does alone
@@ -256,12 +274,11 @@ def test_token_cls_labels_each_words_first_subword_only():
     from peftkit.models import tokenizer_folder
 
     tok = AutoTokenizer.from_pretrained(tokenizer_folder("minilm-l6"))
-    task = make_task("token_cls", tok)
     rows = [
         {"tokens": ["Snapchatting", "in", "Reykjavik"], "tags": ["B-product", "O", "B-location"]},
         {"tokens": ["hi"], "tags": ["O"]},
     ]
-    task.fit(rows)
+    task = make_task("token_cls", tok, rows=rows)
     assert task.labels == ["O", "B-location", "B-product"]
     first, short = task.encode(rows)
     pieces = tok.convert_ids_to_tokens(first["input_ids"])
@@ -271,18 +288,24 @@ def test_token_cls_labels_each_words_first_subword_only():
     batch = task.collate([first, short])
     assert batch["labels"][1].tolist() == [IGNORE_INDEX, 0] + [IGNORE_INDEX] * 5
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0]
-    assert task._tags([2, 0], 3) == ["B-product", "O", "O"]  # a word lost to truncation -> O
-    problems = task.check_records([{"tokens": ["a", "b"], "tags": ["O"]}], "eval", True)
+    # decoding reads each word's first token; a word lost to truncation is predicted O
+    logits = torch.full((2, 7, 3), -1.0)
+    logits[0, 1, 2] = logits[0, 4, 0] = logits[0, 5, 1] = logits[1, 1, 0] = 1.0
+    decoded = task.decode([first, short], batch, SimpleNamespace(logits=logits))
+    assert decoded == [["B-product", "O", "B-location"], ["O"]]
+    assert task.texts(rows[:1], [["B-product", "O"]]) == ["B-product O O"]
+    problems = task.spec.check_records([{"tokens": ["a", "b"], "tags": ["O"]}], "eval", True)
     assert problems and "2 words but 1 tags" in problems[0]
 
 
 def test_token_cls_scores_entities_like_conlleval(tok):
-    task = make_task("token_cls", tok)
-    task.labels = ["O", "B-PER", "I-PER"]
+    task = make_task("token_cls", tok, labels=["O", "B-PER", "I-PER"], rows=[])
     rows = [{"tokens": ["Ann", "Lee", "ran"], "tags": ["B-PER", "I-PER", "O"]}] * 2
-    task._eval_preds = [[1, 2, 0], [1, 0, 0]]  # one exact entity, one cut short
-    result = task.evaluate(None, rows, eval_loss=0.0)
+    predictions = [["B-PER", "I-PER", "O"], ["B-PER", "O", "O"]]  # one exact entity, one cut short
+    result = task.score(rows, predictions, eval_loss=0.0)
+    # 2 gold entities, 2 predicted, 1 right: P = R = F1 = 1/2; 5 of 6 tags right
     assert result.metrics["f1"] == pytest.approx(0.5)
+    assert result.metrics["precision"] == pytest.approx(0.5)
     assert result.metrics["accuracy"] == pytest.approx(5 / 6)
     assert result.predictions == ["B-PER I-PER O", "B-PER O O"]
 
@@ -310,14 +333,94 @@ def test_qa_targets_map_answer_characters_to_tokens_and_back():
     assert context[first["spans"][s][0] : first["spans"][e][1]] == answer
     assert (second["start_positions"], second["end_positions"]) == (0, 0)
     # decoding: the gold span's logits win, unless "no answer" scores higher
-    n = len(first["input_ids"])
-    start, end = [0.0] * n, [0.0] * n
-    start[s], end[e] = 5.0, 5.0
-    assert task._decode(start, end, first, context) == answer
-    start[0], end[0] = 6.0, 6.0
-    assert task._decode(start, end, first, context) == ""
+    batch = task.collate([first])
+    start, end = torch.zeros(1, len(first["input_ids"])), torch.zeros(1, len(first["input_ids"]))
+    start[0, s], end[0, e] = 5.0, 5.0
+    outputs = SimpleNamespace(start_logits=start, end_logits=end)
+    (span,) = task.decode([first], batch, outputs)
+    assert task.texts(rows[:1], [span]) == [answer]
+    start[0, 0], end[0, 0] = 6.0, 6.0
+    assert task.decode([first], batch, outputs) == [None]
+    assert task.texts(rows[:1], [None]) == [""]
     # a context cut before the answer: nothing to point at but [CLS]
     short = make_task("qa", tok, max_length=10)
     (cut,) = short.encode(rows[:1])
     assert (cut["start_positions"], cut["end_positions"]) == (0, 0)
-    assert task.check_records([{"question": "q", "context": "c", "answers": "x"}], "eval", True)
+    assert task.spec.check_records([{"question": "q", "context": "c", "answers": "x"}], "eval", 1)
+
+
+class _LengthLoss(torch.nn.Module):
+    """A stand-in LM whose loss is the batch's width and whose logits favour class 1 when the
+    row's first token id is odd: outputs worked out by hand below."""
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **_):
+        odd = (input_ids[:, 0] % 2).float()  # (B,)
+        logits = torch.stack([1 - odd, odd], dim=-1)  # (B, 2)
+        return SimpleNamespace(loss=torch.tensor(float(input_ids.shape[1])), logits=logits)
+
+
+def test_run_eval_weights_each_batch_by_its_targets(tok):
+    """Blocks of 4 over a 6-token stream: [4 tokens] (3 predicted) and [2 tokens] (1 predicted).
+    Batch losses 4 and 2 (their widths) average to (4*3 + 2*1) / 4 = 3.5, not (4 + 2) / 2."""
+    task = make_task("causal_lm", tok, block_size=4)
+    rows = [{"text": "the food was great staff"}]  # 5 words + EOS = 6 tokens
+    features = task.encode(rows)
+    assert [len(f["input_ids"]) for f in features] == [4, 2]
+    ctx = EvalContext(model=_LengthLoss(), device=torch.device("cpu"), batch_size=1)
+    metrics, result = run_eval(ctx, task, rows, features)
+    assert metrics["eval_loss"] == pytest.approx(3.5)
+    assert metrics["perplexity"] == pytest.approx(33.11545, rel=1e-6)  # e^3.5
+    assert result.predictions == []
+
+
+def test_run_eval_scores_the_predictions_of_its_own_batches(tok):
+    """No state between calls: the same task scores two row sets in turn, each from its own pass.
+    Ids: "bad"=14 and "great"=22 (even -> class 0 "neg"), "the"=45 (odd -> class 1 "pos")."""
+    ids = tok.convert_tokens_to_ids(["bad", "great", "the"])
+    assert ids == [14, 22, 45]
+    task = make_task("seq_cls", tok, text="{review}", labels=["neg", "pos"], rows=[])
+    ctx = EvalContext(model=_LengthLoss(), device=torch.device("cpu"), batch_size=2)
+    first = [
+        {"review": "great", "label": "neg"},
+        {"review": "bad", "label": "pos"},
+        {"review": "the food", "label": "pos"},
+    ]
+    metrics, result = run_eval(ctx, task, first, task.encode(first))
+    assert result.predictions == ["neg", "neg", "pos"]
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    # batches [great, bad] (width 1, 2 rows) and [the food] (width 2, 1 row): (1*2 + 2*1) / 3
+    assert metrics["eval_loss"] == pytest.approx(4 / 3)
+    second = [{"review": "the", "label": "pos"}]
+    metrics, result = run_eval(ctx, task, second, task.encode(second))
+    assert result.predictions == ["pos"] and metrics["accuracy"] == 1.0
+    assert task.predict(ctx, [{"review": "bad"}]) == ["neg"]  # rows without labels
+
+
+def test_generate_inputs_are_read_by_the_task():
+    """`peftkit generate` hands the task a --prompt as {"text": ...} or a file row."""
+    prompted = task_spec({"type": "causal_lm_cls", "text": "review : {review} label :"})
+    row = prompted.input_row({"text": "great"})
+    assert row == {"review": "great"} and prompted.describe(row) == "review : great label :"
+    with pytest.raises(ValueError, match="needs columns \\['a', 'b'\\].*--raw"):
+        task_spec({"type": "causal_lm_cls", "text": "{a} {b}"}).input_row({"text": "x"})
+    tagger = task_spec({"type": "token_cls"})
+    words = tagger.input_row({"text": "Alpha serves thai food"})
+    assert words == {"tokens": ["Alpha", "serves", "thai", "food"]}
+    assert tagger.describe(words) == "Alpha serves thai food"
+    reader = task_spec({"type": "qa"})
+    assert reader.describe({"question": "who?", "context": "Ann ran"}) == "who? | Ann ran"
+    with pytest.raises(ValueError, match="reads columns \\['question', 'context'\\]"):
+        reader.input_row({"text": "who?"})
+
+
+def test_one_table_names_task_class_adapter_type_and_auto_class():
+    from peftkit import TaskType
+
+    assert task_kind("seq_cls").auto_class == "AutoModelForSequenceClassification"
+    assert task_kind(TaskType.CAUSAL_LM).name == "causal_lm"  # a bare adapter's type
+    assert task_kind("SEQ_2_SEQ_LM").name == "seq2seq" and task_kind("question_ans").name == "qa"
+    required = {name: {"text": "{x}"} for name in ("causal_lm_cls", "causal_lm_gen", "seq2seq")}
+    for name, row in TASK_TYPES.items():
+        if row.task is not None:  # every task the trainer runs builds from its table row
+            spec = task_spec({"type": name, **required.get(name, {})})
+            assert spec.kind is row and spec.task_type is row.task_type

@@ -142,19 +142,18 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.config import load_config
     from .train.run import run_train
-    from .train.setup import build_task, check_data
+    from .train.setup import build_spec, check_data
     from .train.splits import load_splits
 
     config = load_config(args.config, args.overrides)
     if args.check:
-        task = build_task(config)
         splits = load_splits(config)
-        check_data(task, splits, config.source)
+        spec = check_data(build_spec(config), splits, config.source)
         for note in splits.notes:
             print("data " + note)
-        labels = getattr(task, "labels", None)
+        labels = list(spec.labels) if spec.labels else None
         print(
-            f"config OK: {args.config} (task {task.name}, method {config.method_type}, "
+            f"config OK: {args.config} (task {spec.name}, method {config.method_type}, "
             f"model {config.model.name}" + (f", labels {labels}" if labels else "") + ")"
         )
         return 0
@@ -171,7 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_target(args: argparse.Namespace, overrides: Sequence[str] = ()):
-    from .train.inference import find_target, run_config, task_for
+    """The target, its run config and its task spec (None, None for a bare adapter folder)."""
+    from .train.inference import find_target, run_config, spec_for
 
     target = find_target(args.target)
     if getattr(args, "adapter", None):
@@ -179,7 +179,7 @@ def _load_target(args: argparse.Namespace, overrides: Sequence[str] = ()):
 
         target = Target(target.run_dir, Path(args.adapter), target.config_path)
     config = run_config(target, overrides)
-    return target, config, task_for(config)
+    return target, config, spec_for(config)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -189,8 +189,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.setup import check_data
     from .train.splits import load_splits
 
-    target, config, task = _load_target(args, args.overrides)
-    if config is None or task is None:
+    target, config, spec = _load_target(args, args.overrides)
+    if config is None or spec is None:
         raise _usage(
             "eval needs a run folder (with config.yaml) or a YAML config: the task and "
             "data come from it"
@@ -203,16 +203,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             + (" or data.eval_size" if args.split == "eval" else "")
             + ")"
         )
-    if not restore_task_state(task, target):
-        check_data(task, splits, config.source)
-    if not task.has_targets(rows):
+    spec = restore_task_state(spec, target) or check_data(spec, splits, config.source)
+    if not spec.has_targets(rows):
         raise _usage(
             f"the {args.split} rows carry no references (columns "
-            f"{task.target_columns()}); use `peftkit generate` to label them"
+            f"{spec.target_columns()}); use `peftkit generate` to label them"
         )
     loaded = load_for_inference(
-        target, config, task, model_name=args.model, use_adapter=not args.no_adapter
+        target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
     )
+    task = loaded.task
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
@@ -255,56 +255,46 @@ def _read_inputs(path: str) -> list[dict[str, Any]]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .tasks import EvalContext
-    from .tasks.generation import generate_texts
-    from .tasks.prompted import PromptedTask
+    from .tasks.generation import generate_texts, is_encoder_decoder
     from .train.inference import load_for_inference, restore_task_state
 
     if not args.prompt and not args.input:
         raise _usage("give --prompt TEXT (repeatable) or --input FILE")
-    target, config, task = _load_target(args)
+    target, config, spec = _load_target(args)
     if target.adapter_dir is None and not args.no_adapter:
         raise _usage(
             f"{args.target} has no adapter yet (no adapter/ folder): train first, or "
             "pass --no-adapter to use the base model"
         )
-    if task is not None:
-        restore_task_state(task, target)
+    if spec is not None:
+        spec = restore_task_state(spec, target) or spec
     rows: list[dict[str, Any]] = [{"text": p} for p in args.prompt]
     if args.input:
         rows += _read_inputs(args.input)
+    # the task reads its own inputs; without one (or with --raw on a text model) prompts are text
+    raw = spec is None or (args.raw and spec.kind.writes_text)
+    try:
+        inputs = [_raw_row(r) if raw else spec.input_row(r) for r in rows]
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
+    prompts = [r["text"] if raw else spec.describe(r) for r in inputs]
     loaded = load_for_inference(
-        target, config, task, model_name=args.model, use_adapter=not args.no_adapter
+        target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
     )
-    tok = loaded.tokenizer
-    if task is None:
-        from .models import prepare_tokenizer
-
-        prepare_tokenizer(tok)
     ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=args.batch_size)
     loaded.model.to(ctx.device)
-    templated = isinstance(task, PromptedTask) and not args.raw
     start = time.perf_counter()
-    readers = {"seq_cls": _input_row, "token_cls": _token_cls_row, "qa": _input_row}
-    if task is not None and task.model_kind in readers:  # a label, tags, or an answer span
-        inputs = [readers[task.model_kind](task, r) for r in rows]
-        prompts = [_input_text(task, r) for r in inputs]
-        outputs = task.predict(ctx, inputs)
-    elif templated:
-        prompts = [_prompt_text(task, r, templated) for r in rows]
-        if args.max_new_tokens:
-            task.options.max_new_tokens = args.max_new_tokens
-        outputs = task.predict(ctx, [_template_row(task, r) for r in rows])
-    else:
-        prompts = [_prompt_text(task, r, templated) for r in rows]
-        encoder_decoder = (
-            (task.model_kind == "seq2seq")
-            if task
-            else bool(getattr(getattr(loaded.model, "config", None), "is_encoder_decoder", False))
-        )
-        ids = tok(prompts)["input_ids"]
+    if raw:
+        tok = loaded.tokenizer
         outputs = generate_texts(
-            ctx, tok, ids, max_new_tokens=args.max_new_tokens or 64, encoder_decoder=encoder_decoder
+            ctx,
+            tok,
+            tok(prompts)["input_ids"],
+            max_new_tokens=args.max_new_tokens or 64,
+            encoder_decoder=is_encoder_decoder(loaded.model),
         )
+    else:
+        outputs = loaded.task.generate(ctx, inputs, max_new_tokens=args.max_new_tokens)
     elapsed = time.perf_counter() - start
     if args.output:
         _write_generations(Path(args.output), rows, prompts, outputs)
@@ -321,50 +311,12 @@ def torch_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _template_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """A --prompt string fills the template's one placeholder; file rows keep their columns."""
-    fields = task.prompt_template.fields
-    if all(f in row for f in fields):
-        return row
-    if len(fields) == 1 and "text" in row:
-        return {fields[0]: row["text"]}
-    raise _usage(
-        f"the run's template {task.options.text!r} needs columns {fields}; give an "
-        "--input file with those columns, or --raw to use prompts verbatim"
+def _raw_row(row: dict[str, Any]) -> dict[str, Any]:
+    if "text" in row:
+        return {"text": str(row["text"])}
+    raise ValueError(
+        "input rows need a 'text' column (or use a run whose template names the columns)"
     )
-
-
-def _input_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
-    fields = task.input_columns()
-    if all(f in row for f in fields):
-        return row
-    if len(fields) == 1 and "text" in row:
-        return {fields[0]: row["text"]}
-    raise _usage(f"the model reads columns {fields}; give an --input file with them")
-
-
-def _token_cls_row(task: Any, row: dict[str, Any]) -> dict[str, Any]:
-    column = task.options.tokens
-    if column in row:
-        words = row[column]
-        return {column: words.split() if isinstance(words, str) else list(words)}
-    if "text" in row:
-        return {column: str(row["text"]).split()}
-    raise _usage(f"the tagger reads the words of column {column!r} (or 'text'); give them")
-
-
-def _input_text(task: Any, row: dict[str, Any]) -> str:
-    """What a classifier / tagger / reader was given, as one line for the output file."""
-    cells = (row[c] for c in task.input_columns())
-    return " | ".join(" ".join(c) if isinstance(c, list) else str(c) for c in cells)
-
-
-def _prompt_text(task: Any, row: dict[str, Any], templated: bool) -> str:
-    if templated:
-        return task.prompt_of(_template_row(task, row))
-    if "text" in row:
-        return str(row["text"])
-    raise _usage("input rows need a 'text' column (or use a run whose template names the columns)")
 
 
 def _write_generations(
@@ -396,16 +348,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from .train.inference import load_for_inference, restore_task_state
 
-    target, config, task = _load_target(args)
+    target, config, spec = _load_target(args)
     if target.adapter_dir is None:
         raise _usage(f"{args.target} holds no adapter to merge")
-    if task is not None:
-        restore_task_state(task, target)
+    if spec is not None:
+        spec = restore_task_state(spec, target) or spec
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise _usage(f"--output {out} exists and is not empty; pass --overwrite or another folder")
     loaded = load_for_inference(
-        target, config, task, model_name=args.model, dtype=args.dtype, quantization=False
+        target, config, spec, model_name=args.model, dtype=args.dtype, quantization=False
     )
     merged = loaded.model.merge_and_unload()
     if args.dtype:
@@ -432,28 +384,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .train.setup import attach_adapter, check_data, load_model, trainable_line
     from .train.splits import load_splits
 
-    target, config, task = _load_target(args, args.overrides)
+    target, config, spec = _load_target(args, args.overrides)
     if target.adapter_dir is None:
-        if config is None or task is None:
+        if config is None or spec is None:
             raise _usage(f"{args.target}: nothing to inspect")
         if args.model:
             config.model.name = args.model
         splits = load_splits(config) if config.data.train is not None else None
-        if not restore_task_state(task, target) and splits is not None:
-            check_data(task, splits, config.source)
-        model, _ = load_model(config, task)
+        restored = restore_task_state(spec, target)
+        if restored is not None:
+            spec = restored
+        elif splits is not None:
+            spec = check_data(spec, splits, config.source)
+        model, tokenizer = load_model(config, spec)
         total = None
         if splits is not None:  # AdaLoRA's budget schedule needs the run's step count
             from .train.loop import plan_steps
 
-            total = plan_steps(len(task.encode(splits.train)), config).total_steps
-        model = attach_adapter(config, model, task, total_steps=total)
+            features = spec.build(tokenizer, model).encode(splits.train)
+            total = plan_steps(len(features), config).total_steps
+        model = attach_adapter(config, model, spec, total_steps=total)
     else:
-        if task is not None:
-            restore_task_state(task, target)
+        if spec is not None:
+            spec = restore_task_state(spec, target) or spec
         # loaded as trainable, so the parameter line counts the adapter as training saw it
         model = load_for_inference(
-            target, config, task, model_name=args.model, trainable=True
+            target, config, spec, model_name=args.model, trainable=True
         ).model
     print(model)
     print(trainable_line(model))

@@ -31,6 +31,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,6 @@ from torch import nn
 
 __all__ = [
     "BUNDLED_MODELS",
-    "TASKS",
     "BundledModel",
     "ModelSource",
     "cache_dir",
@@ -93,23 +93,6 @@ _ALIASES = {
     "minilm": "minilm-l6",
     "all-minilm-l6-v2": "minilm-l6",
     "sentence-transformers/all-minilm-l6-v2": "minilm-l6",
-}
-
-# Task name -> transformers Auto class name. HF PEFT's TaskType values are accepted too.
-TASKS: dict[str, str] = {
-    "causal_lm": "AutoModelForCausalLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "seq_cls": "AutoModelForSequenceClassification",
-    "token_cls": "AutoModelForTokenClassification",
-    "qa": "AutoModelForQuestionAnswering",
-    "image_cls": "AutoModelForImageClassification",
-    "feature_extraction": "AutoModel",
-}
-_TASK_ALIASES = {
-    "seq_2_seq_lm": "seq2seq",
-    "question_ans": "qa",
-    "question_answering": "qa",
-    "image_classification": "image_cls",
 }
 
 _DTYPES = {
@@ -209,12 +192,11 @@ def resolve_model(name: str | os.PathLike, gguf_file: str | None = None) -> Mode
 
 
 def resolve_task(task: str) -> str:
-    """Normalise a task name (``"seq_cls"``, ``"SEQ_CLS"``, ``TaskType.SEQ_CLS``...) to a TASKS key."""
-    raw = getattr(task, "value", task)
-    key = _TASK_ALIASES.get(str(raw).lower(), str(raw).lower())
-    if key not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASKS)}.")
-    return key
+    """Normalise a task name (``"seq_cls"``, ``"SEQ_CLS"``, ``TaskType.SEQ_CLS``...) to its row
+    name in the task table (:data:`peftkit.tasks.TASK_TYPES`, which picks the Auto class)."""
+    from .tasks import task_kind  # the table lives with the tasks; imported on use
+
+    return task_kind(task).name
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -366,6 +348,80 @@ def prepare_tokenizer(tokenizer: Any, padding_side: str | None = None) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Loading report
+# ---------------------------------------------------------------------------------------------
+
+
+class _HoldLoadReport(logging.Filter):
+    """Keeps transformers' load report (a warning table of missing / unexpected keys) back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+def _from_pretrained(
+    auto_cls: Any, path: str, model_kw: dict[str, Any], restored_modules: Sequence[str]
+) -> nn.Module:
+    """``auto_cls.from_pretrained`` with its load report told in our words (:func:`_report_load`);
+    when loading fails, transformers' report is shown as it was written (the error cites it)."""
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hold = _HoldLoadReport()
+    hf_logger.addFilter(hold)
+    try:
+        model, info = auto_cls.from_pretrained(path, output_loading_info=True, **model_kw)
+    except BaseException:
+        hf_logger.removeFilter(hold)
+        for record in hold.held:
+            hf_logger.handle(record)
+        raise
+    hf_logger.removeFilter(hold)
+    _report_load(model, path, info, restored_modules)
+    return model
+
+
+def _modules_of(keys: Sequence[str], limit: int = 6) -> str:
+    """``["classifier.bias", "classifier.weight"]`` -> ``"classifier (bias, weight)"``."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        module, _, leaf = key.rpartition(".")
+        groups.setdefault(module or leaf, []).append(leaf if module else "")
+    parts = [f"{m} ({', '.join(v)})" if any(v) else m for m, v in list(groups.items())[:limit]]
+    more = len(groups) - limit
+    return ", ".join(parts) + (f" and {more} more module(s)" if more > 0 else "")
+
+
+def _covered(key: str, modules: Sequence[str]) -> bool:
+    module = key.rpartition(".")[0]
+    return any(module == m or module.endswith("." + m) for m in modules)
+
+
+def _report_load(
+    model: nn.Module, path: str, info: dict[str, Any], restored_modules: Sequence[str]
+) -> None:
+    """One warning for weights that did not come from the checkpoint as they are, leaving out
+    the missing ones the caller restores next (``restored_modules``)."""
+    missing = [k for k in info.get("missing_keys", ()) if not _covered(k, restored_modules)]
+    unexpected = list(info.get("unexpected_keys", ()))
+    mismatched = [m[0] for m in info.get("mismatched_keys", ())]
+    problems = []
+    if missing:
+        problems.append(f"not in the checkpoint, start from random values: {_modules_of(missing)}")
+    if mismatched:
+        problems.append(f"re-initialised (shape differs): {_modules_of(mismatched)}")
+    if unexpected:
+        problems.append(f"in the checkpoint but unused: {_modules_of(unexpected)}")
+    if problems:
+        logger.warning("%s from %s: weights %s", type(model).__name__, path, "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -393,6 +449,7 @@ def load_base_model(
     double_quant: bool = True,
     compute_dtype: str | torch.dtype | None = None,
     tokenizer_name_or_path: str | os.PathLike | None = None,
+    restored_modules: Sequence[str] = (),
     **kw: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a base model and its tokenizer (or image processor) for fine-tuning.
@@ -411,6 +468,10 @@ def load_base_model(
         double_quant: with ``quantization``, also quantise the block statistics.
         compute_dtype: with ``quantization``, the matmul dtype.
         tokenizer_name_or_path: load the tokenizer from elsewhere (default: the model's folder).
+        restored_modules: modules whose weights the caller loads next (an adapter's
+            ``modules_to_save``, e.g. ``["classifier"]``): their absence from the checkpoint is
+            expected and not reported. Other missing, unused or misshaped weights are reported
+            as one warning (transformers' own load report is held back).
         **kw: passed to the model's ``from_pretrained`` (e.g. ``id2label``, ``label2id``,
             ``ignore_mismatched_sizes``, ``attn_implementation``).
 
@@ -449,13 +510,17 @@ def load_base_model(
 
     model_kw: dict[str, Any] = {"local_files_only": local_only, **kw}
     model_kw["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
+    from .tasks import TASK_TYPES
+
+    kind = TASK_TYPES[task]
     if num_labels is not None:
-        if task not in ("seq_cls", "token_cls", "image_cls"):
-            raise ValueError(f"num_labels applies to seq_cls/token_cls/image_cls, not {task!r}.")
+        if not kind.has_head:
+            heads = "/".join(k for k, row in TASK_TYPES.items() if row.has_head)
+            raise ValueError(f"num_labels applies to {heads}, not {task!r}.")
         model_kw["num_labels"] = num_labels
-    auto_cls = getattr(transformers, TASKS[task])
+    auto_cls = getattr(transformers, kind.auto_class)
     try:
-        model = auto_cls.from_pretrained(path, **model_kw)
+        model = _from_pretrained(auto_cls, path, model_kw, restored_modules)
     except OSError as e:
         if source.is_local or local_only:
             raise
@@ -463,20 +528,18 @@ def load_base_model(
 
     tok_path = os.fspath(tokenizer_name_or_path) if tokenizer_name_or_path else path
     tok_kw = {"local_files_only": local_only if tokenizer_name_or_path is None else False}
+    texts = kind.preprocessor == "AutoTokenizer"
     try:
-        if task == "image_cls":
-            tokenizer = transformers.AutoImageProcessor.from_pretrained(tok_path, **tok_kw)
-        else:
-            tokenizer = prepare_tokenizer(
-                transformers.AutoTokenizer.from_pretrained(tok_path, **tok_kw), padding_side
-            )
+        tokenizer = getattr(transformers, kind.preprocessor).from_pretrained(tok_path, **tok_kw)
+        if texts:
+            tokenizer = prepare_tokenizer(tokenizer, padding_side)
     except (OSError, ValueError) as e:
-        what = "image processor" if task == "image_cls" else "tokenizer"
+        what = "tokenizer" if texts else "image processor"
         raise FileNotFoundError(
             f"no usable {what} in {tok_path} ({e}); save it next to the model "
             f"(tokenizer.save_pretrained(folder)) or pass tokenizer_name_or_path=."
         ) from e
-    if task != "image_cls" and getattr(model.config, "pad_token_id", None) is None:
+    if texts and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
     if quantization is not None:

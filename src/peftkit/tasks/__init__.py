@@ -1,28 +1,99 @@
-"""Tasks: one module per task, each turning rows into features, batches, metrics.
+"""Tasks: one module per task, each turning rows into features, batches, predictions, metrics.
 
-==============  ==========================================  =========================  ===========
-task.type       what                                        model                      metrics
-==============  ==========================================  =========================  ===========
-causal_lm       plain text, next-token prediction           AutoModelForCausalLM       perplexity
-causal_lm_cls   prompt -> label text (RAFT, SMS spam)       AutoModelForCausalLM       accuracy, macro-F1
-causal_lm_gen   prompt -> free text (E2E NLG)               AutoModelForCausalLM       ROUGE-L, BLEU
-seq_cls         text -> class id, trained head (SST-2)      AutoModelForSeqCls         accuracy, macro-F1
-seq2seq         source -> target on T5 / BART               AutoModelForSeq2SeqLM      ROUGE-L, BLEU
-token_cls       words -> one tag each, trained head (NER)   AutoModelForTokenCls       entity F1, accuracy
-qa              question + context -> answer span (SQuAD)   AutoModelForQuestionAns    SQuAD EM, F1
-==============  ==========================================  =========================  ===========
+:data:`TASK_TYPES` is THE table from a task type to what runs it: the task class (rows ->
+features -> metrics), the adapter's :class:`~peftkit.TaskType`, and the transformers Auto class
+that loads the model. ``task.type`` in a run config, ``load_base_model(task=...)`` and a bare
+adapter's ``task_type`` are all looked up here. What each task does and scores:
+
+==============  ==========================================  ===================
+task.type       what                                        metrics
+==============  ==========================================  ===================
+causal_lm       plain text, next-token prediction           perplexity
+causal_lm_cls   prompt -> label text (RAFT, SMS spam)       accuracy, macro-F1
+causal_lm_gen   prompt -> free text (E2E NLG)               ROUGE-L, BLEU
+seq_cls         text -> class id, trained head (SST-2)      accuracy, macro-F1
+seq2seq         source -> target on T5 / BART               ROUGE-L, BLEU
+token_cls       words -> one tag each, trained head (NER)   entity F1, accuracy
+qa              question + context -> answer span (SQuAD)   SQuAD EM, F1
+==============  ==========================================  ===================
+
+See :mod:`peftkit.tasks.base` for how a task is built (spec, then task) and evaluated.
 """
 
-from . import (  # noqa: F401 (register)
-    causal_lm,
-    causal_lm_cls,
-    causal_lm_gen,
-    qa,
-    seq2seq,
-    seq_cls,
-    token_cls,
-)
-from .base import TASKS, EvalContext, EvalResult, Task, register_task
-from .template import Template
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["TASKS", "EvalContext", "EvalResult", "Task", "Template", "register_task"]
+from ..config import TaskType
+from .base import EvalContext, EvalResult, Task, TaskKind, TaskSpec, forward_batches, run_eval
+from .causal_lm import CausalLM
+from .causal_lm_cls import CausalLMClassification
+from .causal_lm_gen import CausalLMGeneration
+from .qa import ExtractiveQA
+from .seq2seq import Seq2Seq
+from .seq_cls import SequenceClassification
+from .template import Template
+from .token_cls import TokenClassification
+
+_CAUSAL, _SEQ2SEQ = "AutoModelForCausalLM", "AutoModelForSeq2SeqLM"
+
+# The first row of a TaskType is what a bare adapter of that type loads as.
+TASK_TYPES: dict[str, TaskKind] = {
+    row.name: row
+    for row in (
+        #        task.type        task class                adapter TaskType          Auto class
+        TaskKind("causal_lm",     CausalLM,                 TaskType.CAUSAL_LM,       _CAUSAL),
+        TaskKind("causal_lm_cls", CausalLMClassification,   TaskType.CAUSAL_LM,       _CAUSAL),
+        TaskKind("causal_lm_gen", CausalLMGeneration,       TaskType.CAUSAL_LM,       _CAUSAL),
+        TaskKind("seq_cls",       SequenceClassification,   TaskType.SEQ_CLS,
+                 "AutoModelForSequenceClassification"),
+        TaskKind("seq2seq",       Seq2Seq,                  TaskType.SEQ_2_SEQ_LM,    _SEQ2SEQ),
+        TaskKind("token_cls",     TokenClassification,      TaskType.TOKEN_CLS,
+                 "AutoModelForTokenClassification"),
+        TaskKind("qa",            ExtractiveQA,             TaskType.QUESTION_ANS,
+                 "AutoModelForQuestionAnswering", aliases=("question_answering",)),
+        # model kinds load_base_model loads that no trainer task uses yet
+        TaskKind("image_cls",     None,                     None,
+                 "AutoModelForImageClassification", "AutoImageProcessor",
+                 aliases=("image_classification",)),
+        TaskKind("feature_extraction", None,                TaskType.FEATURE_EXTRACTION,
+                 "AutoModel"),
+    )
+}  # fmt: skip
+
+# task.type -> task class: the rows a run config may name
+TASKS: dict[str, type[Task]] = {k: row.task for k, row in TASK_TYPES.items() if row.task}
+
+
+def task_kind(name: Any) -> TaskKind:
+    """The table row for a task type, a TaskType (its first row) or an alias, any case."""
+    key = str(getattr(name, "value", name)).lower()
+    if key in TASK_TYPES:
+        return TASK_TYPES[key]
+    for row in TASK_TYPES.values():
+        if key in row.aliases or (row.task_type is not None and key == row.task_type.value.lower()):
+            return row
+    raise ValueError(f"unknown task {name!r}; use one of {sorted(TASK_TYPES)}.")
+
+
+def task_spec(block: Mapping[str, Any]) -> TaskSpec:
+    """The spec of a config's ``task:`` block (``type`` + the task's options); no labels yet.
+    TypeError / ValueError name a bad option."""
+    options = dict(block)
+    kind = TASK_TYPES[options.pop("type")]
+    return TaskSpec(kind, kind.task.Options(**options))
+
+
+__all__ = [
+    "TASKS",
+    "TASK_TYPES",
+    "EvalContext",
+    "EvalResult",
+    "Task",
+    "TaskKind",
+    "TaskSpec",
+    "Template",
+    "forward_batches",
+    "run_eval",
+    "task_kind",
+    "task_spec",
+]

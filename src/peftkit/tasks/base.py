@@ -1,23 +1,32 @@
-"""What every task provides to the trainer, and the task registry.
+"""What every task provides, in two steps: a model-free spec, then a task bound to its model.
 
-A task turns rows into what a model trains on and scores the result::
+::
 
-    rows (list[dict]) --check_records--> problems (missing columns), before any model loads
-                      --fit------------> label set learnt from the train rows
-                      --encode---------> features: lists of token ids, one dict per example
-    features          --collate--------> a padded batch of tensors: input_ids, attention_mask, labels
-    model + rows      --evaluate-------> metrics (accuracy, ROUGE-L, ...) + one prediction per row
-                      --predict--------> predictions for rows without references
+    task block (YAML) ──tasks.task_spec──> TaskSpec: the table row + checked options, no model
+      rows ──spec.check_records──> problems (missing columns, unknown labels), before any load
+      train rows ──spec.fit──> TaskSpec with its label set    (or spec.restore(task_state.json))
+    spec.model_kwargs() ──> models.load_base_model(name, task=spec.name, num_labels=, id2label=)
+    spec.build(tokenizer, model) ──> Task, ready: nothing more to call, no state between calls
+      rows ──encode──> features ──collate──> batch (input_ids, attention_mask, labels, ...)
+      run_eval(ctx, task, rows, features):
+          forward_batches ──> per batch: loss, task.decode(features, batch, outputs) -> predictions
+          (a generating task instead generates: task.predict(ctx, task.scored_rows(rows)))
+          task.score(rows, predictions, eval_loss) ──> EvalResult (metrics, predictions, refs)
+      task.predict(ctx, rows) ──> predictions for rows without references (the test file)
+      spec.input_row / spec.describe / task.generate ──> what `peftkit generate` reads and prints
 
-``model_kind`` is what :func:`peftkit.models.load_base_model` loads (``causal_lm``, ``seq2seq``,
-``seq_cls``); ``task_type`` is the adapter config's :class:`peftkit.TaskType`.
+The model given to ``build`` is the one the task runs with: the adapted model (prompt methods
+change how a decoder classifier must be padded), or the base model when only features are needed
+(they depend on the tokenizer alone). Metrics come from predictions the batch runner hands over,
+never from state kept between calls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -26,13 +35,174 @@ from ..config import TaskType
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
 
-TASKS: dict[str, type[Task]] = {}
+
+@dataclasses.dataclass(frozen=True)
+class TaskKind:
+    """One row of the task table (:data:`peftkit.tasks.TASK_TYPES`).
+
+    Attributes:
+        name: ``task.type`` in a run config, and the ``task=`` name ``load_base_model`` takes.
+        task: the task class (None: a model kind ``load_base_model`` loads, no trainer task).
+        task_type: the adapter config's :class:`peftkit.TaskType` (None: PEFT has none).
+        auto_class: the transformers Auto class that loads the model.
+        preprocessor: the transformers Auto class that loads its tokenizer / image processor.
+        aliases: other spellings ``load_base_model`` accepts.
+    """
+
+    name: str
+    task: type[Task] | None
+    task_type: TaskType | None
+    auto_class: str
+    preprocessor: str = "AutoTokenizer"
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the model puts a per-label head on the encoder (``num_labels`` applies)."""
+        return self.auto_class.endswith("Classification")
+
+    @property
+    def writes_text(self) -> bool:
+        """Whether the model generates text (a causal or sequence-to-sequence LM)."""
+        return self.auto_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
 
 
-def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: make ``cls`` available as ``task.type: <cls.name>``."""
-    TASKS[cls.name] = cls
-    return cls
+@dataclasses.dataclass
+class TaskOptions:
+    """Base of each task's ``task:`` block; the model-free half of a task lives here: which
+    columns rows need, what the train rows teach (a label set), how a ``generate`` input reads."""
+
+    head_per_label: ClassVar[bool] = False  # the model's head has one output per label
+
+    def input_columns(self) -> list[str]:
+        """Columns every row needs (test rows included)."""
+        return []
+
+    def target_columns(self) -> list[str]:
+        """Extra columns rows need to train on and to be scored."""
+        return []
+
+    def check_records(
+        self,
+        records: Sequence[dict],
+        split: str,
+        need_targets: bool,
+        labels: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Problems with ``records`` (missing columns), each naming the split and the fix."""
+        if not records:
+            return [f"data.{split}: no rows were read"]
+        columns = set(records[0])
+        needed = self.input_columns() + (self.target_columns() if need_targets else [])
+        missing = [c for c in dict.fromkeys(needed) if c not in columns]
+        if missing:
+            return [
+                f"data.{split}: column(s) {missing} used by the task are not in the data "
+                f"(columns: {sorted(columns)}); fix the task templates or data.{split}.columns"
+            ]
+        return []
+
+    def learn_labels(self, train_records: Sequence[dict]) -> list[str] | None:
+        """The label set (given, or learnt from the train rows); None for tasks without one."""
+        return None
+
+    def input_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """A ``generate`` input as the task's row: a ``--prompt`` (``{"text": ...}``) fills the
+        one input column; file rows must carry the input columns. ValueError otherwise."""
+        fields = self.input_columns()
+        if all(f in row for f in fields):
+            return dict(row)
+        if len(fields) == 1 and "text" in row:
+            return {fields[0]: row["text"]}
+        raise ValueError(f"the model reads columns {fields}; give an --input file with them")
+
+    def describe(self, row: Mapping[str, Any]) -> str:
+        """What the model was given, as one line for ``generate``'s output file."""
+        cells = (row[c] for c in self.input_columns())
+        return " | ".join(" ".join(c) if isinstance(c, list) else str(c) for c in cells)
+
+
+def at_least_two(labels: list[str], what: str) -> list[str]:
+    """``labels`` unchanged, or ValueError when fewer than two (no classifier can learn that)."""
+    if len(labels) < 2:
+        raise ValueError(f"found {len(labels)} {what} {labels}; a classifier needs at least 2")
+    return labels
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A task before any model: its table row, its options, its label set (once known)."""
+
+    kind: TaskKind
+    options: TaskOptions
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    @property
+    def task_type(self) -> TaskType | None:
+        return self.kind.task_type
+
+    @property
+    def generates(self) -> bool:
+        """Whether evaluation generates text (scored against the references)."""
+        return self.kind.task.generates
+
+    def input_columns(self) -> list[str]:
+        return self.options.input_columns()
+
+    def target_columns(self) -> list[str]:
+        return self.options.target_columns()
+
+    def has_targets(self, records: Sequence[dict]) -> bool:
+        """Whether ``records`` carry references (a test file may not)."""
+        return bool(records) and all(c in records[0] for c in self.target_columns())
+
+    def check_records(self, records: Sequence[dict], split: str, need_targets: bool) -> list[str]:
+        """Problems with ``records``: missing columns, then targets outside the label set."""
+        return self.options.check_records(records, split, need_targets, self.labels)
+
+    def fit(self, train_records: Sequence[dict]) -> TaskSpec:
+        """This spec with the label set the train rows fix (ValueError: fewer than 2 labels)."""
+        labels = self.options.learn_labels(train_records)
+        return dataclasses.replace(self, labels=tuple(labels) if labels is not None else None)
+
+    def restore(self, state: Mapping[str, Any]) -> TaskSpec:
+        """This spec with the label set a run saved (``task_state.json``)."""
+        labels = state.get("labels")
+        return dataclasses.replace(self, labels=tuple(labels) if labels else None)
+
+    def state(self) -> dict[str, Any]:
+        """What a run folder keeps to rebuild the task without its data (``task_state.json``)."""
+        return {"labels": list(self.labels) if self.labels is not None else None}
+
+    @property
+    def needs_labels(self) -> bool:
+        """The model's head is sized by a label set this spec does not know yet."""
+        return self.options.head_per_label and not self.labels
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra ``load_base_model`` arguments: a classifier head's size and label names."""
+        if not self.options.head_per_label or not self.labels:
+            return {}
+        id2label = dict(enumerate(self.labels))
+        return {
+            "num_labels": len(self.labels),
+            "id2label": id2label,
+            "label2id": {v: k for k, v in id2label.items()},
+        }
+
+    def input_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        return self.options.input_row(row)
+
+    def describe(self, row: Mapping[str, Any]) -> str:
+        return self.options.describe(row)
+
+    def build(self, tokenizer: Any, model: torch.nn.Module) -> Task:
+        """The task, ready to use with ``tokenizer`` and ``model`` (see the module docstring)."""
+        return self.kind.task(self, tokenizer, model)
 
 
 @dataclasses.dataclass
@@ -56,70 +226,40 @@ class EvalResult:
     rows: list[dict[str, Any]] | None = None  # the rows predictions belong to (after grouping)
 
 
+def ready_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer`` with a pad token (the EOS token when it has none)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "the tokenizer has neither a pad nor an EOS token; give model.tokenizer a "
+                "tokenizer that defines one"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 class Task:
-    """Base class; a task module subclasses it and registers it with :func:`register_task`."""
+    """Base class of the tasks: built by :meth:`TaskSpec.build`, ready to use from then on."""
 
-    name: ClassVar[str]
-    model_kind: ClassVar[str]
-    task_type: ClassVar[TaskType]
-    Options: ClassVar[type]
+    Options: ClassVar[type[TaskOptions]]
     best_metric: ClassVar[str] = "eval_loss"
-    generates: ClassVar[bool] = False  # evaluation runs model.generate
+    generates: ClassVar[bool] = False  # evaluation generates text instead of decoding outputs
 
-    def __init__(self, options: Any) -> None:
-        self.options = options
-        self.tokenizer: Any = None
+    def __init__(self, spec: TaskSpec, tokenizer: Any, model: torch.nn.Module) -> None:
+        self.spec = spec
+        self.options: Any = spec.options
+        self.labels: list[str] | None = list(spec.labels) if spec.labels is not None else None
+        self.tokenizer = ready_tokenizer(tokenizer)
 
-    # --- before the model ----------------------------------------------------------------
-    def input_columns(self) -> list[str]:
-        """Columns every row needs (test rows included)."""
-        return []
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def target_columns(self) -> list[str]:
-        """Extra columns rows need to train on and to be scored."""
-        return []
+        return self.spec.target_columns()
 
     def has_targets(self, records: Sequence[dict]) -> bool:
-        """Whether ``records`` carry references (a test file may not)."""
-        return bool(records) and all(c in records[0] for c in self.target_columns())
-
-    def check_records(self, records: Sequence[dict], split: str, need_targets: bool) -> list[str]:
-        """Problems with ``records`` (missing columns), each naming the split and the fix."""
-        if not records:
-            return [f"data.{split}: no rows were read"]
-        columns = set(records[0])
-        needed = self.input_columns() + (self.target_columns() if need_targets else [])
-        missing = [c for c in dict.fromkeys(needed) if c not in columns]
-        if missing:
-            return [
-                f"data.{split}: column(s) {missing} used by the task are not in the data "
-                f"(columns: {sorted(columns)}); fix the task templates or data.{split}.columns"
-            ]
-        return []
-
-    def fit(self, train_records: Sequence[dict]) -> None:
-        """Learn what the train rows fix (a label set); default: nothing."""
-
-    def model_kwargs(self) -> dict[str, Any]:
-        """Extra ``load_base_model`` arguments (``num_labels`` for classifiers)."""
-        return {}
-
-    def configure_model(self, model: torch.nn.Module) -> None:
-        """Adjust the loaded base model to the task (e.g. label names); default: nothing."""
-
-    def use_model(self, model: torch.nn.Module) -> None:
-        """Adjust to the adapted model the run trains or evaluates; default: nothing."""
-
-    def bind(self, tokenizer: Any) -> None:
-        """Attach the tokenizer; a missing pad token becomes the EOS token."""
-        if tokenizer.pad_token_id is None:
-            if tokenizer.eos_token is None:
-                raise ValueError(
-                    "the tokenizer has neither a pad nor an EOS token; give model.tokenizer a "
-                    "tokenizer that defines one"
-                )
-            tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
+        return self.spec.has_targets(records)
 
     # --- features --------------------------------------------------------------------------
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
@@ -133,27 +273,64 @@ class Task:
         labels = batch["labels"]
         return int((labels != IGNORE_INDEX).sum())
 
-    # --- evaluation ------------------------------------------------------------------------
-    def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
-        """Called with each eval batch's forward outputs (classifiers keep the argmax)."""
+    # --- predictions and scores ------------------------------------------------------------
+    def decode(
+        self, features: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor], outputs: Any
+    ) -> list[Any]:
+        """One prediction per feature of the batch, from the forward outputs (default: none)."""
+        return []
 
-    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
-        """Metrics on ``records``; ``eval_loss`` is the token-weighted mean loss already computed."""
+    def texts(self, records: Sequence[dict], decoded: Sequence[Any]) -> list[str]:
+        """Decoded predictions as the text written beside each row (default: as they are)."""
+        return [str(d) for d in decoded]
+
+    def scored_rows(self, records: Sequence[dict]) -> list[dict]:
+        """The rows predictions belong to (generation groups rows that share a prompt)."""
+        return list(records)
+
+    def score(
+        self, records: Sequence[dict], predictions: Sequence[Any], eval_loss: float
+    ) -> EvalResult:
+        """Metrics of ``predictions`` (one per :meth:`scored_rows`) against ``records``'
+        references; ``eval_loss`` is the token-weighted mean loss already computed."""
         raise NotImplementedError
 
-    def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
-        """Predictions for rows that may lack references (the test file)."""
-        raise NotImplementedError
+    def predict(
+        self, ctx: EvalContext, records: Sequence[dict], max_new_tokens: int | None = None
+    ) -> list[str]:
+        """Predictions for rows that may lack references (the test file); ``max_new_tokens``
+        overrides a generating task's generation length."""
+        features = self.encode(records, with_targets=False)
+        return self.texts(records, decode_all(ctx, self, features))
+
+    def generate(
+        self, ctx: EvalContext, records: Sequence[dict], max_new_tokens: int | None = None
+    ) -> list[str]:
+        """What ``peftkit generate`` prints for input rows (default: the predictions)."""
+        return self.predict(ctx, records, max_new_tokens)
 
     def baselines(
         self, train_records: Sequence[dict], eval_records: Sequence[dict]
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         """Scores of trivial predictors to read the model's scores against (majority class)."""
         return {}
 
     @staticmethod
     def lower_is_better(metric: str) -> bool:
         return metric.endswith(("loss", "ppl", "perplexity"))
+
+    # --- transitional: train/evaluate.py's evaluate_rows, until it calls run_eval ----------
+    def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
+        """Kept nothing; left for callers not yet on :func:`run_eval`."""
+
+    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
+        """:meth:`score` of predictions made afresh (a second forward pass); :func:`run_eval`
+        takes them from the loss pass instead."""
+        if self.generates:
+            predictions = self.predict(ctx, self.scored_rows(records))
+        else:
+            predictions = decode_all(ctx, self, self.encode(records, with_targets=False))
+        return self.score(records, predictions, eval_loss)
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -194,8 +371,9 @@ def pad_encoder_inputs(
 def forward_batches(
     ctx: EvalContext, task: Task, features: Sequence[dict[str, Any]]
 ) -> Iterator[tuple[range, dict[str, torch.Tensor], Any]]:
-    """Run the model over ``features`` in eval mode without gradients, ``ctx.batch_size`` at a
-    time; yields ``(feature indices, batch, outputs)`` and restores the model's mode after."""
+    """THE batch runner: the model over ``features`` in eval mode without gradients,
+    ``ctx.batch_size`` at a time; yields ``(feature indices, batch, outputs)`` and restores the
+    model's mode after."""
     model = ctx.model
     was_training = model.training
     model.eval()
@@ -210,14 +388,43 @@ def forward_batches(
         model.train(was_training)
 
 
+def decode_all(ctx: EvalContext, task: Task, features: Sequence[dict[str, Any]]) -> list[Any]:
+    """:meth:`Task.decode` over every batch of ``features``: one prediction per feature."""
+    decoded: list[Any] = []
+    for piece, batch, outputs in forward_batches(ctx, task, features):
+        decoded += task.decode([features[i] for i in piece], batch, outputs)
+    return decoded
+
+
+def run_eval(
+    ctx: EvalContext, task: Task, records: Sequence[dict], features: Sequence[dict[str, Any]]
+) -> tuple[dict[str, float], EvalResult]:
+    """Score ``task`` on ``records`` (``features`` = ``task.encode(records)``).
+
+    One pass of :func:`forward_batches` gives the teacher-forced loss, weighted by each batch's
+    target count (the exact per-token mean), and the decoded predictions; a generating task
+    generates its predictions after it. Returns ``({"eval_loss", "eval_ppl", **task metrics},
+    EvalResult)``.
+    """
+    total, count = 0.0, 0
+    decoded: list[Any] = []
+    for piece, batch, outputs in forward_batches(ctx, task, features):
+        n = task.count_targets(batch)
+        total += float(outputs.loss.float()) * n
+        count += n
+        decoded += task.decode([features[i] for i in piece], batch, outputs)
+    eval_loss = total / max(count, 1)
+    predictions = task.predict(ctx, task.scored_rows(records)) if task.generates else decoded
+    result = task.score(records, predictions, eval_loss)
+    metrics = {
+        "eval_loss": eval_loss,
+        "eval_ppl": math.exp(eval_loss) if eval_loss < 700 else math.inf,
+        **result.metrics,
+    }
+    return metrics, result
+
+
 def input_positions(logits: torch.Tensor, width: int) -> torch.Tensor:
     """The outputs of the input's own ``width`` tokens: prompt tuning / P-tuning prepend virtual
     tokens, whose positions come first, (B, N + T, ...) -> (B, T, ...)."""
     return logits[:, logits.shape[1] - width :]
-
-
-def name_labels(model: torch.nn.Module, labels: Sequence[str] | None) -> None:
-    """Give a classification head's model config the label names (``id2label`` / ``label2id``),
-    so a saved or merged model reports names, not ``LABEL_0``."""
-    model.config.id2label = dict(enumerate(labels or []))
-    model.config.label2id = {v: k for k, v in model.config.id2label.items()}

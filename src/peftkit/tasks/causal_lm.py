@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..config import TaskType
-from .base import IGNORE_INDEX, EvalContext, EvalResult, Task, pad, register_task
+from .base import IGNORE_INDEX, EvalContext, EvalResult, Task, TaskOptions, pad
+from .generation import generate_texts
 from .template import Template
 
 
 @dataclasses.dataclass
-class CausalLMOptions:
+class CausalLMOptions(TaskOptions):
     """Attributes:
     text: template of the text of one row (default the ``text`` column the text reader gives).
     block_size: tokens per training example.
@@ -40,26 +40,21 @@ class CausalLMOptions:
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}")
 
+    def input_columns(self) -> list[str]:
+        return Template(self.text).fields
 
-@register_task
+    def describe(self, row: Mapping[str, Any]) -> str:
+        return Template(self.text).render(row)
+
+
 class CausalLM(Task):
     """``task.type: causal_lm``: next-token prediction on text."""
 
-    name = "causal_lm"
-    model_kind = "causal_lm"
-    task_type = TaskType.CAUSAL_LM
     Options = CausalLMOptions
     best_metric = "perplexity"
 
-    def __init__(self, options: CausalLMOptions) -> None:
-        super().__init__(options)
-        self.template = Template(options.text)
-
-    def input_columns(self) -> list[str]:
-        return self.template.fields
-
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
-        texts = [self.template.render(r) for r in records]
+        texts = [self.options.describe(r) for r in records]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         stream: list[int] = []
         for seq in ids:
@@ -81,9 +76,20 @@ class CausalLM(Task):
     def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
-    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
+    def score(
+        self, records: Sequence[dict], predictions: Sequence[Any], eval_loss: float
+    ) -> EvalResult:
         ppl = math.exp(eval_loss) if eval_loss < 700 else math.inf
         return EvalResult(metrics={"perplexity": ppl}, predictions=[])
 
-    def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
-        return []
+    def predict(
+        self, ctx: EvalContext, records: Sequence[dict], max_new_tokens: int | None = None
+    ) -> list[str]:
+        return []  # a language model has nothing to label
+
+    def generate(
+        self, ctx: EvalContext, records: Sequence[dict], max_new_tokens: int | None = None
+    ) -> list[str]:
+        """Greedy continuations of each row's text (64 new tokens unless told)."""
+        ids = self.tokenizer([self.options.describe(r) for r in records])["input_ids"]
+        return generate_texts(ctx, self.tokenizer, ids, max_new_tokens=max_new_tokens or 64)

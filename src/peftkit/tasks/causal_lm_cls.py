@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import TaskType
-from .base import IGNORE_INDEX, pad, register_task
+from .base import IGNORE_INDEX, pad
 from .prompted import PromptedOptions, PromptedTask
 
 
@@ -34,22 +33,20 @@ def truncate_left(ids: list[int], budget: int, bos: int | None) -> list[int]:
 
 
 class PromptedCausalLM(PromptedTask):
-    """Prompt + target on a decoder-only model; subclasses pick the scoring."""
+    """Prompt + target on a decoder-only model; its options pick the scoring."""
 
-    model_kind = "causal_lm"
-    task_type = TaskType.CAUSAL_LM
-
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+    def encode_prompts(self, prompts: Sequence[str], new_tokens: int) -> list[list[int]]:
         ids = self.tokenizer(list(prompts))["input_ids"]
-        budget = self.options.max_length - self.generation_length()
+        budget = self.options.max_length - new_tokens
         return [truncate_left(list(i), budget, self.tokenizer.bos_token_id) for i in ids]
 
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
         tok = self.tokenizer
-        prompts = tok([self.prompt_of(r) for r in records])["input_ids"]
+        prompts = tok([self.options.prompt_of(r) for r in records])["input_ids"]
         if not with_targets:
             return [{"input_ids": list(p)} for p in prompts]
-        targets = tok([self.target_of(r) for r in records], add_special_tokens=False)["input_ids"]
+        targets = [self.options.target_of(r) for r in records]
+        targets = tok(targets, add_special_tokens=False)["input_ids"]
         features = []
         limit = self.options.max_length
         for p, t in zip(prompts, targets):
@@ -77,13 +74,12 @@ class PromptedCausalLM(PromptedTask):
 class CausalLMClassificationOptions(PromptedOptions):
     """See :class:`PromptedOptions`; scoring is by exact label match."""
 
+    classification = True
+
     target: str = "{label}"
 
 
-@register_task
 class CausalLMClassification(PromptedCausalLM):
     """``task.type: causal_lm_cls``: generate the label text after a prompt."""
 
-    name = "causal_lm_cls"
     Options = CausalLMClassificationOptions
-    classification = True

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import register_task
 from .causal_lm_cls import PromptedCausalLM
 from .prompted import PromptedOptions
 
@@ -21,10 +20,7 @@ class CausalLMGenerationOptions(PromptedOptions):
     target: str = "{target}"
 
 
-@register_task
 class CausalLMGeneration(PromptedCausalLM):
     """``task.type: causal_lm_gen``: generate a text after a prompt."""
 
-    name = "causal_lm_gen"
     Options = CausalLMGenerationOptions
-    classification = False

@@ -28,6 +28,11 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
     return get() if callable(get) else model
 
 
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the transformers model under a PeftModel) is an encoder-decoder."""
+    return bool(getattr(getattr(_inner(model), "config", None), "is_encoder_decoder", False))
+
+
 def greedy_config(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> GenerationConfig:
     """A deterministic decoding config: greedy, one beam, stop at the tokenizer's / model's EOS."""
     inner = _inner(model)

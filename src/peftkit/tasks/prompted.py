@@ -15,10 +15,11 @@ Subclasses decide how prompt and target become token ids (:meth:`encode_prompts`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
-from .base import EvalContext, EvalResult, Task
+from .base import EvalContext, EvalResult, Task, TaskOptions, at_least_two
 from .generation import generate_texts
 from .scoring import (
     CLASSIFICATION_METRICS,
@@ -31,7 +32,7 @@ from .template import Template
 
 
 @dataclasses.dataclass
-class PromptedOptions:
+class PromptedOptions(TaskOptions):
     """Options shared by the text-to-text tasks.
 
     Attributes:
@@ -44,6 +45,8 @@ class PromptedOptions:
         metrics: metric names (``accuracy``, ``macro_f1``, ``rouge_l``, ``bleu``).
         group_references: score rows sharing a prompt once, against all their targets.
     """
+
+    classification: ClassVar[bool] = False  # targets form a label set even when none is given
 
     text: str
     target: str = "{label}"
@@ -60,71 +63,96 @@ class PromptedOptions:
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
 
+    @functools.cached_property
+    def prompt_template(self) -> Template:
+        return Template(self.text)
 
-class PromptedTask(Task):
-    """Base of the generation-scored tasks; subclasses set ``classification`` and encoding."""
+    @functools.cached_property
+    def target_template(self) -> Template:
+        return Template(self.target)
 
-    classification: bool = False
-    encoder_decoder: bool = False
-    generates = True
+    @property
+    def is_classification(self) -> bool:
+        return self.classification or self.labels is not None
 
-    def __init__(self, options: PromptedOptions) -> None:
-        super().__init__(options)
-        self.prompt_template = Template(options.text)
-        self.target_template = Template(options.target)
-        self.labels: list[str] | None = list(options.labels) if options.labels else None
-        self.is_classification = self.classification or self.labels is not None
-        names = options.metrics or (
-            CLASSIFICATION_METRICS if self.is_classification else GENERATION_METRICS
-        )
-        self.metric_names = list(names)
-        self.best_metric = self.metric_names[0]
-
-    # --- rows ------------------------------------------------------------------------------
     def input_columns(self) -> list[str]:
         return self.prompt_template.fields
 
     def target_columns(self) -> list[str]:
         return self.target_template.fields
 
-    def prompt_of(self, row: dict) -> str:
+    def prompt_of(self, row: Mapping[str, Any]) -> str:
         return self.prompt_template.render(row)
 
-    def target_of(self, row: dict) -> str:
+    def target_of(self, row: Mapping[str, Any]) -> str:
         raw = self.target_template.render(row)
-        mapping = self.options.label_map or {}
+        mapping = self.label_map or {}
         return mapping.get(raw, raw)
 
-    def fit(self, train_records: Sequence[dict]) -> None:
-        if self.is_classification and self.labels is None:
-            self.labels = sorted({self.target_of(r) for r in train_records})
-        if self.is_classification and self.labels is not None and len(self.labels) < 2:
-            raise ValueError(
-                f"task {self.name}: found {len(self.labels)} label(s) {self.labels} in the train "
-                "data; classification needs at least 2 (check task.target)"
-            )
+    def learn_labels(self, train_records: Sequence[dict]) -> list[str] | None:
+        if not self.is_classification:
+            return None
+        labels = list(self.labels) if self.labels else None
+        labels = labels or sorted({self.target_of(r) for r in train_records})
+        return at_least_two(labels, "label(s) in the train data (check task.target):")
 
-    def check_records(self, records: Sequence[dict], split: str, need_targets: bool) -> list[str]:
-        problems = super().check_records(records, split, need_targets)
-        if problems or not need_targets or not self.is_classification or self.labels is None:
+    def check_records(
+        self,
+        records: Sequence[dict],
+        split: str,
+        need_targets: bool,
+        labels: Sequence[str] | None = None,
+    ) -> list[str]:
+        problems = super().check_records(records, split, need_targets, labels)
+        labels = labels or self.labels
+        if problems or not need_targets or not self.is_classification or not labels:
             return problems
-        unknown = sorted({self.target_of(r) for r in records} - set(self.labels))
+        unknown = sorted({self.target_of(r) for r in records} - set(labels))
         if unknown:
             problems.append(
                 f"data.{split}: target value(s) {unknown[:5]} are not in task.labels "
-                f"{self.labels}; add them or map them with task.label_map"
+                f"{list(labels)}; add them or map them with task.label_map"
             )
         return problems
 
+    def input_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """A ``--prompt`` fills the template's one placeholder; file rows keep their columns."""
+        try:
+            return super().input_row(row)
+        except ValueError:
+            raise ValueError(
+                f"the run's template {self.text!r} needs columns {self.input_columns()}; give "
+                "an --input file with those columns, or --raw to use prompts verbatim"
+            ) from None
+
+    def describe(self, row: Mapping[str, Any]) -> str:
+        return self.prompt_of(row)
+
+
+class PromptedTask(Task):
+    """Base of the generation-scored tasks; subclasses decide how prompts become token ids."""
+
+    encoder_decoder: ClassVar[bool] = False
+    generates = True
+
+    def __init__(self, spec: Any, tokenizer: Any, model: Any) -> None:
+        super().__init__(spec, tokenizer, model)
+        options: PromptedOptions = self.options
+        names = options.metrics or (
+            CLASSIFICATION_METRICS if options.is_classification else GENERATION_METRICS
+        )
+        self.metric_names = list(names)
+        self.best_metric = self.metric_names[0]
+
     # --- tokens ----------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompt as the model sees it when generating."""
+    def encode_prompts(self, prompts: Sequence[str], new_tokens: int) -> list[list[int]]:
+        """Token ids of each prompt as the model sees it when generating ``new_tokens`` more."""
         raise NotImplementedError
 
     def generation_length(self) -> int:
         if self.options.max_new_tokens is not None:
             return self.options.max_new_tokens
-        if self.is_classification and self.labels:
+        if self.options.is_classification and self.labels:
             ids = self.tokenizer(list(self.labels), add_special_tokens=False)["input_ids"]
             return max(len(i) for i in ids) + 2
         return 64
@@ -132,45 +160,54 @@ class PromptedTask(Task):
     # --- scoring ---------------------------------------------------------------------------
     def _grouped(self, records: Sequence[dict]) -> tuple[list[dict], list[Any]]:
         """Rows with their references; rows sharing a prompt merge when grouping applies."""
-        if self.is_classification or not self.options.group_references:
-            return list(records), [self.target_of(r) for r in records]
+        options: PromptedOptions = self.options
+        if options.is_classification or not options.group_references:
+            return list(records), [options.target_of(r) for r in records]
         order: dict[str, int] = {}
         rows: list[dict] = []
         refs: list[list[str]] = []
         for r in records:
-            key = self.prompt_of(r)
+            key = options.prompt_of(r)
             if key not in order:
                 order[key] = len(rows)
                 rows.append(r)
                 refs.append([])
-            refs[order[key]].append(self.target_of(r))
+            refs[order[key]].append(options.target_of(r))
         return rows, refs
 
-    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
+    def scored_rows(self, records: Sequence[dict]) -> list[dict]:
+        return self._grouped(records)[0]
+
+    def score(
+        self, records: Sequence[dict], predictions: Sequence[Any], eval_loss: float
+    ) -> EvalResult:
         rows, refs = self._grouped(records)
-        preds = self.predict(ctx, rows)
-        metrics = score(
-            self.metric_names, preds, refs, self.labels if self.is_classification else None
-        )
+        preds = list(predictions)
+        labels = self.labels if self.options.is_classification else None
+        metrics = score(self.metric_names, preds, refs, labels)
         return EvalResult(metrics=metrics, predictions=preds, references=refs, rows=rows)
 
-    def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
-        prompts = self.encode_prompts([self.prompt_of(r) for r in records])
+    def predict(
+        self, ctx: EvalContext, records: Sequence[dict], max_new_tokens: int | None = None
+    ) -> list[str]:
+        new_tokens = self.generation_length() if max_new_tokens is None else max_new_tokens
+        prompts = self.encode_prompts([self.options.prompt_of(r) for r in records], new_tokens)
         return generate_texts(
             ctx,
             self.tokenizer,
             prompts,
-            max_new_tokens=self.generation_length(),
+            max_new_tokens=new_tokens,
             encoder_decoder=self.encoder_decoder,
         )
 
     def baselines(
         self, train_records: Sequence[dict], eval_records: Sequence[dict]
     ) -> dict[str, Any]:
-        if not self.is_classification:
+        options: PromptedOptions = self.options
+        if not options.is_classification:
             return {}
         return majority_baseline(
-            [self.target_of(r) for r in train_records],
-            [self.target_of(r) for r in eval_records],
+            [options.target_of(r) for r in train_records],
+            [options.target_of(r) for r in eval_records],
             self.labels,
         )

@@ -17,26 +17,17 @@ exact match and F1 (0..1 here, like every other peftkit metric), split into answ
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..config import TaskType
 from ..metrics import squad_em_f1
-from .base import (
-    EvalContext,
-    EvalResult,
-    Task,
-    forward_batches,
-    input_positions,
-    pad_encoder_inputs,
-    register_task,
-)
+from .base import EvalResult, Task, TaskOptions, input_positions, pad_encoder_inputs
 
 
 @dataclasses.dataclass
-class QaOptions:
+class QaOptions(TaskOptions):
     """``task:`` fields of ``type: qa``.
 
     question: the question column.
@@ -52,42 +43,40 @@ class QaOptions:
     max_length: int = 384
     max_answer_tokens: int = 30
 
-
-@register_task
-class ExtractiveQA(Task):
-    """``task.type: qa``."""
-
-    name = "qa"
-    model_kind = "qa"
-    task_type = TaskType.QUESTION_ANS
-    Options = QaOptions
-    best_metric = "f1"
-
-    def __init__(self, options: QaOptions) -> None:
-        super().__init__(options)
-        self._eval_logits: list[tuple[list[float], list[float]]] = []
-
     def input_columns(self) -> list[str]:
-        return [self.options.question, self.options.context]
+        return [self.question, self.context]
 
     def target_columns(self) -> list[str]:
-        return [self.options.answers]
+        return [self.answers]
 
-    def answers_of(self, row: dict) -> dict[str, list]:
-        return row[self.options.answers]
+    def answers_of(self, row: Mapping[str, Any]) -> dict[str, list]:
+        return row[self.answers]
 
-    def check_records(self, records: Sequence[dict], split: str, need_targets: bool) -> list[str]:
-        problems = super().check_records(records, split, need_targets)
+    def check_records(
+        self,
+        records: Sequence[dict],
+        split: str,
+        need_targets: bool,
+        labels: Sequence[str] | None = None,
+    ) -> list[str]:
+        problems = super().check_records(records, split, need_targets, labels)
         if problems or not need_targets:
             return problems
         for i, row in enumerate(records):
             answers = self.answers_of(row)
             if not (isinstance(answers, dict) and "text" in answers and "answer_start" in answers):
                 return [
-                    f"data.{split}: row {i}: '{self.options.answers}' must be "
+                    f"data.{split}: row {i}: '{self.answers}' must be "
                     "{'text': [...], 'answer_start': [...]}; read SQuAD JSON files for QA"
                 ]
         return []
+
+
+class ExtractiveQA(Task):
+    """``task.type: qa``."""
+
+    Options = QaOptions
+    best_metric = "f1"
 
     # --- features -------------------------------------------------------------------------
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
@@ -115,7 +104,7 @@ class ExtractiveQA(Task):
             if "token_type_ids" in enc:
                 feature["token_type_ids"] = list(enc["token_type_ids"][i])
             if with_targets:
-                start, end = self._target(spans, self.answers_of(records[i]))
+                start, end = self._target(spans, self.options.answers_of(records[i]))
                 feature["start_positions"], feature["end_positions"] = start, end
             features.append(feature)
         return features
@@ -145,19 +134,19 @@ class ExtractiveQA(Task):
         return int(batch["start_positions"].shape[0])  # the loss is a mean over questions
 
     # --- decoding and scores --------------------------------------------------------------
-    @staticmethod
-    def _span_logits(batch: dict[str, torch.Tensor], outputs: Any) -> zip:
-        """Per row, (start logits, end logits) of the input's own tokens, as lists."""
+    def decode(
+        self, features: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor], outputs: Any
+    ) -> list[tuple[int, int] | None]:
+        """Per row, the character span of the best answer, or None for "no answer"."""
         width = batch["input_ids"].shape[1]
         starts = input_positions(outputs.start_logits, width).float().cpu().tolist()  # (B, T)
         ends = input_positions(outputs.end_logits, width).float().cpu().tolist()  # (B, T)
-        return zip(starts, ends)
+        return [self._best_span(s, e, f) for s, e, f in zip(starts, ends, features)]
 
-    def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
-        self._eval_logits.extend(self._span_logits(batch, outputs))
-
-    def _decode(self, start: list[float], end: list[float], feature: dict, context: str) -> str:
-        """The best-scoring answer span's text, or "" when no-answer scores higher."""
+    def _best_span(
+        self, start: list[float], end: list[float], feature: dict
+    ) -> tuple[int, int] | None:
+        """The best-scoring span's characters, or None when the [CLS] pair (no answer) wins."""
         spans = feature["spans"]
         inside = [t for t, span in enumerate(spans) if span is not None]
         best, best_score = None, start[0] + end[0]  # the [CLS] pair: "no answer"
@@ -168,21 +157,21 @@ class ExtractiveQA(Task):
                 if e in top_ends and spans[e] is not None and start[s] + end[e] > best_score:
                     best, best_score = (s, e), start[s] + end[e]
         if best is None:
-            return ""
-        return context[spans[best[0]][0] : spans[best[1]][1]]
+            return None
+        return spans[best[0]][0], spans[best[1]][1]
 
-    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
-        logits = self._eval_logits if len(self._eval_logits) == len(records) else None
-        self._eval_logits = []
-        if logits is None:
-            preds = self.predict(ctx, records)
-        else:
-            features = self.encode(records, with_targets=False)
-            preds = [
-                self._decode(s, e, f, str(r[self.options.context]))
-                for (s, e), f, r in zip(logits, features, records)
-            ]
-        refs = [self.answers_of(r) for r in records]
+    def texts(self, records: Sequence[dict], decoded: Sequence[Any]) -> list[str]:
+        """The answer text cut from each row's context ("" = no answer)."""
+        out = []
+        for row, span in zip(records, decoded):
+            out.append("" if span is None else str(row[self.options.context])[span[0] : span[1]])
+        return out
+
+    def score(
+        self, records: Sequence[dict], predictions: Sequence[Any], eval_loss: float
+    ) -> EvalResult:
+        preds = self.texts(records, predictions)
+        refs = [self.options.answers_of(r) for r in records]
         scores = squad_em_f1(preds, refs)
         metrics = {k: v / 100.0 for k, v in scores.items() if not k.endswith("total")}
         return EvalResult(
@@ -192,20 +181,12 @@ class ExtractiveQA(Task):
             rows=list(records),
         )
 
-    def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
-        features = self.encode(records, with_targets=False)
-        preds: list[str] = []
-        for piece, batch, outputs in forward_batches(ctx, self, features):
-            for (s, e), i in zip(self._span_logits(batch, outputs), piece):
-                context = str(records[i][self.options.context])
-                preds.append(self._decode(s, e, features[i], context))
-        return preds
-
     def baselines(
         self, train_records: Sequence[dict], eval_records: Sequence[dict]
     ) -> dict[str, Any]:
         """Always answering "no answer": its F1 is the share of unanswerable questions."""
         if not eval_records:
             return {}
-        scores = squad_em_f1([""] * len(eval_records), [self.answers_of(r) for r in eval_records])
+        answers = [self.options.answers_of(r) for r in eval_records]
+        scores = squad_em_f1([""] * len(eval_records), answers)
         return {"no_answer_f1": scores["f1"] / 100.0, "no_answer_exact": scores["exact"] / 100.0}

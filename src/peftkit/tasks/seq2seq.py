@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import TaskType
-from .base import IGNORE_INDEX, pad, register_task
+from .base import IGNORE_INDEX, pad
 from .prompted import PromptedOptions, PromptedTask
 
 
@@ -31,17 +30,13 @@ class Seq2SeqOptions(PromptedOptions):
     max_target_length: int = 128
 
 
-@register_task
 class Seq2Seq(PromptedTask):
     """``task.type: seq2seq``."""
 
-    name = "seq2seq"
-    model_kind = "seq2seq"
-    task_type = TaskType.SEQ_2_SEQ_LM
     Options = Seq2SeqOptions
     encoder_decoder = True
 
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+    def encode_prompts(self, prompts: Sequence[str], new_tokens: int = 0) -> list[list[int]]:
         enc = self.tokenizer(list(prompts), truncation=True, max_length=self.options.max_length)
         return [list(i) for i in enc["input_ids"]]
 
@@ -59,10 +54,10 @@ class Seq2Seq(PromptedTask):
         return out
 
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
-        sources = self.encode_prompts([self.prompt_of(r) for r in records])
+        sources = self.encode_prompts([self.options.prompt_of(r) for r in records])
         if not with_targets:
             return [{"input_ids": s} for s in sources]
-        targets = self._targets([self.target_of(r) for r in records])
+        targets = self._targets([self.options.target_of(r) for r in records])
         return [{"input_ids": s, "labels": t} for s, t in zip(sources, targets)]
 
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

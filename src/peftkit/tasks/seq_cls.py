@@ -9,27 +9,26 @@ the argmax of the logits, next to the majority-class baseline.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..config import PeftType, TaskType
+from ..config import PeftType
 from .base import (
-    EvalContext,
     EvalResult,
     Task,
-    forward_batches,
-    name_labels,
+    TaskOptions,
+    TaskSpec,
+    at_least_two,
     pad_encoder_inputs,
-    register_task,
 )
 from .scoring import majority_baseline, score
 from .template import Template
 
 
 @dataclasses.dataclass
-class SeqClsOptions:
+class SeqClsOptions(TaskOptions):
     """Attributes:
     text: template of the (first) text, e.g. ``"{sentence}"``.
     text_pair: template of a second text (NLI-style pairs), or null.
@@ -38,85 +37,59 @@ class SeqClsOptions:
     max_length: token limit (longer texts are truncated).
     """
 
+    head_per_label = True
+
     text: str = "{text}"
     text_pair: str | None = None
     label: str = "label"
     labels: list[str] | None = None
     max_length: int = 128
 
-
-@register_task
-class SequenceClassification(Task):
-    """``task.type: seq_cls``."""
-
-    name = "seq_cls"
-    model_kind = "seq_cls"
-    task_type = TaskType.SEQ_CLS
-    Options = SeqClsOptions
-    best_metric = "accuracy"
-
-    def __init__(self, options: SeqClsOptions) -> None:
-        super().__init__(options)
-        self.text = Template(options.text)
-        self.pair = Template(options.text_pair) if options.text_pair else None
-        self.labels: list[str] | None = [str(x) for x in options.labels] if options.labels else None
-        self._eval_preds: list[int] = []
-        self.pad_left = False  # set by use_model
-
     def input_columns(self) -> list[str]:
-        return self.text.fields + (self.pair.fields if self.pair else [])
+        pair = Template(self.text_pair).fields if self.text_pair else []
+        return Template(self.text).fields + pair
 
     def target_columns(self) -> list[str]:
-        return [self.options.label]
+        return [self.label]
 
-    def label_of(self, row: dict) -> str:
-        return str(row[self.options.label])
+    def label_of(self, row: Mapping[str, Any]) -> str:
+        return str(row[self.label])
 
-    def fit(self, train_records: Sequence[dict]) -> None:
-        if self.labels is None:
-            self.labels = sorted({self.label_of(r) for r in train_records})
-        if len(self.labels) < 2:
-            raise ValueError(
-                f"task seq_cls: found {len(self.labels)} label value(s) {self.labels} in column "
-                f"{self.options.label!r}; a classifier needs at least 2"
-            )
+    def learn_labels(self, train_records: Sequence[dict]) -> list[str]:
+        labels = [str(x) for x in self.labels] if self.labels else None
+        labels = labels or sorted({self.label_of(r) for r in train_records})
+        return at_least_two(labels, f"label value(s) in column {self.label!r}:")
 
-    def check_records(self, records: Sequence[dict], split: str, need_targets: bool) -> list[str]:
-        problems = super().check_records(records, split, need_targets)
-        if problems or not need_targets or self.labels is None:
+    def check_records(
+        self,
+        records: Sequence[dict],
+        split: str,
+        need_targets: bool,
+        labels: Sequence[str] | None = None,
+    ) -> list[str]:
+        problems = super().check_records(records, split, need_targets, labels)
+        labels = labels or ([str(x) for x in self.labels] if self.labels else None)
+        if problems or not need_targets or labels is None:
             return problems
-        unknown = sorted({self.label_of(r) for r in records} - set(self.labels))
+        unknown = sorted({self.label_of(r) for r in records} - set(labels))
         if unknown:
             problems.append(
-                f"data.{split}: label value(s) {unknown[:5]} are not in task.labels {self.labels}"
+                f"data.{split}: label value(s) {unknown[:5]} are not in task.labels {list(labels)}"
             )
         return problems
 
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"num_labels": len(self.labels or [])}
 
-    def configure_model(self, model: torch.nn.Module) -> None:
-        name_labels(model, self.labels)
-        config = model.config
-        if getattr(config, "pad_token_id", None) is None and self.tokenizer is not None:
-            config.pad_token_id = self.tokenizer.pad_token_id  # decoder models find the last token
+class SequenceClassification(Task):
+    """``task.type: seq_cls``."""
 
-    def use_model(self, model: torch.nn.Module) -> None:
-        """Pad on the left where a prompt method meets a last-token classifier.
+    Options = SeqClsOptions
+    best_metric = "accuracy"
 
-        Decoder-only classifiers (a ``score`` head) pool the last real token, which they find
-        from ``input_ids``; prompt tuning and P-tuning feed embeddings instead, so the head pools
-        the last position, and only left padding keeps that position a real token. Everything
-        else stays right-padded (positions count from the first real token).
-        """
-        config = getattr(model, "active_peft_config", None)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.pad_left = bool(
-            config is not None
-            and config.is_prompt_learning
-            and config.peft_type != PeftType.PREFIX_TUNING
-            and hasattr(base, "score")
-        )
+    def __init__(self, spec: TaskSpec, tokenizer: Any, model: torch.nn.Module) -> None:
+        super().__init__(spec, tokenizer, model)
+        self.text = Template(self.options.text)
+        self.pair = Template(self.options.text_pair) if self.options.text_pair else None
+        self.pad_left = pads_left(model)
 
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
         first = [self.text.render(r) for r in records]
@@ -132,7 +105,7 @@ class SequenceClassification(Task):
             if "token_type_ids" in enc:
                 feature["token_type_ids"] = list(enc["token_type_ids"][i])
             if with_targets:
-                feature["labels"] = index[self.label_of(records[i])]
+                feature["labels"] = index[self.options.label_of(records[i])]
             features.append(feature)
         return features
 
@@ -145,30 +118,43 @@ class SequenceClassification(Task):
     def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].shape[0])
 
-    def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
-        self._eval_preds.extend(outputs.logits.argmax(-1).tolist())  # (B, C) -> (B,)
+    def decode(
+        self, features: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor], outputs: Any
+    ) -> list[str]:
+        return [self.labels[i] for i in outputs.logits.argmax(-1).tolist()]  # (B, C) -> (B,)
 
-    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
-        ids = self._eval_preds if len(self._eval_preds) == len(records) else None
-        self._eval_preds = []
-        preds = [self.labels[i] for i in ids] if ids is not None else self.predict(ctx, records)
-        refs = [self.label_of(r) for r in records]
+    def score(
+        self, records: Sequence[dict], predictions: Sequence[Any], eval_loss: float
+    ) -> EvalResult:
+        preds = list(predictions)
+        refs = [self.options.label_of(r) for r in records]
         metrics = score(["accuracy", "macro_f1"], preds, refs, self.labels)
         metrics.pop("invalid_rate", None)
         return EvalResult(metrics=metrics, predictions=preds, references=refs, rows=list(records))
-
-    def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
-        features = self.encode(records, with_targets=False)
-        preds: list[str] = []
-        for _, _, outputs in forward_batches(ctx, self, features):
-            preds.extend(self.labels[i] for i in outputs.logits.argmax(-1).tolist())  # (B, C)
-        return preds
 
     def baselines(
         self, train_records: Sequence[dict], eval_records: Sequence[dict]
     ) -> dict[str, Any]:
         return majority_baseline(
-            [self.label_of(r) for r in train_records],
-            [self.label_of(r) for r in eval_records],
+            [self.options.label_of(r) for r in train_records],
+            [self.options.label_of(r) for r in eval_records],
             self.labels,
         )
+
+
+def pads_left(model: torch.nn.Module) -> bool:
+    """Pad on the left where a prompt method meets a last-token classifier.
+
+    Decoder-only classifiers (a ``score`` head) pool the last real token, which they find from
+    ``input_ids``; prompt tuning and P-tuning feed embeddings instead, so the head pools the last
+    position, and only left padding keeps that position a real token. Everything else stays
+    right-padded (positions count from the first real token).
+    """
+    config = getattr(model, "active_peft_config", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(
+        config is not None
+        and config.is_prompt_learning
+        and config.peft_type != PeftType.PREFIX_TUNING
+        and hasattr(base, "score")
+    )

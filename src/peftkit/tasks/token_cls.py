@@ -17,30 +17,27 @@ Words cut off by ``max_length`` are predicted ``O``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..config import TaskType
 from ..metrics import accuracy, seq_f1
 from .base import (
     IGNORE_INDEX,
-    EvalContext,
     EvalResult,
     Task,
-    forward_batches,
+    TaskOptions,
+    at_least_two,
     input_positions,
-    name_labels,
     pad,
     pad_encoder_inputs,
-    register_task,
 )
 from .scoring import majority_baseline
 
 
 @dataclasses.dataclass
-class TokenClsOptions:
+class TokenClsOptions(TaskOptions):
     """``task:`` fields of ``type: token_cls``.
 
     tokens: the column holding each sentence's words (a list).
@@ -49,72 +46,74 @@ class TokenClsOptions:
     max_length: token limit per sentence (sub-word tokens, special tokens included).
     """
 
+    head_per_label = True
+
     tokens: str = "tokens"
     tags: str = "tags"
     labels: list[str] | None = None
     max_length: int = 128
 
-
-@register_task
-class TokenClassification(Task):
-    """``task.type: token_cls``."""
-
-    name = "token_cls"
-    model_kind = "token_cls"
-    task_type = TaskType.TOKEN_CLS
-    Options = TokenClsOptions
-    best_metric = "f1"
-
-    def __init__(self, options: TokenClsOptions) -> None:
-        super().__init__(options)
-        self.labels: list[str] | None = [str(x) for x in options.labels] if options.labels else None
-        self._eval_preds: list[list[int]] = []
-
     def input_columns(self) -> list[str]:
-        return [self.options.tokens]
+        return [self.tokens]
 
     def target_columns(self) -> list[str]:
-        return [self.options.tags]
+        return [self.tags]
 
-    def words_of(self, row: dict) -> list[str]:
-        return [str(w) for w in row[self.options.tokens]]
+    def words_of(self, row: Mapping[str, Any]) -> list[str]:
+        return [str(w) for w in row[self.tokens]]
 
-    def tags_of(self, row: dict) -> list[str]:
-        return [str(t) for t in row[self.options.tags]]
+    def tags_of(self, row: Mapping[str, Any]) -> list[str]:
+        return [str(t) for t in row[self.tags]]
 
-    def fit(self, train_records: Sequence[dict]) -> None:
-        if self.labels is None:
-            seen = {t for r in train_records for t in self.tags_of(r)}
-            self.labels = (["O"] if "O" in seen else []) + sorted(seen - {"O"})
-        if len(self.labels) < 2:
-            raise ValueError(
-                f"token classification needs at least 2 tags; the train data has {self.labels}"
-            )
+    def learn_labels(self, train_records: Sequence[dict]) -> list[str]:
+        if self.labels:
+            return at_least_two([str(x) for x in self.labels], "tag(s) in task.labels:")
+        seen = {t for r in train_records for t in self.tags_of(r)}
+        labels = (["O"] if "O" in seen else []) + sorted(seen - {"O"})
+        return at_least_two(labels, "tag(s) in the train data:")
 
-    def check_records(self, records: Sequence[dict], split: str, need_targets: bool) -> list[str]:
-        problems = super().check_records(records, split, need_targets)
+    def check_records(
+        self,
+        records: Sequence[dict],
+        split: str,
+        need_targets: bool,
+        labels: Sequence[str] | None = None,
+    ) -> list[str]:
+        problems = super().check_records(records, split, need_targets, labels)
         if problems or not need_targets:
             return problems
         for i, row in enumerate(records):
-            words, tags = row[self.options.tokens], row[self.options.tags]
+            words, tags = row[self.tokens], row[self.tags]
             if not isinstance(words, list) or not isinstance(tags, list):
                 return [
-                    f"data.{split}: row {i}: '{self.options.tokens}' and '{self.options.tags}' "
-                    f"must be lists (one entry per word); read token files as CoNLL (.conll)"
+                    f"data.{split}: row {i}: '{self.tokens}' and '{self.tags}' must be lists "
+                    f"(one entry per word); read token files as CoNLL (.conll)"
                 ]
             if len(words) != len(tags):
                 return [f"data.{split}: row {i} has {len(words)} words but {len(tags)} tags"]
-        if self.labels is not None:
-            unknown = sorted({t for r in records for t in self.tags_of(r)} - set(self.labels))
+        labels = labels or ([str(x) for x in self.labels] if self.labels else None)
+        if labels is not None:
+            unknown = sorted({t for r in records for t in self.tags_of(r)} - set(labels))
             if unknown:
-                return [f"data.{split}: tag(s) {unknown[:5]} are not in task.labels {self.labels}"]
+                return [f"data.{split}: tag(s) {unknown[:5]} are not in task.labels {list(labels)}"]
         return []
 
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"num_labels": len(self.labels or [])}
+    def input_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The words of the tokens column (a list, or a string split at whitespace) or of a
+        ``--prompt`` text."""
+        words = row.get(self.tokens, row.get("text"))
+        if words is None:
+            raise ValueError(
+                f"the tagger reads the words of column {self.tokens!r} (or 'text'); give them"
+            )
+        return {self.tokens: words.split() if isinstance(words, str) else list(words)}
 
-    def configure_model(self, model: torch.nn.Module) -> None:
-        name_labels(model, self.labels)
+
+class TokenClassification(Task):
+    """``task.type: token_cls``."""
+
+    Options = TokenClsOptions
+    best_metric = "f1"
 
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
         if not getattr(self.tokenizer, "is_fast", False):
@@ -122,11 +121,12 @@ class TokenClassification(Task):
                 "token_cls needs a fast tokenizer (it maps sub-word tokens back to words); "
                 "use a model folder with tokenizer.json, or set model.tokenizer to one"
             )
+        options: TokenClsOptions = self.options
         enc = self.tokenizer(
-            [self.words_of(r) for r in records],
+            [options.words_of(r) for r in records],
             is_split_into_words=True,
             truncation=True,
-            max_length=self.options.max_length,
+            max_length=options.max_length,
         )
         index = {tag: i for i, tag in enumerate(self.labels or [])}
         features = []
@@ -142,7 +142,7 @@ class TokenClassification(Task):
             feature["first_tokens"] = firsts
             if with_targets:
                 labels = [IGNORE_INDEX] * len(ids)
-                for pos, tag in zip(firsts, self.tags_of(records[i])):
+                for pos, tag in zip(firsts, options.tags_of(records[i])):
                     labels[pos] = index[tag]
                 feature["labels"] = labels
             features.append(feature)
@@ -154,24 +154,30 @@ class TokenClassification(Task):
             batch["labels"] = pad([f["labels"] for f in features], IGNORE_INDEX)  # (B, T)
         return batch
 
-    def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
-        keep = batch["labels"] != IGNORE_INDEX  # (B, T): each word's first token
-        best = input_positions(outputs.logits, keep.shape[1]).argmax(-1)  # (B, T)
-        self._eval_preds.extend(row[mask].tolist() for row, mask in zip(best, keep))
+    def decode(
+        self, features: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor], outputs: Any
+    ) -> list[list[str]]:
+        """The tags of the words in view (each word's first token), per sentence."""
+        width = batch["input_ids"].shape[1]
+        best = input_positions(outputs.logits, width).argmax(-1).tolist()  # (B, T)
+        return [[self.labels[row[p]] for p in f["first_tokens"]] for row, f in zip(best, features)]
 
-    def _tags(self, ids: list[int], n_words: int) -> list[str]:
-        """Tag names for a sentence's words; words cut off by truncation get ``O``."""
-        tags = [self.labels[i] for i in ids[:n_words]]
-        return tags + ["O"] * (n_words - len(tags))
+    def _tags(self, records: Sequence[dict], decoded: Sequence[list[str]]) -> list[list[str]]:
+        """One tag per word; words cut off by truncation get ``O``."""
+        out = []
+        for row, tags in zip(records, decoded):
+            n_words = len(self.options.words_of(row))
+            out.append(list(tags[:n_words]) + ["O"] * (n_words - len(tags)))
+        return out
 
-    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
-        ids = self._eval_preds if len(self._eval_preds) == len(records) else None
-        self._eval_preds = []
-        if ids is None:
-            preds = self.predict_tags(ctx, records)
-        else:
-            preds = [self._tags(p, len(self.words_of(r))) for p, r in zip(ids, records)]
-        refs = [self.tags_of(r) for r in records]
+    def texts(self, records: Sequence[dict], decoded: Sequence[Any]) -> list[str]:
+        return [" ".join(tags) for tags in self._tags(records, decoded)]
+
+    def score(
+        self, records: Sequence[dict], predictions: Sequence[Any], eval_loss: float
+    ) -> EvalResult:
+        preds = self._tags(records, predictions)
+        refs = [self.options.tags_of(r) for r in records]
         scores = seq_f1(preds, refs)
         flat_pred = [t for p in preds for t in p]
         flat_ref = [t for r in refs for t in r]
@@ -188,27 +194,13 @@ class TokenClassification(Task):
             rows=list(records),
         )
 
-    def predict_tags(self, ctx: EvalContext, records: Sequence[dict]) -> list[list[str]]:
-        """One tag per word for each row (rows need no tags)."""
-        features = self.encode(records, with_targets=False)
-        out: list[list[str]] = []
-        for piece, batch, outputs in forward_batches(ctx, self, features):
-            width = batch["input_ids"].shape[1]
-            best = input_positions(outputs.logits, width).argmax(-1).tolist()  # (B, T)
-            for row, i in zip(best, piece):
-                ids = [row[pos] for pos in features[i]["first_tokens"]]
-                out.append(self._tags(ids, len(self.words_of(records[i]))))
-        return out
-
-    def predict(self, ctx: EvalContext, records: Sequence[dict]) -> list[str]:
-        return [" ".join(tags) for tags in self.predict_tags(ctx, records)]
-
     def baselines(
         self, train_records: Sequence[dict], eval_records: Sequence[dict]
     ) -> dict[str, Any]:
         """Always the most frequent train tag (``O``): token accuracy, and entity F1 = 0."""
+        options: TokenClsOptions = self.options
         return majority_baseline(
-            [t for r in train_records for t in self.tags_of(r)],
-            [t for r in eval_records for t in self.tags_of(r)],
+            [t for r in train_records for t in options.tags_of(r)],
+            [t for r in eval_records for t in options.tags_of(r)],
             self.labels,
         )

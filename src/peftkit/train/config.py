@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .schema import ConfigError, build, check_block, coerce, field_hints, join, unknown_key
+from .schema import ConfigError, build, check_block, field_hints, join, unknown_key
 
 # method.type -> PeftType name in the peftkit registry. QLoRA is LoRA on a 4-bit base model.
 METHOD_TYPES: dict[str, str] = {
@@ -320,12 +320,6 @@ def _check_method(raw: Any, problems: list[str]) -> dict[str, Any] | None:
         )
         return None
     cls = method_config_class(kind)
-    if cls is None:
-        problems.append(
-            f"method.type: {kind!r} is not available in this peftkit install "
-            f"(available: {', '.join(available_methods())})"
-        )
-        return None
     for key in _METHOD_FIELDS_SET_BY_RUN:
         if key in raw:
             problems.append(
@@ -335,18 +329,11 @@ def _check_method(raw: Any, problems: list[str]) -> dict[str, Any] | None:
     return {"type": kind, **options}
 
 
-def method_config_class(kind: str) -> type | None:
-    """The peftkit config class behind ``method.type`` (None when that method is not installed)."""
+def method_config_class(kind: str) -> type:
+    """The peftkit config class behind ``method.type`` (every built-in method is registered)."""
     from ..config import config_class
 
-    try:
-        return config_class(METHOD_TYPES[kind])
-    except (KeyError, ValueError):
-        return None
-
-
-def available_methods() -> list[str]:
-    return [k for k in METHOD_TYPES if method_config_class(k) is not None]
+    return config_class(METHOD_TYPES[kind])
 
 
 def resolve_path(value: str, config_dir: str | None) -> Path | None:
@@ -406,15 +393,6 @@ def config_to_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-def coerce_value(value: Any, hint: Any, path: str) -> Any:
-    """Coerce one value (used by the CLI for single options); raises ConfigError on mismatch."""
-    problems: list[str] = []
-    out = coerce(value, hint, path, problems)
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
 __all__ = [
     "ConfigError",
     "DataSection",
@@ -423,7 +401,6 @@ __all__ = [
     "ModelSection",
     "RunConfig",
     "apply_overrides",
-    "available_methods",
     "config_to_yaml",
     "join",
     "load_config",

@@ -9,34 +9,32 @@ A *target* can be::
                             base model alone (eval --no-adapter)
 
 The base model is the one the run used (``config.yaml``), else the adapter's
-``base_model_name_or_path``, unless ``--model`` names another.
+``base_model_name_or_path``, unless ``--model`` names another. The task comes back in the same
+two steps as in training::
+
+    config.yaml ─> spec_for ─> restore_task_state (task_state.json: the label set) ─> TaskSpec
+    load_for_inference: load_base_model (head sized by the labels; its missing weights are
+        not reported when the adapter restores them) ─> PeftModel.from_pretrained
+        ─> spec.build(tokenizer, model) ─> Loaded(model, tokenizer, task, ...)
+        and one line on stderr saying what was loaded
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import CONFIG_NAME, TaskType, read_config
-from ..tasks import Task
+from ..config import CONFIG_NAME, read_config
+from ..tasks import Task, TaskSpec, task_kind
 from .config import ConfigError, RunConfig, load_config
 from .run_folder import TASK_STATE
-from .setup import build_task
-
-# adapter_config.json task_type -> the model kind load_base_model takes
-_KIND_OF_TASK_TYPE = {
-    TaskType.CAUSAL_LM: "causal_lm",
-    TaskType.SEQ_2_SEQ_LM: "seq2seq",
-    TaskType.SEQ_CLS: "seq_cls",
-    TaskType.TOKEN_CLS: "token_cls",
-    TaskType.QUESTION_ANS: "qa",
-    TaskType.FEATURE_EXTRACTION: "feature_extraction",
-}
+from .setup import build_spec
 
 
 @dataclasses.dataclass
@@ -104,29 +102,31 @@ def run_config(target: Target, overrides: Sequence[str] = ()) -> RunConfig | Non
     return load_config(target.config_path, overrides, check_files=False, require_train=False)
 
 
-def restore_task_state(task: Task, target: Target) -> bool:
-    """Give the task the label set its run learnt (``task_state.json``); False if unknown."""
+def spec_for(config: RunConfig | None) -> TaskSpec | None:
+    """The run's task spec (no labels yet), or None without a config (a bare adapter folder)."""
+    return build_spec(config) if config is not None else None
+
+
+def restore_task_state(spec: TaskSpec, target: Target) -> TaskSpec | None:
+    """``spec`` with the label set its run learnt (``task_state.json``); None if unknown."""
     if target.run_dir is None or not (target.run_dir / TASK_STATE).exists():
-        return False
+        return None
     state = json.loads((target.run_dir / TASK_STATE).read_text(encoding="utf-8"))
-    labels = state.get("labels")
-    if labels and hasattr(task, "labels"):
-        task.labels = list(labels)
-        return True
-    return False
+    return spec.restore(state) if state.get("labels") else None
 
 
 def load_for_inference(
     target: Target,
     config: RunConfig | None,
-    task: Task | None,
+    spec: TaskSpec | None,
     model_name: str | None = None,
     use_adapter: bool = True,
     dtype: str | None = None,
     quantization: bool = True,
     trainable: bool = False,
 ) -> Loaded:
-    """Base model (+ the target's adapter, in eval mode; frozen unless ``trainable``) and tokenizer."""
+    """Base model (+ the target's adapter, in eval mode; frozen unless ``trainable``), tokenizer
+    and the task built on them; prints one line on stderr saying what was loaded."""
     from .. import PeftModel
     from ..models import load_base_model
 
@@ -138,20 +138,21 @@ def load_for_inference(
     )
     if not name:
         raise ConfigError(["no base model known for this adapter: pass --model NAME_OR_PATH"])
-    if task is not None:
-        kind = task.model_kind
-    elif adapter_config is not None and adapter_config.task_type in _KIND_OF_TASK_TYPE:
-        kind = _KIND_OF_TASK_TYPE[adapter_config.task_type]
-    else:
-        kind = "causal_lm"
-    kwargs: dict[str, Any] = task.model_kwargs() if task is not None else {}
-    if kind == "seq_cls" and not kwargs.get("num_labels"):
+    if spec is not None and spec.needs_labels:
         raise ConfigError(
             [
                 "the classifier's label set is unknown: point at the run folder "
                 "(it keeps task_state.json) or give the config with its data"
             ]
         )
+    if spec is not None:
+        kind = spec.name
+    elif adapter_config is not None and adapter_config.task_type is not None:
+        kind = task_kind(adapter_config.task_type).name
+    else:
+        kind = "causal_lm"
+    has_adapter = bool(use_adapter and adapter_config is not None)
+    restored = list(getattr(adapter_config, "modules_to_save", None) or []) if has_adapter else []
     model_section = config.model if config else None
     model, tokenizer = load_base_model(
         name,
@@ -163,19 +164,36 @@ def load_for_inference(
         gguf_file=model_section.gguf_file if model_section and not model_name else None,
         quantization=model_section.quantization if model_section and quantization else None,
         tokenizer_name_or_path=model_section.tokenizer if model_section else None,
-        **kwargs,
+        restored_modules=restored,
+        **(spec.model_kwargs() if spec is not None else {}),
     )
-    if task is not None:
-        task.bind(tokenizer)
-        task.configure_model(model)
-    has_adapter = bool(use_adapter and target.adapter_dir is not None)
+    heads = [m for m in restored if _has_module(model, m)]
+    base_name = type(model).__name__
     if has_adapter:
         model = PeftModel.from_pretrained(model, target.adapter_dir, is_trainable=trainable)
-    if task is not None:
-        task.use_model(model)
     model.eval()
+    task = spec.build(tokenizer, model) if spec is not None else None
+    print(
+        _loaded_line(name, base_name, target if has_adapter else None, heads, spec), file=sys.stderr
+    )
     return Loaded(model, tokenizer, config, task, target, has_adapter)
 
 
-def task_for(config: RunConfig | None) -> Task | None:
-    return build_task(config) if config is not None else None
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
+
+
+def _loaded_line(
+    name: str, base_name: str, target: Target | None, heads: list[str], spec: TaskSpec | None
+) -> str:
+    """``base model X (Cls) + adapter A; head `classifier` (2 labels) restored from the adapter``."""
+    line = f"loaded: base model {name} ({base_name})"
+    if target is None:
+        return line + ", no adapter"
+    line += f" + adapter {target.adapter_dir}"
+    if heads:
+        n_labels = spec.model_kwargs().get("num_labels") if spec is not None else None
+        size = f" ({n_labels} labels)" if n_labels else ""
+        names = ", ".join(f"`{h}`" for h in heads)
+        line += f"; head {names}{size} restored from the adapter"
+    return line

@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import atomic_write_text
 from ..progress import quiet_library_bars
-from ..tasks import Task
+from ..tasks import Task, TaskSpec
 from .config import RunConfig, config_to_yaml
 from .evaluate import SplitEvaluation, evaluate_split, write_predictions
 from .logger import RunLog, read_metrics
@@ -40,7 +40,7 @@ from .run_folder import (
     prepare_output,
     resolve_resume,
 )
-from .setup import attach_adapter, build_task, check_data, load_model, trainable_line
+from .setup import attach_adapter, build_spec, check_data, load_model, trainable_line
 from .splits import Splits, load_splits
 from .state import Progress
 
@@ -134,9 +134,8 @@ class TrainRecipe:
         self.checkpoint = resolve_resume(self.output_dir, resume)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.task: Task = build_task(config)
         self.splits: Splits = load_splits(config)
-        check_data(self.task, self.splits, config.source)
+        self.spec: TaskSpec = check_data(build_spec(config), self.splits, config.source)
 
         self.accelerator = make_accelerator(config)
         self.main = self.accelerator.is_main_process
@@ -160,15 +159,17 @@ class TrainRecipe:
 
         set_seed(config.seed)
         load_start = time.perf_counter()
-        model, _ = load_model(config, self.task)
+        model, tokenizer = load_model(config, self.spec)
         log.info(
             f"model: {config.model.name} ({type(model).__name__}, loaded in "
             f"{time.perf_counter() - load_start:.1f} s)"
         )
-        train_features = self.task.encode(self.splits.train)
-        eval_features = self.task.encode(self.splits.eval) if self.splits.eval else []
+        features = self.spec.build(tokenizer, model)  # features need the tokenizer alone
+        train_features = features.encode(self.splits.train)
+        eval_features = features.encode(self.splits.eval) if self.splits.eval else []
         plan = plan_steps(len(train_features), config, self.accelerator.num_processes)
-        peft_model = attach_adapter(config, model, self.task, plan.total_steps)
+        peft_model = attach_adapter(config, model, self.spec, plan.total_steps)
+        self.task: Task = self.spec.build(tokenizer, peft_model)  # batches as the adapter needs
         log.info(
             f"method: {config.method_type} -> {type(peft_model).__name__}; "
             f"{trainable_line(peft_model)}"

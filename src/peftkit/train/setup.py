@@ -1,9 +1,11 @@
-"""Setting a run up: the task, its data checked, the base model and the adapter on it.
+"""Setting a run up: the task spec, its data checked, the base model, the adapter, the task.
 
 ::
 
-    RunConfig ─> build_task ─> check_data (columns, label set) ─> load_model (+ tokenizer)
+    RunConfig ─> build_spec (task block) ─> check_data (columns, label set) -> TaskSpec
+              ─> load_model (Auto class from the task table, head sized by the label set)
               ─> build_peft_config (method block + what the run knows) ─> attach_adapter
+              ─> spec.build(tokenizer, adapted model) -> the Task the run trains and scores with
 
 Nothing heavy happens before the data has been read and checked against the task.
 """
@@ -15,61 +17,58 @@ from typing import Any
 
 import torch
 
-from ..tasks import TASKS, Task
+from ..tasks import TaskSpec, task_spec
 from .config import ConfigError, RunConfig, method_config_class
 from .splits import Splits
 
 
-def build_task(config: RunConfig) -> Task:
-    """The task object for ``config.task`` (its options were checked by load_config)."""
-    spec = dict(config.task)
-    cls = TASKS[spec.pop("type")]
+def build_spec(config: RunConfig) -> TaskSpec:
+    """The spec of ``config.task`` (its options were checked by load_config); no labels yet."""
     try:
-        return cls(cls.Options(**spec))
+        return task_spec(config.task)
     except (TypeError, ValueError) as exc:
         raise ConfigError([f"task: {exc}"], source=config.source) from exc
 
 
-def check_data(task: Task, splits: Splits, source: str | None = None) -> None:
-    """Columns each split needs, then the label set from train, then labels of eval rows."""
+def check_data(spec: TaskSpec, splits: Splits, source: str | None = None) -> TaskSpec:
+    """Columns each split needs, then the label set from train, then labels of eval rows;
+    returns the spec with its label set (every problem raised as one ConfigError)."""
     problems: list[str] = []
     if splits.train:
-        problems += task.check_records(splits.train, "train", need_targets=True)
+        problems += spec.check_records(splits.train, "train", need_targets=True)
     if splits.eval:
-        problems += task.check_records(splits.eval, "eval", need_targets=True)
+        problems += spec.check_records(splits.eval, "eval", need_targets=True)
     if splits.test:
-        problems += task.check_records(splits.test, "test", need_targets=False)
+        problems += spec.check_records(splits.test, "test", need_targets=False)
     if problems:
         raise ConfigError(problems, source=source)
     try:
-        task.fit(splits.train or splits.eval)
+        spec = spec.fit(splits.train or splits.eval)
     except (ValueError, KeyError) as exc:
-        raise ConfigError([f"task: {exc}"], source=source) from exc
+        raise ConfigError([f"task {spec.name}: {exc}"], source=source) from exc
     if splits.eval:
-        problems += task.check_records(splits.eval, "eval", need_targets=True)
+        problems += spec.check_records(splits.eval, "eval", need_targets=True)
     if problems:
         raise ConfigError(problems, source=source)
+    return spec
 
 
-def load_model(config: RunConfig, task: Task) -> tuple[torch.nn.Module, Any]:
+def load_model(config: RunConfig, spec: TaskSpec) -> tuple[torch.nn.Module, Any]:
     """Base model + tokenizer for the task (bundled name, folder, GGUF, hub id; dtype; 4-bit)."""
     from ..models import load_base_model
 
-    model, tokenizer = load_base_model(
+    return load_base_model(
         config.model.name,
-        task=task.model_kind,
+        task=spec.name,
         dtype=None if config.model.dtype == "auto" else config.model.dtype,
         gguf_file=config.model.gguf_file,
         quantization=config.model.quantization,
         tokenizer_name_or_path=config.model.tokenizer,
-        **task.model_kwargs(),
+        **spec.model_kwargs(),
     )
-    task.bind(tokenizer)
-    task.configure_model(model)
-    return model, tokenizer
 
 
-def build_peft_config(config: RunConfig, task: Task, total_steps: int | None = None) -> Any:
+def build_peft_config(config: RunConfig, spec: TaskSpec, total_steps: int | None = None) -> Any:
     """The adapter config: the ``method`` block's fields on the registry's class for its type.
 
     Fields the run knows are filled in: ``task_type`` from the task, ``total_step`` (AdaLoRA's
@@ -79,7 +78,7 @@ def build_peft_config(config: RunConfig, task: Task, total_steps: int | None = N
     fields = {k: v for k, v in config.method.items() if k != "type"}
     cls = method_config_class(config.method_type)
     names = {f.name for f in dataclasses.fields(cls)}
-    fields["task_type"] = task.task_type
+    fields["task_type"] = spec.task_type
     fields["base_model_name_or_path"] = config.model.name
     if "total_step" in names and fields.get("total_step") is None and total_steps is not None:
         fields["total_step"] = total_steps
@@ -92,7 +91,7 @@ def build_peft_config(config: RunConfig, task: Task, total_steps: int | None = N
 
 
 def attach_adapter(
-    config: RunConfig, model: torch.nn.Module, task: Task, total_steps: int | None = None
+    config: RunConfig, model: torch.nn.Module, spec: TaskSpec, total_steps: int | None = None
 ) -> Any:
     """Prepare a 4-bit base for training when quantised, then ``get_peft_model``."""
     from .. import get_peft_model
@@ -101,9 +100,7 @@ def attach_adapter(
         from ..quant import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_model = get_peft_model(model, build_peft_config(config, task, total_steps))
-    task.use_model(peft_model)
-    return peft_model
+    return get_peft_model(model, build_peft_config(config, spec, total_steps))
 
 
 def trainable_line(model: Any) -> str:
@@ -117,7 +114,7 @@ def trainable_line(model: Any) -> str:
 __all__ = [
     "attach_adapter",
     "build_peft_config",
-    "build_task",
+    "build_spec",
     "check_data",
     "load_model",
     "trainable_line",
