@@ -110,11 +110,11 @@ def main() -> None:
                 row["budget"] = budget
             row[f"{name}_loss"] = round(loss.item(), 5)
         if args.with_peft:
-            ours = models["peftkit"].peft_config["default"].rank_pattern or {}
-            theirs = {
-                k.removesuffix(".default"): list(v)
-                for k, v in (models["peft"].peft_config["default"].rank_pattern or {}).items()
-            }
+            # both keep PEFT's in-memory keys: <module>.lora_E.<adapter name>
+            ours, theirs = (
+                {k: list(v) for k, v in (m.peft_config["default"].rank_pattern or {}).items()}
+                for m in (models["peftkit"], models["peft"])
+            )
             row["same_pattern"] = ours == theirs
             same_pattern_every_step &= ours == theirs
         log.append(row)
