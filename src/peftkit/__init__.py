@@ -3,9 +3,13 @@
 from .config import PeftConfig, PeftType, TaskType
 from .methods.adalora import AdaLoraConfig
 from .methods.lora import LoraConfig
-from .methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
-from .methods.prefix_tuning import PrefixTuningConfig
-from .methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from .methods.prompt import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from .model import (
     PeftModel,
     PeftModelForCausalLM,

@@ -1,10 +1,10 @@
-"""Adapter configurations: the base dataclass, task/method enums, the method registry and JSON I/O.
+"""Adapter configurations: the base dataclass, task/method enums and JSON I/O.
 
 Every method's config is a dataclass whose field names and JSON keys are HF PEFT's, so an
 ``adapter_config.json`` written by either library reads in the other::
 
     adapter_config.json --read_config--> dict --config_from_dict--> LoraConfig | AdaLoraConfig | ...
-                                                   (peft_type picks the class from the registry)
+                                          (peft_type picks the class in methods.CONFIGS)
 
 Keys we do not know are warned about and dropped (a config from a newer version must not crash
 an older reader); keys PEFT knows but peftkit does not implement are accepted silently while they
@@ -158,23 +158,25 @@ class PeftConfig:
         return read_config(directory)
 
 
-_REGISTRY: dict[PeftType, type[PeftConfig]] = {}
-
-
 def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
-    """Class decorator: make ``cls`` the config class for its ``peft_type``."""
-    _REGISTRY[cls.peft_type] = cls
+    """No-op class decorator left for ``methods/lora.py`` and ``methods/adalora.py``.
+
+    The method table is ``methods.CONFIGS``, written out in one place; delete this once those
+    two files no longer decorate their configs with it.
+    """
     return cls
 
 
 def config_class(peft_type: PeftType | str) -> type[PeftConfig]:
-    """The config class registered for ``peft_type``, with a clear error when unknown."""
-    from . import methods  # noqa: F401  (registers every built-in method)
+    """The config class for ``peft_type`` (``methods.CONFIGS``), with a clear error when unknown."""
+    # Imported here, not at the top: every class in that table subclasses PeftConfig, so the
+    # methods import this module and it cannot import them back while it is being loaded.
+    from .methods import CONFIGS
 
     try:
-        return _REGISTRY[PeftType(peft_type)]
+        return CONFIGS[PeftType(peft_type)]
     except (ValueError, KeyError):
-        known = ", ".join(sorted(p.value for p in _REGISTRY))
+        known = ", ".join(sorted(p.value for p in CONFIGS))
         raise ValueError(f"unknown peft_type {peft_type!r}; peftkit supports: {known}") from None
 
 

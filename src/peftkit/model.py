@@ -3,13 +3,14 @@
 ::
 
     get_peft_model(model, config) ──> PeftModelFor<Task>
-        .peft_config   {name: config}
-        .base_model    InjectedAdapterModel (LoRA, AdaLoRA)      or the model itself (prompt methods)
-        .prompt_encoder {name: encoder}                           (prompt methods only)
+        .adapter_model   methods.ADAPTER_MODELS[config.peft_type]: every adapter operation,
+                         forward, generate and the adapter's tensors go here (adapter_model.py)
+        .base_model      injected methods: the adapter model itself (InjectedAdapterModel)
+                         prompt methods:   the transformers model, and .prompt_encoder {name: encoder}
+        .peft_config     {name: config}  (the adapter model's dict)
 
-The task wrappers differ only in what they add to ``modules_to_save`` (the classification head)
-and, for prompt-learning methods, in how virtual tokens enter the forward pass
-(see :mod:`peftkit.methods.prompting`).
+PeftModel itself adds only what is the same for every method: the task heads trained in full
+(``modules_to_save``), parameter counts and the adapter folders (save_pretrained/from_pretrained).
 """
 
 from __future__ import annotations
@@ -24,16 +25,10 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .adapter_model import AdapterModel
 from .config import PeftConfig, TaskType, read_config
-
-
-def _tuner_class(config: PeftConfig) -> type:
-    from .methods import TUNERS
-
-    try:
-        return TUNERS[config.peft_type]
-    except KeyError:
-        raise ValueError(f"{config.peft_type.value} is not an injected-adapter method") from None
+from .methods import ADAPTER_MODELS
+from .methods.lora import LoraLayer
 
 
 class PeftModel(nn.Module):
@@ -41,26 +36,19 @@ class PeftModel(nn.Module):
 
     # Heads that a task trains in full; added to modules_to_save (PEFT does the same).
     task_heads: tuple[str, ...] = ()
+    adapter_model: AdapterModel
 
     def __init__(
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"
     ) -> None:
         super().__init__()
-        self.peft_config: dict[str, PeftConfig] = {}
-        self.active_adapter = adapter_name
-        self._prompt_learning = peft_config.is_prompt_learning
         self._fill_config(model, peft_config)
-        if self._prompt_learning:
-            from .methods import prompting
-
-            self.base_model = model
-            self.prompt_encoder = nn.ModuleDict()
-            self.peft_config[adapter_name] = peft_config
-            prompting.attach(self, adapter_name, peft_config)
-        else:
-            self.base_model = _tuner_class(peft_config)(model, peft_config, adapter_name)
-            self.peft_config = self.base_model.peft_config  # one dict, shared
-        self._warn_on_train_without_hooks = True
+        adapter_model = ADAPTER_MODELS[peft_config.peft_type](model, peft_config, adapter_name)
+        for name, module in adapter_model.peft_modules().items():
+            self.add_module(name, module)
+        # Kept out of nn.Module's registry: its modules are registered just above, under PEFT's
+        # names (registering it too would list every tensor twice in state_dict()).
+        self.__dict__["adapter_model"] = adapter_model
 
     # --- config --------------------------------------------------------------------------
     def _fill_config(self, model: nn.Module, config: PeftConfig) -> None:
@@ -79,6 +67,14 @@ class PeftModel(nn.Module):
                 config.modules_to_save = extra + [h for h in self.task_heads if h not in extra]
 
     @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.adapter_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.adapter_model.active_adapter
+
+    @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter]
 
@@ -88,7 +84,7 @@ class PeftModel(nn.Module):
 
     # --- adapters by name ----------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Add another adapter (same method family); it becomes trainable only after set_adapter."""
+        """Add another adapter (same method); it becomes trainable only after set_adapter."""
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or "
@@ -99,74 +95,32 @@ class PeftModel(nn.Module):
                 f"cannot add a {peft_config.peft_type.value} adapter to a model holding "
                 f"{self.active_peft_config.peft_type.value} adapters"
             )
-        self._fill_config(
-            self.base_model if self._prompt_learning else self.base_model.model, peft_config
-        )
-        if self._prompt_learning:
-            from .methods import prompting
-
-            self.peft_config[adapter_name] = peft_config
-            prompting.attach(self, adapter_name, peft_config)
-        else:
-            self.base_model.add_adapter(adapter_name, peft_config)
+        self._fill_config(self.get_base_model(), peft_config)
+        self.adapter_model.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
-        self.active_adapter = adapter_name
-        if self._prompt_learning:
-            from .methods import prompting
-
-            prompting.set_active(self, adapter_name)
-        else:
-            self.base_model.set_adapter(adapter_name)
+        self.adapter_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
-        if self._prompt_learning:
-            from .methods import prompting
-
-            prompting.detach(self, adapter_name)
-            del self.peft_config[adapter_name]
-            if self.active_adapter == adapter_name and self.peft_config:
-                self.set_adapter(next(iter(self.peft_config)))
-        else:
-            self.base_model.delete_adapter(adapter_name)
-            self.active_adapter = self.base_model.active_adapter
+        self.adapter_model.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the ``with`` block (merged adapters are unmerged)."""
-        if self._prompt_learning:
-            self._adapters_disabled = True
-            try:
-                yield
-            finally:
-                self._adapters_disabled = False
-            return
-        self.base_model.set_disabled(True)
+        self.adapter_model.set_disabled(True)
         try:
             yield
         finally:
-            self.base_model.set_disabled(False)
+            self.adapter_model.set_disabled(False)
 
     # --- merging -------------------------------------------------------------------------
-    def _require_injected(self, what: str) -> None:
-        if self._prompt_learning:
-            raise ValueError(
-                f"{what} applies to LoRA-style adapters; prompt methods have no weights to merge"
-            )
-
     def merge_adapter(
         self, adapter_names: list[str] | None = None, safe_merge: bool = False
     ) -> None:
-        self._require_injected("merge_adapter")
-        self.base_model.merge_adapter(adapter_names, safe_merge)
+        self.adapter_model.merge_adapter(adapter_names, safe_merge)
 
     def unmerge_adapter(self) -> None:
-        self._require_injected("unmerge_adapter")
-        self.base_model.unmerge_adapter()
+        self.adapter_model.unmerge_adapter()
 
     def merge_and_unload(
         self,
@@ -175,15 +129,11 @@ class PeftModel(nn.Module):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         """Fold the adapter into the weights and return the plain transformers model."""
-        self._require_injected("merge_and_unload")
-        return self.base_model.unload_layers(
-            merge=True, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+        return self.adapter_model.merge_and_unload(safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove the adapter layers without merging and return the plain model."""
-        self._require_injected("unload")
-        return self.base_model.unload_layers(merge=False)
+        return self.adapter_model.unload()
 
     # --- parameters ----------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -209,47 +159,28 @@ class PeftModel(nn.Module):
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._prompt_learning:
-            from .methods import prompting
-
-            return prompting.forward(self, *args, **kwargs)
-        self._check_training_hooks()
-        return self.base_model(*args, **kwargs)
+        if self.training:
+            self.adapter_model.check_training_step()
+        return self.adapter_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        if self._prompt_learning:
-            from .methods import prompting
-
-            return prompting.generate(self, *args, **kwargs)
-        with self.base_model.mixed_batch(kwargs.pop("adapter_names", None)):
-            return self.base_model.model.generate(*args, **kwargs)
-
-    def _check_training_hooks(self) -> None:
-        """Let a method check per-step duties (AdaLoRA: was update_and_allocate called?)."""
-        check = getattr(self.base_model, "check_training_step", None)
-        if check is not None and self.training:
-            check()
+        return self.adapter_model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model if self._prompt_learning else self.base_model.model
+        return self.adapter_model.get_base_model()
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "prompt_encoder"):
+            if name in ("base_model", "prompt_encoder", "adapter_model"):
                 raise
             return getattr(self.base_model, name)
 
     # --- saving and loading ----------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors under HF PEFT's on-disk names."""
-        name = adapter_name or self.active_adapter
-        if self._prompt_learning:
-            from .methods import prompting
-
-            return prompting.state_dict_to_save(self, name)
-        return _injected_state_dict(self, name)
+        return self.adapter_model.adapter_state_dict(adapter_name or self.active_adapter)
 
     def save_pretrained(
         self,
@@ -292,16 +223,10 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, config)
         state = checkpoint.load_adapter_tensors(os.fspath(model_id))
         self.load_adapter_state_dict(state, adapter_name)
-        if not self._prompt_learning:
-            self.base_model.mark_trainable()
+        self.adapter_model.mark_trainable()
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str) -> None:
-        if self._prompt_learning:
-            from .methods import prompting
-
-            prompting.load_state_dict(self, adapter_name, state)
-        else:
-            _load_injected_state_dict(self, adapter_name, state)
+        self.adapter_model.load_adapter_state_dict(state, adapter_name)
 
     @classmethod
     def from_pretrained(
@@ -328,75 +253,6 @@ class PeftModel(nn.Module):
                 param.requires_grad_(False)
             peft_model.eval()
         return peft_model
-
-
-def _injected_state_dict(peft_model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    tuner = peft_model.base_model
-    config = peft_model.peft_config[adapter_name]
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in peft_model.state_dict(keep_vars=False).items():
-        disk = checkpoint.saved_key(key, adapter_name, tuner.saved_dict_names)
-        if disk is not None:
-            out[disk] = tensor
-    out.update(_bias_state(peft_model, config))
-    return tuner.state_dict_for_save(out, adapter_name)
-
-
-def _bias_state(peft_model: PeftModel, config: PeftConfig) -> dict[str, torch.Tensor]:
-    """Trained biases (``bias="all"`` / ``"lora_only"``) under their in-memory names, as PEFT saves."""
-    bias = getattr(config, "bias", "none")
-    if bias == "none":
-        return {}
-    out = {}
-    for key, tensor in peft_model.state_dict().items():
-        if not key.endswith("bias") or "original_module" in key or "modules_to_save" in key:
-            continue
-        if bias == "all" or ".base_layer." in key:
-            out[key] = tensor
-    return out
-
-
-def _load_injected_state_dict(
-    peft_model: PeftModel, adapter_name: str, state: dict[str, torch.Tensor]
-) -> None:
-    """Copy saved tensors into adapter ``adapter_name``, refusing missing/unexpected/misshaped keys."""
-    tuner = peft_model.base_model
-    state = tuner.state_dict_for_load(dict(state), adapter_name)
-    own = peft_model.state_dict()
-    expected: dict[str, str] = {}
-    for key in own:
-        disk = checkpoint.saved_key(key, adapter_name, tuner.saved_dict_names)
-        if disk is not None:
-            expected[disk] = key
-    for key in _bias_state(peft_model, peft_model.peft_config[adapter_name]):
-        expected[key] = key
-    unexpected = [k for k in state if k not in expected and "original_module" not in k]
-    missing = [k for k in expected if k not in state and not k.endswith("bias")]
-    if unexpected or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {checkpoint.describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {checkpoint.describe_keys(unexpected)}")
-        raise ValueError(
-            "adapter does not fit this base model (" + "; ".join(parts) + "). Check that the "
-            "adapter was trained on this architecture (base_model_name_or_path="
-            f"{peft_model.peft_config[adapter_name].base_model_name_or_path!r}) and that "
-            "target_modules are the same."
-        )
-    with torch.no_grad():
-        params = dict(peft_model.named_parameters())
-        params.update(dict(peft_model.named_buffers()))
-        for disk, key in expected.items():
-            if disk not in state:
-                continue
-            target, value = params[key], state[disk]
-            if target.shape != value.shape:
-                raise ValueError(
-                    f"adapter tensor {disk} has shape {tuple(value.shape)} but the model expects "
-                    f"{tuple(target.shape)}: the adapter was made for a different base model or rank"
-                )
-            target.copy_(value.to(target.dtype))
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -440,8 +296,6 @@ def get_peft_model(
     """Wrap ``model`` with a fresh adapter; only the adapter (and saved modules) stay trainable."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel: use model.add_adapter(name, config)")
-    from .methods.lora import LoraLayer  # lazily: the methods import this module
-
     if any(isinstance(m, LoraLayer) for m in model.modules()):  # AdaLoRA's SVD layers too
         raise ValueError(
             "model already holds LoRA/AdaLoRA layers: merge_and_unload() it first, or add a "

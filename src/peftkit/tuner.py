@@ -1,14 +1,19 @@
-"""The adapter-injecting wrapper shared by LoRA and AdaLoRA (HF PEFT's ``LoraModel``).
+"""The adapter model of injected methods, LoRA and AdaLoRA (HF PEFT's ``LoraModel``).
 
 ::
 
-    PeftModel.base_model = InjectedAdapterModel
-        .model = the transformers model, with target layers replaced by LoraLayer wrappers
+    PeftModel.base_model = InjectedAdapterModel        (PeftModel's adapter model, registered
+        .model = the transformers model, with            under HF PEFT's name ``base_model``)
+                 target layers replaced by LoraLayer wrappers
                  and modules_to_save replaced by ModulesToSaveWrapper
 
+    in memory  base_model.model.<path>.lora_A.<name>.weight
+    on disk    base_model.model.<path>.lora_A.weight           (checkpoint.saved_key)
+
 It owns everything that walks the model: adding/removing named adapters, switching the active one,
-disabling, merging and unloading. A method plugs in by subclassing and overriding
-:meth:`create_layer` (and, for AdaLoRA, the state-dict hooks).
+disabling, merging, unloading, and the adapter's tensors under PEFT's names
+(:class:`peftkit.adapter_model.AdapterModel` is the interface). A method plugs in by subclassing
+and overriding :meth:`create_layer` (and, for AdaLoRA, the state-dict hooks).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
+from . import checkpoint
+from .adapter_model import BASE_MODEL
 from .config import PeftConfig
 from .inject import (
     BASE_ADAPTER,
@@ -44,6 +52,12 @@ class InjectedAdapterModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, config)
+
+    def peft_modules(self) -> dict[str, nn.Module]:
+        return {BASE_MODEL: self}
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
 
     # --- construction ----------------------------------------------------------------------
     def create_layer(self, target: nn.Module, config: PeftConfig) -> nn.Module:
@@ -154,7 +168,17 @@ class InjectedAdapterModel(nn.Module):
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
-    def unload_layers(
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Fold the adapters into the weights and return the plain transformers model."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapter layers without merging and return the plain model."""
+        return self._unload(merge=False)
+
+    def _unload(
         self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         """Replace every wrapper by its base module (after merging when ``merge``)."""
@@ -166,9 +190,17 @@ class InjectedAdapterModel(nn.Module):
             replace_module(self.model, name, wrapper.active_module())
         return self.model
 
+    # --- running -----------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self.mixed_batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def check_training_step(self) -> None:
+        """Per-step duties of a training forward (AdaLoRA: was update_and_allocate called?)."""
 
     @contextlib.contextmanager
     def mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -199,6 +231,74 @@ class InjectedAdapterModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    # --- saving and loading ------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``adapter_name``'s tensors under HF PEFT's on-disk names."""
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in self._peft_state_dict().items():
+            disk = checkpoint.saved_key(key, adapter_name, self.saved_dict_names)
+            if disk is not None:
+                out[disk] = tensor
+        out.update(self._bias_state(self.peft_config[adapter_name]))
+        return self.state_dict_for_save(out, adapter_name)
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str) -> None:
+        """Copy saved tensors into adapter ``adapter_name``, refusing missing/unexpected/misshaped keys."""
+        config = self.peft_config[adapter_name]
+        state = self.state_dict_for_load(dict(state), adapter_name)
+        expected: dict[str, str] = {}  # on-disk name -> in-memory key
+        for key in self._peft_state_dict():
+            disk = checkpoint.saved_key(key, adapter_name, self.saved_dict_names)
+            if disk is not None:
+                expected[disk] = key
+        for key in self._bias_state(config):
+            expected[key] = key
+        unexpected = [k for k in state if k not in expected and "original_module" not in k]
+        missing = [k for k in expected if k not in state and not k.endswith("bias")]
+        if unexpected or missing:
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {checkpoint.describe_keys(missing)}")
+            if unexpected:
+                parts.append(f"unexpected keys: {checkpoint.describe_keys(unexpected)}")
+            raise ValueError(
+                "adapter does not fit this base model (" + "; ".join(parts) + "). Check that the "
+                "adapter was trained on this architecture (base_model_name_or_path="
+                f"{config.base_model_name_or_path!r}) and that target_modules are the same."
+            )
+        with torch.no_grad():
+            params = dict(self.named_parameters(prefix=BASE_MODEL))
+            params.update(dict(self.named_buffers(prefix=BASE_MODEL)))
+            for disk, key in expected.items():
+                if disk not in state:
+                    continue
+                target, value = params[key], state[disk]
+                if target.shape != value.shape:
+                    raise ValueError(
+                        f"adapter tensor {disk} has shape {tuple(value.shape)} but the model "
+                        f"expects {tuple(target.shape)}: the adapter was made for a different "
+                        f"base model or rank"
+                    )
+                target.copy_(value.to(target.dtype))
+
+    def _peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict under PeftModel's key names (``base_model.model.<path>...``)."""
+        return self.state_dict(prefix=BASE_MODEL + ".")
+
+    def _bias_state(self, config: PeftConfig) -> dict[str, torch.Tensor]:
+        """Trained biases (``bias="all"`` / ``"lora_only"``) under their in-memory names, as PEFT
+        saves them."""
+        bias = getattr(config, "bias", "none")
+        if bias == "none":
+            return {}
+        out = {}
+        for key, tensor in self._peft_state_dict().items():
+            if not key.endswith("bias") or "original_module" in key or "modules_to_save" in key:
+                continue
+            if bias == "all" or ".base_layer." in key:
+                out[key] = tensor
+        return out
 
     # --- state-dict hooks (AdaLoRA slices tensors to its rank pattern) ------------------------
     def state_dict_for_save(self, state: dict, adapter_name: str) -> dict:

@@ -1,35 +1,51 @@
-"""Built-in adapter methods; importing this package registers them.
+"""The built-in methods, in the two tables that everything else looks methods up in.
 
-``TUNERS`` maps each injected-adapter method to the wrapper class that injects its layers.
+::
+
+    peft_type       CONFIGS[...] (adapter_config.json)   ADAPTER_MODELS[...] (PeftModel's delegate)
+    LORA            lora.LoraConfig                      tuner.InjectedAdapterModel
+    ADALORA         adalora.AdaLoraConfig                adalora.AdaLoraModel
+    PROMPT_TUNING   prompt.PromptTuningConfig            prompt.PromptAdapterModel
+    P_TUNING        prompt.PromptEncoderConfig           prompt.PromptAdapterModel
+    PREFIX_TUNING   prompt.PrefixTuningConfig            prompt.PromptAdapterModel
+
+A new method adds one row to each table. ``config.config_class`` reads ``CONFIGS``;
+``model.PeftModel`` reads ``ADAPTER_MODELS``.
 """
 
-from ..config import PeftType
-from .adalora import AdaLoraConfig
+from ..config import PeftConfig, PeftType
+from ..tuner import InjectedAdapterModel
+from .adalora import AdaLoraConfig, AdaLoraModel
 from .lora import LoraConfig
-from .p_tuning import PromptEncoderConfig
-from .prefix_tuning import PrefixTuningConfig
-from .prompt_tuning import PromptTuningConfig
+from .prompt import (
+    PrefixTuningConfig,
+    PromptAdapterModel,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
 
-TUNERS: dict = {}
+CONFIGS: dict[PeftType, type[PeftConfig]] = {
+    PeftType.LORA: LoraConfig,
+    PeftType.ADALORA: AdaLoraConfig,
+    PeftType.PROMPT_TUNING: PromptTuningConfig,
+    PeftType.P_TUNING: PromptEncoderConfig,
+    PeftType.PREFIX_TUNING: PrefixTuningConfig,
+}
 
-
-def _register_builtin() -> None:
-    from ..tuner import InjectedAdapterModel
-
-    TUNERS[PeftType.LORA] = InjectedAdapterModel
-
-    from .adalora import AdaLoraModel
-
-    TUNERS[PeftType.ADALORA] = AdaLoraModel
-
-
-_register_builtin()
+ADAPTER_MODELS: dict[PeftType, type] = {
+    PeftType.LORA: InjectedAdapterModel,
+    PeftType.ADALORA: AdaLoraModel,
+    PeftType.PROMPT_TUNING: PromptAdapterModel,
+    PeftType.P_TUNING: PromptAdapterModel,
+    PeftType.PREFIX_TUNING: PromptAdapterModel,
+}
 
 __all__ = [
+    "ADAPTER_MODELS",
+    "CONFIGS",
     "AdaLoraConfig",
     "LoraConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
-    "TUNERS",
 ]

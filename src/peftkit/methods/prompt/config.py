@@ -1,36 +1,30 @@
-"""What the three prompt-learning methods share: the config fields and the encoder interface.
+"""The prompt-learning configs: shared fields, then one dataclass per method (HF PEFT's names).
 
-Every prompt method learns a small table of *virtual tokens*. An encoder turns its parameters into
-that table; :mod:`peftkit.methods.prompting` decides where the table enters the base model::
+::
 
-    PromptEmbedding  (prompt tuning)   embedding                       -> (1, N, D)  prepended to inputs
-    PromptEncoder    (P-tuning)        embedding -> MLP | LSTM + MLP   -> (1, N, D)  prepended to inputs
-    PrefixEncoder    (prefix tuning)   embedding [-> MLP]              -> (1, P, L*2*D)  key/value cache
+    PeftConfig
+      └─ PromptLearningConfig   num_virtual_tokens, token_dim, layers, heads, modules_to_save
+           ├─ PromptTuningConfig    (PROMPT_TUNING)  how the table starts: RANDOM | TEXT | SAMPLE_VOCAB
+           ├─ PromptEncoderConfig   (P_TUNING)       MLP | LSTM encoder, hidden size, layers, dropout
+           └─ PrefixTuningConfig    (PREFIX_TUNING)  optional projection MLP, zero init
 
-``N = num_virtual_tokens * num_transformer_submodules``. HF PEFT saves only the *output* table
-(``prompt_embeddings``). An encoder that is rebuilt from that table alone, without the
-reparameterising network (P-tuning's head, prefix tuning's projection), runs in *direct* mode:
-its ``embedding`` holds the output rows and ``forward`` returns them unchanged. That is also how
-PEFT builds these encoders for inference.
+The model-shape fields (``token_dim``, ``num_layers``, ``num_attention_heads``,
+``num_transformer_submodules``) are filled from the base model at ``get_peft_model``
+(:func:`peftkit.methods.prompt.support.fill_config`) when left ``None``, and checked when given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import enum
+from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
-from ..config import PeftConfig
+from ...config import PeftConfig, PeftType
 
 
 @dataclasses.dataclass
 class PromptLearningConfig(PeftConfig):
     """Fields shared by prompt tuning, P-tuning and prefix tuning (HF PEFT's names).
-
-    The model-shape fields are filled from the base model at ``get_peft_model`` when left ``None``
-    and checked against it when given.
 
     Attributes:
         num_virtual_tokens: how many virtual tokens (prefix positions) to learn.
@@ -77,54 +71,126 @@ class PromptLearningConfig(PeftConfig):
         return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
 
 
-class VirtualTokenEncoder(nn.Module):
-    """Base of the three encoders: ``forward()`` returns the virtual-token table ``(1, rows, width)``.
+# --- prompt tuning -----------------------------------------------------------------------------
+class PromptTuningInit(str, enum.Enum):
+    """How the prompt table starts (HF PEFT's values)."""
 
-    Subclasses set ``self.embedding`` and, when they reparameterise it, the extra modules named in
-    ``head_names``. ``direct`` is True once the table is stored as-is (no head).
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
+@dataclasses.dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning: ``num_virtual_tokens`` trainable input embeddings.
+
+    Attributes:
+        prompt_tuning_init: ``RANDOM`` (N(0, 1) rows), ``TEXT`` (embeddings of
+            ``prompt_tuning_init_text``) or ``SAMPLE_VOCAB`` (embeddings of random vocabulary tokens).
+        prompt_tuning_init_text: the text for ``TEXT`` initialisation.
+        tokenizer_name_or_path: tokenizer that turns the text into ids (``TEXT`` only).
+        tokenizer_kwargs: extra ``AutoTokenizer.from_pretrained`` arguments (``TEXT`` only;
+            ``trust_remote_code`` is always dropped: loading an adapter must not run code).
     """
 
-    head_names: tuple[str, ...] = ()
+    peft_type = PeftType.PROMPT_TUNING
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.direct = False
-        self.embedding: nn.Embedding
+    prompt_tuning_init: PromptTuningInit | str = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict[str, Any] | None = None
 
-    @property
-    def reparameterized(self) -> bool:
-        """True when parameters other than the output table exist (they are saved too)."""
-        return not self.direct and any(hasattr(self, name) for name in self.head_names)
-
-    def forward(self) -> torch.Tensor:
-        """The virtual-token table, ``(1, rows, width)``; subclasses add their head."""
-        return self.embedding.weight.unsqueeze(0)  # (1, N, width)
-
-    @torch.no_grad()
-    def output_table(self) -> torch.Tensor:
-        """The table as saved in ``prompt_embeddings``: computed in eval mode (no dropout)."""
-        was_training = self.training
-        self.eval()
+    def __post_init__(self) -> None:
+        super().__post_init__()
         try:
-            return self.forward()[0].detach().float()  # (N, width)
-        finally:
-            self.train(was_training)
+            self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
+        except ValueError:
+            valid = ", ".join(i.value for i in PromptTuningInit)
+            raise ValueError(
+                f"unknown prompt_tuning_init {self.prompt_tuning_init!r}; use one of: {valid}"
+            ) from None
+        if self.prompt_tuning_init == PromptTuningInit.TEXT:
+            if not self.tokenizer_name_or_path:
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (the tokenizer that "
+                    "turns prompt_tuning_init_text into token ids)"
+                )
+            if self.prompt_tuning_init_text is None:
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs prompt_tuning_init_text (the text whose "
+                    "embeddings start the prompt)"
+                )
+        elif self.tokenizer_kwargs:
+            raise ValueError(
+                "tokenizer_kwargs only apply to prompt_tuning_init='TEXT'; remove them or set "
+                "prompt_tuning_init='TEXT'"
+            )
 
-    def use_direct_table(self, table: torch.Tensor) -> None:
-        """Drop the head and hold ``table`` (rows, width) as the trainable output rows."""
-        for name in self.head_names:
-            if hasattr(self, name):
-                delattr(self, name)
-        weight = self.embedding.weight
-        embedding = nn.Embedding(
-            table.shape[0], table.shape[1], device=weight.device, dtype=weight.dtype
-        )
-        with torch.no_grad():
-            embedding.weight.copy_(table.to(weight.dtype))
-        embedding.weight.requires_grad_(weight.requires_grad)
-        self.embedding = embedding
-        self.direct = True
 
-    def expected_table_shape(self) -> tuple[int, int]:
-        """Shape of ``prompt_embeddings`` for this encoder (rows, width)."""
-        raise NotImplementedError
+# --- P-tuning ----------------------------------------------------------------------------------
+class PromptEncoderReparameterizationType(str, enum.Enum):
+    """Which network produces the virtual tokens."""
+
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
+@dataclasses.dataclass
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning: an MLP or LSTM+MLP encoder over ``num_virtual_tokens`` embeddings.
+
+    Attributes:
+        encoder_reparameterization_type: ``MLP`` (three linear layers) or ``LSTM``.
+        encoder_hidden_size: hidden width ``h`` of the encoder (default: ``token_dim``).
+        encoder_num_layers: LSTM layers (the MLP always has three linear layers, as in PEFT).
+        encoder_dropout: dropout between LSTM layers.
+    """
+
+    peft_type = PeftType.P_TUNING
+
+    encoder_reparameterization_type: PromptEncoderReparameterizationType | str = (
+        PromptEncoderReparameterizationType.MLP
+    )
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.encoder_reparameterization_type = PromptEncoderReparameterizationType(
+                self.encoder_reparameterization_type
+            )
+        except ValueError:
+            raise ValueError(
+                f"unknown encoder_reparameterization_type "
+                f"{self.encoder_reparameterization_type!r}; use 'MLP' (recommended) or 'LSTM'"
+            ) from None
+        if self.encoder_num_layers < 1:
+            raise ValueError(f"encoder_num_layers must be >= 1, got {self.encoder_num_layers}")
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
+
+
+# --- prefix tuning -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning: ``num_virtual_tokens`` key/value positions in each layer.
+
+    Attributes:
+        encoder_hidden_size: hidden width of the projection MLP (default: ``token_dim``).
+        prefix_projection: learn the prefix through a two-layer MLP (more stable training;
+            the MLP is saved too, so training can resume).
+        init_weights: ``None`` (random) or ``"zero"`` (the prefix starts as all-zero keys/values).
+    """
+
+    peft_type = PeftType.PREFIX_TUNING
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights must be None or 'zero', got {self.init_weights!r}")

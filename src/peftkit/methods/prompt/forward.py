@@ -10,6 +10,7 @@ Prompt tuning / P-tuning (``N`` = ``num_virtual_tokens`` rows prepended)::
     start/end_positions (QA)  -> + N           they index the longer sequence
     seq2seq: only the encoder input gets the prompt; decoder inputs and labels are unchanged
              (the table has a second block of N rows, unused, because PEFT's format has it)
+    the embed-then-prepend step is prepend_virtual_tokens, which generate.py uses too
 
 Prefix tuning (``P`` key/value positions in every attention layer)::
 
@@ -31,16 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TaskType
-from ..inject import ModulesToSaveWrapper
+from ...config import TaskType
+from .config import PromptLearningConfig
 from .prefix_cache import build_cache, cache_length
-from .prompt_base import PromptLearningConfig
-from .prompt_support import (
-    CACHE_KWARGS,
-    cache_entry,
-    checkpointing,
-    word_embeddings,
-)
+from .support import CACHE_KWARGS, cache_entry, checkpointing, word_embeddings
 
 IGNORE_INDEX = -100
 
@@ -82,19 +77,6 @@ def shift(kwargs: dict[str, Any], key: str, tokens: int) -> None:
 
 
 @contextlib.contextmanager
-def heads_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the original (untrained) copies of modules_to_save inside the block."""
-    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
-    for wrapper in wrappers:
-        wrapper.disable_adapters = True
-    try:
-        yield
-    finally:
-        for wrapper in wrappers:
-            wrapper.disable_adapters = False
-
-
-@contextlib.contextmanager
 def injected_kwarg(module: nn.Module, name: str, value: Any) -> Iterator[None]:
     """Add ``name=value`` to every call of ``module`` in the block (a backbone under a head)."""
 
@@ -108,6 +90,24 @@ def injected_kwarg(module: nn.Module, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def prepend_virtual_tokens(
+    model: nn.Module, table: torch.Tensor, tokens: int, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """Embed the inputs, then put the first ``tokens`` prompt rows in front of every row.
+
+    Pops ``input_ids`` / ``inputs_embeds`` from ``kwargs`` (callers that still need the ids read
+    them first); ``table`` is the encoder's output ``(1, rows, D)``.
+    """
+    input_ids = kwargs.pop("input_ids", None)
+    embeds = kwargs.pop("inputs_embeds", None)
+    if embeds is None:
+        if input_ids is None:
+            raise ValueError("pass input_ids (or inputs_embeds) to a prompt-learning model")
+        embeds = word_embeddings(model)(input_ids)  # (B, T, D)
+    prompts = table[:, :tokens].to(embeds.dtype).expand(embeds.shape[0], -1, -1)  # (B, N, D)
+    return torch.cat((prompts, embeds), dim=1)  # (B, N+T, D)
 
 
 def embedding_forward(
@@ -125,12 +125,7 @@ def embedding_forward(
     if cache_length(given) > 0:
         shift(kwargs, "position_ids", tokens)  # the prompt is already in the cache
         return model(**kwargs)
-    input_ids = kwargs.pop("input_ids", None)
-    embeds = kwargs.pop("inputs_embeds", None)
-    if embeds is None:
-        embeds = word_embeddings(model)(input_ids)  # (B, T, D)
-    prompts = table[:, :tokens].to(embeds.dtype).expand(rows, -1, -1)  # (B, N, D)
-    embeds = torch.cat((prompts, embeds), dim=1)  # (B, N+T, D)
+    embeds = prepend_virtual_tokens(model, table, tokens, kwargs)  # (B, N+T, D)
     positions = kwargs.get("position_ids")
     if positions is not None:
         head = torch.arange(tokens, device=positions.device, dtype=positions.dtype)
@@ -173,14 +168,9 @@ def _seq2seq_embedding_forward(
         if mask is not None and mask.shape[1] == encoded - tokens:
             extend_mask(kwargs, "attention_mask", mask.shape[0], tokens)
         return model(**kwargs)
-    rows = batch_size(kwargs)
-    input_ids = kwargs.pop("input_ids", None)
-    embeds = kwargs.pop("inputs_embeds", None)
-    if embeds is None:
-        embeds = word_embeddings(model)(input_ids)  # (B, T, D)
-    prompts = table[:, :tokens].to(embeds.dtype).expand(rows, -1, -1)  # (B, N, D)
-    extend_mask(kwargs, "attention_mask", rows, tokens)
-    return model(inputs_embeds=torch.cat((prompts, embeds), dim=1), **kwargs)
+    embeds = prepend_virtual_tokens(model, table, tokens, kwargs)  # (B, N+T, D)
+    extend_mask(kwargs, "attention_mask", embeds.shape[0], tokens)
+    return model(inputs_embeds=embeds, **kwargs)
 
 
 def prefix_forward(
@@ -199,7 +189,7 @@ def prefix_forward(
     for alias in CACHE_KWARGS:
         given = kwargs.pop(alias, None) if given is None else given
     continuing = cache_length(given) > 0
-    cache = given if continuing else build_cache(table, config, rows, _float_dtype(model))
+    cache = given if continuing else build_cache(table, config, rows, float_dtype(model))
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         extend_mask(kwargs, "decoder_attention_mask", rows, tokens)
     else:
@@ -218,6 +208,6 @@ def prefix_forward(
     return output
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
+def float_dtype(model: nn.Module) -> torch.dtype | None:
     dtype = getattr(model, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PeftType, TaskType
+from ...config import PeftType, TaskType
+from .config import PromptLearningConfig
+from .forward import batch_size, extend_mask, float_dtype, prepend_virtual_tokens
 from .prefix_cache import build_cache
-from .prompt_base import PromptLearningConfig
-from .prompt_forward import _float_dtype, batch_size, extend_mask
-from .prompt_support import CACHE_KWARGS, accepts_kwarg, word_embeddings
+from .support import CACHE_KWARGS, accepts_kwarg
 
 
 def generate_with_prompt(
@@ -54,18 +54,9 @@ def _generate_with_embeddings(
     model: nn.Module, config: PromptLearningConfig, table: torch.Tensor, kwargs: dict[str, Any]
 ) -> Any:
     tokens = config.num_virtual_tokens
-    rows = batch_size(kwargs)
-    input_ids = kwargs.pop("input_ids", None)
-    embeds = kwargs.pop("inputs_embeds", None)
-    if embeds is None:
-        embeds = word_embeddings(model)(input_ids)  # (B, T, D)
-    prompts = table[:, :tokens].to(embeds.dtype).expand(rows, -1, -1)  # (B, N, D)
-    if kwargs.get("attention_mask") is None:
-        kwargs["attention_mask"] = torch.ones(
-            embeds.shape[:2], dtype=torch.long, device=embeds.device
-        )
-    extend_mask(kwargs, "attention_mask", rows, tokens)  # (B, N+T)
-    kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)  # (B, N+T, D)
+    input_ids = kwargs.get("input_ids")
+    _mask_with_prompt(kwargs, tokens)  # (B, N+T)
+    kwargs["inputs_embeds"] = prepend_virtual_tokens(model, table, tokens, kwargs)  # (B, N+T, D)
     if input_ids is not None and config.task_type == TaskType.CAUSAL_LM:
         kwargs["input_ids"] = input_ids  # returned sequences start with the caller's ids
     return model.generate(**kwargs)
@@ -84,17 +75,24 @@ def _generate_with_prefix(
     if kwargs.get("use_cache") is False:
         raise ValueError("prefix tuning generates from the key/value cache; drop use_cache=False")
     copies = _expansion(model, kwargs)
-    kwargs[cache_kw] = build_cache(table, config, rows * copies, _float_dtype(model))
+    kwargs[cache_kw] = build_cache(table, config, rows * copies, float_dtype(model))
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         extend_mask(kwargs, "decoder_attention_mask", rows, tokens)
     else:
-        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if kwargs.get("attention_mask") is None:
-            kwargs["attention_mask"] = torch.ones(
-                inputs.shape[:2], dtype=torch.long, device=inputs.device
-            )
-        extend_mask(kwargs, "attention_mask", rows, tokens)  # (B, P+T)
+        _mask_with_prompt(kwargs, tokens)  # (B, P+T)
     return model.generate(**kwargs)
+
+
+def _mask_with_prompt(kwargs: dict[str, Any], tokens: int) -> None:
+    """``attention_mask`` (all ones when not given) with ``tokens`` ones in front: (B, N+T)."""
+    rows = batch_size(kwargs)
+    if kwargs.get("attention_mask") is None:
+        inputs = kwargs.get("input_ids")
+        inputs = kwargs["inputs_embeds"] if inputs is None else inputs
+        kwargs["attention_mask"] = torch.ones(
+            inputs.shape[:2], dtype=torch.long, device=inputs.device
+        )  # (B, T)
+    extend_mask(kwargs, "attention_mask", rows, tokens)
 
 
 def _expansion(model: nn.Module, kwargs: dict[str, Any]) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
-from .prefix_tuning import PrefixTuningConfig
+from .config import PrefixTuningConfig
 
 
 def prefix_key_values(

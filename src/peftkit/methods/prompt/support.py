@@ -17,8 +17,8 @@ import inspect
 
 from torch import nn
 
-from ..config import PeftType, TaskType
-from .prompt_base import PromptLearningConfig
+from ...config import PeftType, TaskType
+from .config import PromptLearningConfig
 
 # model_type -> role of the stack that reads the prefix: "decoder" (decoder-only),
 # "encoder" (bidirectional encoder with a self-attention cache) or "seq2seq" (decoder
