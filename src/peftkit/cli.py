@@ -463,9 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     _collect_overrides(parser, args, extra)
+    from .progress import quiet_library_bars
     from .train.schema import ConfigError
 
     debug = os.environ.get("PEFTKIT_DEBUG", "") not in ("", "0")
+    quiet_library_bars()
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

@@ -319,19 +319,6 @@ class Task:
     def lower_is_better(metric: str) -> bool:
         return metric.endswith(("loss", "ppl", "perplexity"))
 
-    # --- transitional: train/evaluate.py's evaluate_rows, until it calls run_eval ----------
-    def observe(self, batch: dict[str, torch.Tensor], outputs: Any) -> None:
-        """Kept nothing; left for callers not yet on :func:`run_eval`."""
-
-    def evaluate(self, ctx: EvalContext, records: Sequence[dict], eval_loss: float) -> EvalResult:
-        """:meth:`score` of predictions made afresh (a second forward pass); :func:`run_eval`
-        takes them from the loss pass instead."""
-        if self.generates:
-            predictions = self.predict(ctx, self.scored_rows(records))
-        else:
-            predictions = decode_all(ctx, self, self.encode(records, with_targets=False))
-        return self.score(records, predictions, eval_loss)
-
 
 def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
     """Stack ragged id lists into a (B, T) tensor, padding on the right (or left)."""

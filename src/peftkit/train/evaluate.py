@@ -2,7 +2,7 @@
 
 ::
 
-    rows + features ──evaluate_split──> loss + task metrics   (tasks' batch runner, no grad)
+    rows + features ──evaluate_split──> loss + task metrics   (tasks.run_eval: one pass, no grad)
                                         PEFT-style memory report for the phase
                                         EvalResult: one prediction per row (+ references)
     SplitEvaluation.write_predictions(path) ──> predictions CSV (row columns, prediction,
@@ -14,17 +14,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..checkpoint import atomic_write_text
-from ..tasks import EvalContext, EvalResult, Task
-from ..tasks.base import forward_batches
+from ..tasks import EvalContext, EvalResult, Task, run_eval
 from .memory import MemoryTracker, PhaseMemory
 
 
@@ -60,35 +56,8 @@ def evaluate_split(
     features = task.encode(rows) if features is None else features
     start = time.perf_counter()
     with MemoryTracker(phase, ctx.device) as mem:
-        metrics, result = evaluate_rows(ctx, task, rows, features)
+        metrics, result = run_eval(ctx, task, rows, features)
     return SplitEvaluation(phase, rows, metrics, result, mem.result, time.perf_counter() - start)
-
-
-@torch.no_grad()
-def evaluate_rows(
-    ctx: EvalContext, task: Task, records: Sequence[dict], features: Sequence[dict]
-) -> tuple[dict[str, float], EvalResult]:
-    """Teacher-forced loss over ``features`` (weighted by each batch's target count, so it is the
-    exact per-token mean) followed by the task's own metrics on ``records``."""
-    total, count = 0.0, 0
-    for _, batch, out in forward_batches(ctx, task, features):
-        n = task.count_targets(batch)
-        total += float(out.loss.float()) * n
-        count += n
-        task.observe(batch, out)
-    eval_loss = total / max(count, 1)
-    was_training = ctx.model.training
-    ctx.model.eval()
-    try:
-        result = task.evaluate(ctx, records, eval_loss)
-    finally:
-        ctx.model.train(was_training)
-    metrics = {
-        "eval_loss": eval_loss,
-        "eval_ppl": math.exp(eval_loss) if eval_loss < 700 else math.inf,
-        **result.metrics,
-    }
-    return metrics, result
 
 
 def _cell(value: Any) -> str:
@@ -120,4 +89,4 @@ def write_predictions(
     return path
 
 
-__all__ = ["SplitEvaluation", "evaluate_rows", "evaluate_split", "write_predictions"]
+__all__ = ["SplitEvaluation", "evaluate_split", "write_predictions"]

@@ -183,10 +183,8 @@ class TrainRecipe:
         )
         if self.main:
             atomic_write_text(str(self.output_dir / "config.yaml"), config_to_yaml(config))
-            labels = getattr(self.task, "labels", None)
-            atomic_write_text(
-                str(self.output_dir / TASK_STATE), json.dumps({"labels": labels}) + "\n"
-            )
+            state = json.dumps(self.spec.state()) + "\n"
+            atomic_write_text(str(self.output_dir / TASK_STATE), state)
         self.baselines = (
             self.task.baselines(self.splits.train, self.splits.eval) if self.splits.eval else {}
         )
@@ -363,7 +361,7 @@ class TrainRecipe:
                 else ""
             )
             self.log.info(f"test: labelled {len(test)} rows in {elapsed:.1f} s -> {path}{more}")
-            if getattr(self.task, "labels", None):
+            if self.spec.labels:
                 counts: dict[str, int] = {}
                 for p in preds:
                     counts[p] = counts.get(p, 0) + 1
