@@ -158,6 +158,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+# modules_to_save types whose rows run independently (output row b depends on input row b only).
+_ROW_WISE_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module and a trainable copy per adapter; forwards through the active copy.
 
@@ -200,6 +204,14 @@ class ModulesToSaveWrapper(nn.Module):
             return self.active_module()(x, *args, **kwargs)
         # Mixed batch: each distinct module runs on its own rows (few distinct adapters per batch).
         where = f"modules_to_save {type(self.original_module).__name__}"
+        if not isinstance(self.original_module, _ROW_WISE_MODULES):
+            # A GRU/LSTM returns a tuple and may hold the batch in dim 1: rows cannot be split.
+            raise ValueError(
+                f"{where}: mixed-adapter batches (adapter_names=...) through a modules_to_save "
+                f"{type(self.original_module).__name__} are not supported (PEFT refuses them too); "
+                f"only {', '.join(c.__name__ for c in _ROW_WISE_MODULES)} split by rows. Run each "
+                f"adapter in its own batch with set_adapter()"
+            )
         check_mixed_batch(self, self.batch_adapters, len(x), where)
         out = None
         for name in dict.fromkeys(self.batch_adapters):

@@ -84,9 +84,32 @@ class LoraConfig(PeftConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    # PEFT options peftkit does not implement: accepted at their "off" value (PEFT writes them
+    # all into adapter_config.json), refused otherwise (see _UNIMPLEMENTED_OPTIONS).
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loftq_config: dict = dataclasses.field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
+    velora_config: dict | None = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict | None = None
+    layer_replication: list[list[int]] | None = None
+    target_parameters: list[str] | None = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_unimplemented_options(self)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -98,6 +121,14 @@ class LoraConfig(PeftConfig):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
+            known = isinstance(self.init_lora_weights, str) and (
+                self.init_lora_weights in _PEFT_INITS or self.init_lora_weights.startswith("pissa")
+            )
+            if known:
+                raise ValueError(
+                    f"init_lora_weights={self.init_lora_weights!r} is a PEFT initialisation peftkit "
+                    f"does not implement; peftkit implements True, False and 'gaussian'"
+                )
             raise ValueError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
@@ -111,6 +142,51 @@ class LoraConfig(PeftConfig):
         """``lora_alpha`` for one module, honouring ``alpha_pattern``."""
         key = match_pattern_key(self.alpha_pattern, module_name)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+
+# PEFT initialisations of A and B (from data, SVD, quantisation error...) peftkit lacks.
+_PEFT_INITS = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
+
+# PEFT LoraConfig options peftkit does not implement: (the value meaning "off", what it is).
+# Anything else changes the maths, so it is refused by name rather than silently ignored.
+_UNIMPLEMENTED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "use_dora": (False, "DoRA"),
+    "lora_bias": (False, "a trainable bias on lora_B"),
+    "trainable_token_indices": (None, "training selected embedding rows beside LoRA"),
+    "loftq_config": ({}, "LoftQ initialisation"),
+    "eva_config": (None, "EVA initialisation"),
+    "corda_config": (None, "CorDA initialisation"),
+    "lora_ga_config": (None, "LoRA-GA initialisation"),
+    "velora_config": (None, "VeLoRA"),
+    "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
+    "use_qalora": (False, "QA-LoRA"),
+    "monteclora_config": (None, "MonteCLoRA"),
+    "layer_replication": (None, "layer replication"),
+    "target_parameters": (None, "LoRA on bare nn.Parameters"),
+    "use_bdlora": (None, "BD-LoRA"),
+    "arrow_config": (None, "Arrow routing"),
+    "kasa_config": (None, "KaSA"),
+    "megatron_config": (None, "Megatron tensor-parallel layers"),
+    "ensure_weight_tying": (False, "tied modules_to_save / trainable tokens"),
+}
+
+
+def refuse_unimplemented_options(config: LoraConfig) -> None:
+    """Raise a ValueError naming the first PEFT option set that peftkit does not implement."""
+    for name, (off, what) in _UNIMPLEMENTED_OPTIONS.items():
+        value = getattr(config, name)
+        if value != off and value not in (None, {}, [], False):
+            raise ValueError(
+                f"{type(config).__name__}({name}={value!r}): {what} is a PEFT feature peftkit "
+                f"does not implement; remove the option (or use HF PEFT for this adapter)"
+            )
+    if config.peft_type is not PeftType.LORA:
+        for name in ("use_dora", "lora_bias"):
+            if getattr(config, name):
+                raise ValueError(
+                    f"{type(config).__name__}({name}=True): {config.peft_type.value} with {name} "
+                    f"is not implemented by peftkit (nor accepted by PEFT)"
+                )
 
 
 def match_pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
