@@ -14,11 +14,18 @@ adapter and leaves the original in place for ``disable_adapter()``.
 
 Mixed-adapter batches (row ``b`` runs adapter ``adapter_names[b]``) are checked by
 :func:`check_mixed_batch` in every module that reads ``batch_adapters``.
+
+Embedding weights travel with the adapter as in PEFT 0.21 (``save_embedding_layers="auto"``):
+when ``target_modules`` names ``embed_tokens``/``lm_head`` the adapted input/output embeddings'
+base weights are saved too (``<path>.base_layer.weight``); when the vocabulary was resized (the
+base model's ``config.json`` at ``base_model_name_or_path`` has another ``vocab_size``) the whole
+input and output embeddings are (``<path>.weight``). :func:`load_embedding_weights` reads both.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -248,3 +255,97 @@ def wrap_modules_to_save(model: nn.Module, names: Iterable[str], adapter_name: s
             replace_module(model, path, ModulesToSaveWrapper(module, adapter_name))
         wrapped.append(path)
     return wrapped
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for "the embeddings"
+
+
+def embedding_is_targeted(model: nn.Module, config: Any) -> bool:
+    """PEFT's rule: a list naming ``embed_tokens``/``lm_head`` exactly, or a regex matching a
+    module whose path ends with one of them (never ``"all-linear"``)."""
+    target = getattr(config, "target_modules", None)
+    if isinstance(target, str):
+        if target == ALL_LINEAR:
+            return False
+        return any(
+            re.fullmatch(target, path) is not None
+            for path, _ in model.named_modules()
+            if any(re.match(rf"(.*\.)?{e}$", path) for e in EMBEDDING_LAYER_NAMES)
+        )
+    return bool(target) and any(e in target for e in EMBEDDING_LAYER_NAMES)
+
+
+def vocabulary_was_resized(model: nn.Module, config: Any) -> bool:
+    """``vocab_size`` differs from the one in ``<base_model_name_or_path>/config.json``."""
+    model_config = getattr(model, "config", None)
+    vocab = getattr(model_config, "vocab_size", None)
+    path = getattr(config, "base_model_name_or_path", None)
+    if not vocab or not path or not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    return type(model_config).from_pretrained(path).vocab_size != vocab
+
+
+def _embedding_layers(model: nn.Module) -> list[nn.Module]:
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        layer = get() if callable(get) else None
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
+def embedding_weights_to_save(
+    model: nn.Module, config: Any, state: dict[str, torch.Tensor], prefix: str
+) -> dict[str, torch.Tensor]:
+    """The embedding tensors PEFT stores beside the adapter (see the module docstring).
+
+    ``state`` is the wrapper's state dict whose keys are ``prefix + <path in model>...``.
+    """
+    targeted = embedding_is_targeted(model, config)
+    if not targeted and not vocabulary_was_resized(model, config):
+        return {}
+    paths = {id(m): p for p, m in model.named_modules()}
+    out = {}
+    for layer in _embedding_layers(model):
+        if targeted:  # only adapted embeddings, and only their frozen base weights
+            base = getattr(layer, "base_layer", None)
+            if not isinstance(base, (nn.Linear, nn.Embedding)):
+                continue
+            layer = base
+        if id(layer) in paths:
+            start = prefix + paths[id(layer)] + "."
+            out.update({k: v for k, v in state.items() if k.startswith(start)})
+    return out
+
+
+def load_embedding_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], prefix: str
+) -> dict[str, torch.Tensor]:
+    """Copy saved embedding weights (see :func:`embedding_weights_to_save`) into ``model`` and
+    return ``state`` without them."""
+    layers = {id(m) for m in _embedding_layers(model)}
+    layers |= {id(getattr(m, "base_layer", None)) for m in _embedding_layers(model)}
+    own = {}
+    for path, module in model.named_modules():
+        named = id(module) in layers or any(
+            re.match(rf"(.*\.)?{e}(\.base_layer)?$", path) for e in EMBEDDING_LAYER_NAMES
+        )
+        if named and not _inside_adapter(path.removesuffix(".base_layer")):
+            for pname, param in module.named_parameters(recurse=False):
+                own[f"{prefix}{path}.{pname}"] = param
+    rest = {}
+    with torch.no_grad():
+        for key, value in state.items():
+            if key not in own:
+                rest[key] = value
+                continue
+            if own[key].shape != value.shape:
+                raise ValueError(
+                    f"the adapter stores embedding weight {key} of shape {tuple(value.shape)} but "
+                    f"the model's is {tuple(own[key].shape)}: the vocabulary was resized while "
+                    f"training; call model.resize_token_embeddings({value.shape[0]}) on the base "
+                    f"model before loading the adapter"
+                )
+            own[key].copy_(value.to(own[key].dtype))
+    return rest

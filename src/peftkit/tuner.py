@@ -31,11 +31,15 @@ from .config import PeftConfig
 from .inject import (
     BASE_ADAPTER,
     ModulesToSaveWrapper,
+    embedding_weights_to_save,
     find_targets,
+    load_embedding_weights,
     replace_module,
     wrap_modules_to_save,
 )
 from .methods.lora import LoraConfig, LoraLayer, create_lora_layer
+
+_MODEL = BASE_MODEL + ".model."  # the prefix of the wrapped model's keys in _peft_state_dict
 
 
 class InjectedAdapterModel(nn.Module):
@@ -241,12 +245,15 @@ class InjectedAdapterModel(nn.Module):
             if disk is not None:
                 out[disk] = tensor
         out.update(self._bias_state(self.peft_config[adapter_name]))
+        config = self.peft_config[adapter_name]  # PEFT also stores adapted / resized embeddings
+        out.update(embedding_weights_to_save(self.model, config, self._peft_state_dict(), _MODEL))
         return self.state_dict_for_save(out, adapter_name)
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str) -> None:
         """Copy saved tensors into adapter ``adapter_name``, refusing missing/unexpected/misshaped keys."""
         config = self.peft_config[adapter_name]
         state = self.state_dict_for_load(dict(state), adapter_name)
+        state = load_embedding_weights(self.model, state, _MODEL)  # PEFT's embedding copies
         expected: dict[str, str] = {}  # on-disk name -> in-memory key
         for key in self._peft_state_dict():
             disk = checkpoint.saved_key(key, adapter_name, self.saved_dict_names)
