@@ -147,7 +147,9 @@ def _example_targets(model: nn.Module, limit: int = 8) -> list[str]:
     for name, module in model.named_modules():
         if not name or _inside_adapter(name):
             continue
-        if is_linear_like(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d)):
+        if is_linear_like(module) or isinstance(
+            module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        ):
             leaf = name.rsplit(".", 1)[-1]
             if leaf not in seen:
                 seen.append(leaf)

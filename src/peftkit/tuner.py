@@ -48,7 +48,13 @@ class InjectedAdapterModel(nn.Module):
     prefix = "lora_"
     layer_cls: type[nn.Module] = LoraLayer
     # ModuleDict/ParameterDict names whose entries are keyed by adapter name and saved to disk.
-    saved_dict_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    saved_dict_names: tuple[str, ...] = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",  # DoRA
+    )
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         super().__init__()

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType, register_config
 from ..inject import check_mixed_batch
+from . import dora
 
 
 @register_config
@@ -66,6 +67,12 @@ class LoraConfig(PeftConfig):
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``, ...) used to find the index.
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``lora_alpha``; keys are regexes
             matched against the end of the module path.
+        use_dora: weight-decomposed LoRA (:mod:`peftkit.methods.dora`): a trainable magnitude
+            per output times the normalised adapted weight.
+        lora_bias: ``lora_B`` gets a bias (scaled like the update; merged into the base bias).
+
+    Every other PEFT ``LoraConfig`` option is accepted at its "off" value and refused by name
+    otherwise (``_UNIMPLEMENTED_OPTIONS``).
     """
 
     peft_type = PeftType.LORA
@@ -150,8 +157,6 @@ _PEFT_INITS = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", 
 # PEFT LoraConfig options peftkit does not implement: (the value meaning "off", what it is).
 # Anything else changes the maths, so it is refused by name rather than silently ignored.
 _UNIMPLEMENTED_OPTIONS: dict[str, tuple[Any, str]] = {
-    "use_dora": (False, "DoRA"),
-    "lora_bias": (False, "a trainable bias on lora_B"),
     "trainable_token_indices": (None, "training selected embedding rows beside LoRA"),
     "loftq_config": ({}, "LoftQ initialisation"),
     "eva_config": (None, "EVA initialisation"),
@@ -175,11 +180,16 @@ def refuse_unimplemented_options(config: LoraConfig) -> None:
     """Raise a ValueError naming the first PEFT option set that peftkit does not implement."""
     for name, (off, what) in _UNIMPLEMENTED_OPTIONS.items():
         value = getattr(config, name)
-        if value != off and value not in (None, {}, [], False):
+        if value is not None and value != off:
             raise ValueError(
                 f"{type(config).__name__}({name}={value!r}): {what} is a PEFT feature peftkit "
                 f"does not implement; remove the option (or use HF PEFT for this adapter)"
             )
+    if config.use_dora and config.lora_bias:
+        raise ValueError(
+            f"{type(config).__name__}(use_dora=True, lora_bias=True): DoRA together with lora_bias "
+            f"is not implemented by peftkit; use one of them"
+        )
     if config.peft_type is not PeftType.LORA:
         for name in ("use_dora", "lora_bias"):
             if getattr(config, name):
@@ -267,10 +277,13 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, per adapter
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout_p: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self._dora_merge_scale: dict[str, torch.Tensor] = {}  # m / n at merge time, to unmerge
         self.merged_adapters: list[str] = []
         self.active_adapters: list[str] = []
         self.disable_adapters = False
@@ -303,20 +316,28 @@ class LoraLayer(nn.Module):
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.lora_dropout_p[name] = config.lora_dropout
+        self.lora_bias[name] = config.lora_bias
+        self._check_options(config)
         self._create_factors(name, r)
         self._init_factors(name, config.init_lora_weights)
         self._match_base_device_dtype(name)
+        if config.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(dora.init_magnitude(self, name))
         self.active_adapters = [name] if not self.active_adapters else self.active_adapters
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it first")
-        for container in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B):
+        containers = (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B)
+        for container in (*containers, self.lora_magnitude_vector):
             if name in container:
                 del container[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p):
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self.lora_bias):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _check_options(self, config: LoraConfig) -> None:
+        """Refuse config options this layer kind cannot honour (a layer type extends this)."""
 
     def _create_factors(self, name: str, r: int) -> None:
         raise NotImplementedError
@@ -324,6 +345,8 @@ class LoraLayer(nn.Module):
     def _init_factors(self, name: str, init: bool | str) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         with torch.no_grad():
+            if self.lora_bias.get(name) and init is not False:
+                nn.init.zeros_(self.lora_B[name].bias)
             if init == "gaussian":
                 nn.init.normal_(A, std=1.0 / self.r[name])
             else:
@@ -360,6 +383,9 @@ class LoraLayer(nn.Module):
                 continue
             weight = self._base_weight()
             delta = self.delta_weight(name).to(weight.dtype)
+            if name in self.lora_magnitude_vector:  # DoRA: W' = (m / ||W + dW||) (W + dW)
+                scale = dora.merge_factor(self, name, weight + delta)
+                delta = scale * (weight + delta) - weight
             if safe_merge:
                 merged = weight + delta
                 if not torch.isfinite(merged).all():
@@ -367,13 +393,34 @@ class LoraLayer(nn.Module):
                         f"merging adapter {name!r} produces NaN/Inf weights; not merged"
                     )
             self._add_to_base_weight(delta)
+            self._add_to_base_bias(name, +1.0)
+            if name in self.lora_magnitude_vector:
+                self._dora_merge_scale[name] = scale
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again, newest first."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self._add_to_base_weight(-self.delta_weight(name).to(self._base_weight().dtype))
+            weight = self._base_weight()
+            delta = self.delta_weight(name).to(weight.dtype)
+            if name in self._dora_merge_scale:  # DoRA: W = W' / (m / n) - dW
+                delta = weight - weight / self._dora_merge_scale.pop(name) + delta
+            self._add_to_base_weight(-delta)
+            self._add_to_base_bias(name, -1.0)
+
+    def _add_to_base_bias(self, name: str, sign: float) -> None:
+        """``lora_bias``: the base bias takes ``± s b`` (PEFT's merge of lora_B's bias)."""
+        if not self.lora_bias.get(name):
+            return
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            raise ValueError(
+                f"{self.module_name}: cannot merge adapter {name!r} with lora_bias=True into a "
+                f"layer without a bias (as in PEFT)"
+            )
+        with torch.no_grad():
+            bias.add_(sign * self.scaling[name] * self.lora_B[name].bias.to(bias.dtype))
 
     def _base_weight(self) -> torch.Tensor:
         base = self.base_layer
@@ -413,11 +460,18 @@ class LoraLayer(nn.Module):
             delta = self.mixed_update(x)
             return result if delta is None else result + delta.to(result.dtype)
         for name in self._active():
-            result = result + self.update(name, x).to(result.dtype)
+            if name in self.lora_magnitude_vector:
+                result = dora.forward(self, name, x, result)
+            else:
+                result = result + self.update(name, x).to(result.dtype)
         return result
 
     def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Adapter ``name``'s term ``scaling * B A dropout(x)``, shaped like the base output."""
+        raise NotImplementedError
+
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * (B A x + b)`` without dropout (DoRA applies its own)."""
         raise NotImplementedError
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,6 +506,12 @@ class LoraLayer(nn.Module):
         present = [n for n in dict.fromkeys(names) if n in self.r]
         if not present:
             return None
+        dora_names = [n for n in present if n in self.lora_magnitude_vector]
+        if dora_names:
+            raise ValueError(
+                f"{self.module_name}: mixed-adapter batches do not support DoRA adapters "
+                f"{dora_names} (PEFT refuses them too); run each in its own batch with set_adapter()"
+            )
         downs, ups = zip(*(self.factors(n) for n in present))  # (r_i, ...), (out, r_i)
         r_max = max(d.shape[0] for d in downs)
         down = downs[0].new_zeros(len(present) + 1, r_max, *downs[0].shape[1:])  # (n+1, r, ...)
@@ -461,7 +521,16 @@ class LoraLayer(nn.Module):
             up[i, :, : u.shape[1]] = u
         index = {n: i for i, n in enumerate(present)}
         slots = torch.tensor([index.get(n, len(present)) for n in names], device=x.device)  # (B,)
-        return self.rowwise_update(x, down, up, slots)
+        out = self.rowwise_update(x, down, up, slots)
+        if any(self.lora_bias.get(n) for n in present):  # lora_bias: row b adds its adapter's s * b
+            bias = out.new_zeros(len(present) + 1, out.shape[self.dora_out_axis])  # (n+1, out)
+            for i, n in enumerate(present):
+                if self.lora_bias.get(n):
+                    bias[i] = self.lora_B[n].bias * self.scaling[n]
+            shape = [1] * out.dim()
+            shape[0], shape[self.dora_out_axis] = len(names), -1
+            out = out + bias[slots].reshape(shape)
+        return out
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.r)
@@ -479,14 +548,18 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor:
 class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``) or a 4-bit linear layer."""
 
+    dora_out_axis = -1  # DoRA's magnitude: one per output feature
+    dora_scales_output = False
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = _linear_features(base_layer)
+        self.dora_axis = 1 if fan_in_fan_out else 0  # the output axis of the stored weight
 
     def _create_factors(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=self.lora_bias[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[
@@ -502,7 +575,16 @@ class LoraLinear(LoraLayer):
             h = dropout_then_project(xa, A, p)  # (..., r)
         else:
             h = F.linear(xa, A)  # (..., r)
-        return F.linear(h, B) * self.scaling[name]  # (..., out)
+        return F.linear(h, B, self.lora_B[name].bias) * self.scaling[name]  # (..., out)
+
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A = self.lora_A[name].weight  # (r, in)
+        return self.lora_B[name](F.linear(x.to(A.dtype), A)) * self.scaling[name]  # (..., out)
+
+    def base_op(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._base_weight()
+        weight = weight.T if self.fan_in_fan_out else weight  # (out, in)
+        return F.linear(x.to(weight.dtype), weight)  # (..., out)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight * self.scaling[name]
@@ -520,8 +602,19 @@ def _linear_features(layer: nn.Module) -> tuple[int, int]:
 class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: ``E[ids] + scaling * (A.T[ids]) B.T``; A starts at zero, B normal."""
 
+    dora_axis = 1  # DoRA's magnitude: one per embedding dimension (weight is (num, dim))
+    dora_out_axis = -1
+    dora_scales_output = True
+
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
+
+    def _check_options(self, config: LoraConfig) -> None:
+        if config.lora_bias:
+            raise ValueError(
+                f"{self.module_name}: lora_bias=True is not supported on embeddings (nor by PEFT); "
+                f"leave embeddings out of target_modules or set lora_bias=False"
+            )
 
     def _create_factors(self, name: str, r: int) -> None:
         num, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
@@ -555,6 +648,9 @@ class LoraEmbedding(LoraLayer):
         )  # (..., r)
         return (h @ B.T) * self.scaling[name]  # (..., dim)
 
+    def project(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        return self.update(name, ids)  # embeddings have no LoRA dropout
+
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name] * self.scaling[name]
 
@@ -574,16 +670,38 @@ class LoraEmbedding(LoraLayer):
 
 
 class LoraConv(LoraLayer):
-    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d``: A is a conv like the base with ``r`` output channels,
-    B a 1x1 conv back to the base's output channels."""
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv like the base with ``r``
+    output channels, B a 1x1 conv back to the base's output channels.
 
-    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
+    Grouped base convolutions (``groups = g``): A still sees every input channel, B is grouped
+    (``g`` blocks of ``r / g`` -> ``out / g``), as in PEFT. Such an update does not fit the base's
+    grouped weight, so it cannot be merged (PEFT refuses too).
+    """
+
+    dora_axis = 0  # DoRA's magnitude: one per output channel
+    dora_out_axis = 1  # (B, out, *S)
+    dora_scales_output = False
+
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise ValueError(
-                f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported"
-            )
         self._conv_cls = type(base_layer)
+        self._conv_fn = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[
+            type(base_layer)
+        ]
+
+    def _check_options(self, config: LoraConfig) -> None:
+        groups, r = self.base_layer.groups, config.rank_for(self.module_name)
+        if groups > 1 and r % groups:
+            raise ValueError(
+                f"{self.module_name}: a convolution with groups={groups} needs a rank divisible "
+                f"by {groups} (got r={r}), as in PEFT; change r or leave this layer out"
+            )
+        if groups > 1 and config.use_dora:
+            raise ValueError(
+                f"{self.module_name}: use_dora=True on a grouped convolution (groups={groups}) is "
+                f"not implemented by peftkit (the grouped update has no per-group weight to take "
+                f"the norm of); use plain LoRA here or leave this layer out"
+            )
 
     def _create_factors(self, name: str, r: int) -> None:
         base = self.base_layer
@@ -597,9 +715,17 @@ class LoraConv(LoraLayer):
             base.dilation,
             bias=False,
         )
-        self.lora_B[name] = self._conv_cls(r, base.out_channels, ones, ones, bias=False)
+        self.lora_B[name] = self._conv_cls(
+            r, base.out_channels, ones, ones, groups=base.groups, bias=self.lora_bias[name]
+        )
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        if self.base_layer.groups > 1:
+            raise ValueError(
+                f"{self.module_name}: LoRA on a grouped convolution (groups="
+                f"{self.base_layer.groups}) cannot be merged (as in PEFT): A mixes every input "
+                f"channel, the base weight only its group's. Keep the adapter unmerged"
+            )
         A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, *k), (out, r, *1)
         delta = torch.einsum("or,ri...->oi...", B.flatten(1), A)  # (out, in, *k)
         return delta * self.scaling[name]
@@ -612,8 +738,20 @@ class LoraConv(LoraLayer):
             xa = F.dropout(xa, p)
         return B(A(xa)) * self.scaling[name]  # (B, out, *S')
 
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        return B(A(x.to(A.weight.dtype))) * self.scaling[name]  # (B, out, *S')
+
+    def base_op(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return self._conv_fn(
+            x, base.weight, None, base.stride, base.padding, base.dilation, base.groups
+        )  # (B, out, *S')
+
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        B = self.lora_B[name].weight.flatten(1)  # (out, r)
+        B = self.lora_B[name].weight.flatten(1)  # (out, r / groups)
+        if self.base_layer.groups > 1:  # grouped B as one block-diagonal (out, r) matrix
+            B = torch.block_diag(*B.chunk(self.base_layer.groups, dim=0))
         return self.lora_A[name].weight, B * self.scaling[name]
 
     def rowwise_update(
@@ -623,7 +761,7 @@ class LoraConv(LoraLayer):
         n_rows, r, base = x.shape[0], down.shape[1], self.base_layer  # A convolves like the base
         weight = down[slots].flatten(0, 1)  # (B*r, in, *k)
         x_all = x.to(down.dtype).flatten(0, 1).unsqueeze(0)  # (1, B*in, *S)
-        conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        conv = self._conv_fn
         h = conv(x_all, weight, None, base.stride, base.padding, base.dilation, groups=n_rows)
         # h: (1, B*r, *S')
         h = h.view(n_rows, r, *h.shape[2:])  # (B, r, *S')
@@ -638,7 +776,7 @@ def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
 
     if isinstance(target, nn.Embedding):
         return LoraEmbedding(target)
-    if isinstance(target, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoraConv(target)
     if isinstance(target, Conv1D):
         if not config.fan_in_fan_out:
@@ -655,7 +793,13 @@ def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
             )
             config.fan_in_fan_out = False
         return LoraLinear(target)
-    raise TypeError(
+    if isinstance(target, nn.MultiheadAttention):
+        raise ValueError(
+            "LoRA on nn.MultiheadAttention (target_modules naming one) is a PEFT feature peftkit "
+            "does not implement (the module reads its projection weights directly, so adapting "
+            "its out_proj would not work either); remove it from target_modules"
+        )
+    raise ValueError(
         f"LoRA cannot adapt a {type(target).__name__}; supported: nn.Linear, nn.Embedding, "
-        f"nn.Conv1d, nn.Conv2d, transformers Conv1D and peftkit Linear4bit"
+        f"nn.Conv1d/2d/3d, transformers Conv1D and peftkit Linear4bit"
     )
