@@ -21,6 +21,7 @@ from peftkit.models import (
     resolve_model,
     resolve_task,
 )
+from tiny_models import tiny_config, tiny_model
 
 VOCAB = ["<unk>", "</s>", "hello", "world", "the", "cat", "sat", "on", "mat", "a"]
 
@@ -38,29 +39,20 @@ def tiny_tokenizer(pad: bool = False, eos: bool = True) -> PreTrainedTokenizerFa
 
 
 def tiny_llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    """64 wide (NF4's 64-weight blocks fit), tied embeddings as SmolLM2 has."""
+    return tiny_model(
+        "llama",
+        "CAUSAL_LM",
+        hidden=64,
+        ffn=128,
         vocab_size=len(VOCAB),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=True,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def tiny_bert_config() -> transformers.BertConfig:
-    return transformers.BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
+    return tiny_config("bert", ffn=64, vocab_size=len(VOCAB), max_position_embeddings=32)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers as tf
 
+import tiny_models
 from peftkit import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -22,8 +23,8 @@ from peftkit import (
     TaskType,
     get_peft_model,
 )
+from tiny_models import VOCAB
 
-VOCAB = 96
 TOKENS = 4  # virtual tokens in the parity tests
 
 CAUSAL = ("bloom", "gpt2", "llama", "qwen2", "opt")
@@ -45,93 +46,22 @@ REFUSED = {("t5", "TOKEN_CLS", "prefix"), ("t5", "TOKEN_CLS", "prefix_proj")}
 
 METHODS = ("prompt", "ptuning_mlp", "ptuning_lstm", "prefix", "prefix_proj")
 
-_AUTO = {
-    "CAUSAL_LM": tf.AutoModelForCausalLM,
-    "SEQ_2_SEQ_LM": tf.AutoModelForSeq2SeqLM,
-    "SEQ_CLS": tf.AutoModelForSequenceClassification,
-    "TOKEN_CLS": tf.AutoModelForTokenClassification,
-    "QUESTION_ANS": tf.AutoModelForQuestionAnswering,
-    "FEATURE_EXTRACTION": tf.AutoModel,
-}
-
-
-def tiny_config(arch: str) -> tf.PretrainedConfig:
-    """A 2-layer, 32-wide config; Llama/Qwen2 use grouped-query attention (2 KV heads of 4)."""
-    common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if arch == "bloom":
-        return tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)
-    if arch == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
-    if arch in ("llama", "qwen2"):
-        cls = tf.LlamaConfig if arch == "llama" else tf.Qwen2Config
-        return cls(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-    if arch == "opt":
-        return tf.OPTConfig(
-            hidden_size=32,
-            ffn_dim=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-            **common,
-        )
-    if arch == "t5":
-        return tf.T5Config(
-            d_model=32,
-            d_kv=8,
-            d_ff=48,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-            **common,
-        )
-    if arch == "bart":
-        return tf.BartConfig(
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
-            max_position_embeddings=64,
-            decoder_start_token_id=2,
-            forced_eos_token_id=None,
-            **common,
-        )
-    if arch == "bert":
-        return tf.BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            **common,
-        )
-    if arch == "roberta":
-        return tf.RobertaConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            max_position_embeddings=80,
-            **common,
-        )
-    raise KeyError(arch)
+# special token ids of the prompt tests' tiny models; per-architecture extras beside them
+_SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_EXTRA = {"bart": {"decoder_start_token_id": 2}, "roberta": {"max_position_embeddings": 80}}
 
 
 def tiny_model(arch: str, task: str, seed: int = 0) -> torch.nn.Module:
-    """A seeded tiny model with the head of ``task`` (3 labels; 2 outputs for QA), eval mode."""
-    config = tiny_config(arch)
-    config.num_labels = 2 if task == "QUESTION_ANS" else 3
-    torch.manual_seed(seed)
-    return _AUTO[task].from_config(config).eval()
+    """A seeded tiny model (tests/tiny_models.py) with the head of ``task`` (3 labels; 2 outputs
+    for QA), eval mode."""
+    return tiny_models.tiny_model(
+        arch,
+        task,
+        seed=seed,
+        num_labels=2 if task == "QUESTION_ANS" else 3,
+        **_SPECIAL_IDS,
+        **_EXTRA.get(arch, {}),
+    )
 
 
 def tiny_inputs(task: str, batch: int = 2, length: int = 7, pad_left: int = 2) -> dict:

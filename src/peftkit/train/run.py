@@ -30,9 +30,11 @@ from ..checkpoint import atomic_write_text
 from ..progress import quiet_library_bars
 from ..tasks import Task, TaskSpec
 from .config import RunConfig, config_to_yaml
+from .distributed import full_weights, make_accelerator, plan_of
 from .evaluate import SplitEvaluation, evaluate_split, write_predictions
 from .logger import RunLog, read_metrics
-from .loop import Trainer, TrainOutcome, make_accelerator, plan_steps
+from .loop import Trainer, TrainOutcome, plan_steps
+from .memory import rank_peaks
 from .run_folder import (
     TASK_STATE,
     config_changes,
@@ -75,6 +77,10 @@ class RunSummary:
     predictions: dict[str, str] | None = None
     peak_cpu_mb: int | None = None
     peak_gpu_mb: int | None = None
+    world_size: int = 1
+    strategy: str = "ddp"  # ddp | zero2 | zero3 | fsdp (distributed.strategy, resolved)
+    offload: str = "none"
+    rank_peaks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # MB, per rank
     memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     wall_time_s: float | None = None
 
@@ -179,7 +185,9 @@ class TrainRecipe:
             f"{config.batch_size} per epoch, grad_accum {config.grad_accum} -> "
             f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps in {plan.num_epochs} "
             f"epoch(s); device {self.accelerator.device}, mixed precision "
-            f"{self.accelerator.mixed_precision}"
+            f"{self.accelerator.mixed_precision}; {self.accelerator.num_processes} process(es), "
+            f"strategy {plan_of(self.accelerator).strategy}, offload "
+            f"{plan_of(self.accelerator).offload}"
         )
         if self.main:
             atomic_write_text(str(self.output_dir / "config.yaml"), config_to_yaml(config))
@@ -231,10 +239,20 @@ class TrainRecipe:
                 if path is not None:
                     summary.predictions["test"] = str(path)
         summary.peak_cpu_mb, summary.peak_gpu_mb = _peaks(outcome.memory)
+        summary.rank_peaks = rank_peaks(outcome.memory)
         summary.memory = outcome.memory
         if not outcome.interrupted:
             gpu = f", GPU {summary.peak_gpu_mb} MB" if summary.peak_gpu_mb is not None else ""
             self.log.info(f"peak memory: CPU {summary.peak_cpu_mb} MB{gpu}")
+            if len(summary.rank_peaks) > 1:
+                self.log.info(
+                    "peak memory per rank: "
+                    + ", ".join(
+                        f"rank {p['rank']} CPU {p['cpu_peak_mb']} MB"
+                        + (f" GPU {p['gpu_peak_mb']} MB" if p["gpu_peak_mb"] is not None else "")
+                        for p in summary.rank_peaks
+                    )
+                )
             if self.main and self.config.plots:
                 from .plots import plot_run
 
@@ -271,6 +289,9 @@ class TrainRecipe:
             if progress.train_time_s
             else None,
             baselines=self.baselines,
+            world_size=self.accelerator.num_processes,
+            strategy=plan_of(self.accelerator).strategy,
+            offload=plan_of(self.accelerator).offload,
         )
         records = read_metrics(self.output_dir / "metrics.jsonl") if self.main else []
         before = [r for r in records if r.get("kind") == "eval" and r.get("epoch") == 0]
@@ -305,8 +326,10 @@ class TrainRecipe:
                     trainer.eval_context(), self.task, self.splits.eval, trainer.eval_features
                 )
         adapter_dir = self.output_dir / "adapter"
-        if self.main:
-            trainer.unwrapped.save_pretrained(adapter_dir)
+        with full_weights(trainer.unwrapped):  # sharded (ZeRO-3, FSDP2): every rank gathers
+            if self.main:
+                trainer.unwrapped.save_pretrained(adapter_dir)
+        self.accelerator.wait_for_everyone()
         summary.adapter, summary.adapter_choice = str(adapter_dir), chosen
         summary.best = {
             "metric": trainer.best_metric_name,
@@ -320,7 +343,7 @@ class TrainRecipe:
     def _method_report(self) -> dict[str, Any] | None:
         """The adapter method's own account of the run (AdaLoRA: the ranks it kept), when the
         method has one: ``write_run_report(folder, plots) -> (log text, summary dict)``."""
-        report = getattr(self.trainer.unwrapped.base_model, "write_run_report", None)
+        report = getattr(self.trainer.unwrapped.adapter_model, "write_run_report", None)
         if not self.main or not callable(report):
             return None
         text, details = report(self.output_dir, self.config.plots)
