@@ -310,43 +310,7 @@ def test_token_cls_scores_entities_like_conlleval(tok):
     assert result.predictions == ["B-PER I-PER O", "B-PER O O"]
 
 
-def test_qa_targets_map_answer_characters_to_tokens_and_back():
-    """The gold span's tokens decode back to the exact answer text; an answer cut off by
-    max_length (and an unanswerable question) point at [CLS]; decoding abstains when the [CLS]
-    pair outscores every span."""
-    from transformers import AutoTokenizer
-
-    from peftkit.models import tokenizer_folder
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_folder("minilm-l6"))
-    context = "The Normans gave their name to Normandy, a region in France."
-    answer = "Normandy"
-    rows = [
-        {"question": "Which region?", "context": context,
-         "answers": {"text": [answer], "answer_start": [context.index(answer)]}},
-        {"question": "Who?", "context": context, "answers": {"text": [], "answer_start": []}},
-    ]  # fmt: skip
-    task = make_task("qa", tok, max_length=64)
-    first, second = task.encode(rows)
-    s, e = first["start_positions"], first["end_positions"]
-    assert 0 < s <= e
-    assert context[first["spans"][s][0] : first["spans"][e][1]] == answer
-    assert (second["start_positions"], second["end_positions"]) == (0, 0)
-    # decoding: the gold span's logits win, unless "no answer" scores higher
-    batch = task.collate([first])
-    start, end = torch.zeros(1, len(first["input_ids"])), torch.zeros(1, len(first["input_ids"]))
-    start[0, s], end[0, e] = 5.0, 5.0
-    outputs = SimpleNamespace(start_logits=start, end_logits=end)
-    (span,) = task.decode([first], batch, outputs)
-    assert task.texts(rows[:1], [span]) == [answer]
-    start[0, 0], end[0, 0] = 6.0, 6.0
-    assert task.decode([first], batch, outputs) == [None]
-    assert task.texts(rows[:1], [None]) == [""]
-    # a context cut before the answer: nothing to point at but [CLS]
-    short = make_task("qa", tok, max_length=10)
-    (cut,) = short.encode(rows[:1])
-    assert (cut["start_positions"], cut["end_positions"]) == (0, 0)
-    assert task.spec.check_records([{"question": "q", "context": "c", "answers": "x"}], "eval", 1)
+# extractive QA (windows, offsets, decoding, v1/v2): tests/test_qa.py
 
 
 class _LengthLoss(torch.nn.Module):

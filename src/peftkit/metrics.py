@@ -15,7 +15,8 @@ squad_em_f1     official SQuAD v2.0 evaluation script   SQuAD normalisation     
 seq_f1          seqeval default (conlleval chunks)      --                      0..1
 ==============  =====================================  ======================  =========
 
-Those libraries are test-time oracles only; nothing here imports them.
+``squad_best_threshold`` is that script's ``find_best_thresh`` (the no-answer threshold that
+scores best). Those libraries are test-time oracles only; nothing here imports them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ __all__ = [
     "rouge_l",
     "bleu",
     "squad_em_f1",
+    "squad_question_scores",
+    "squad_best_threshold",
     "seq_f1",
 ]
 
@@ -302,6 +305,20 @@ def _squad_golds(ref: str | Sequence[str] | dict) -> list[str]:
     return golds or [""]
 
 
+def squad_question_scores(
+    preds: Sequence[str], refs: Sequence[str | Sequence[str] | dict]
+) -> list[tuple[float, float]]:
+    """Per question, ``(exact match, F1)`` in 0..1 as the official SQuAD v2.0 script scores it:
+    the max over gold answers; an unanswerable question's only gold answer is ``""``."""
+    _check_pair(preds, refs, "squad_question_scores")
+    out = []
+    for pred, ref in zip(preds, refs):
+        golds = _squad_golds(ref)
+        em = max(float(_squad_normalize(g) == _squad_normalize(pred)) for g in golds)
+        out.append((em, max(_squad_f1(g, pred) for g in golds)))
+    return out
+
+
 def squad_em_f1(
     preds: Sequence[str], refs: Sequence[str | Sequence[str] | dict]
 ) -> dict[str, float]:
@@ -319,13 +336,9 @@ def squad_em_f1(
         ``{"exact", "f1", "total"}`` on the 0..100 scale, plus ``HasAns_exact``/``HasAns_f1``/
         ``HasAns_total`` and ``NoAns_*`` for the subsets that occur.
     """
-    _check_pair(preds, refs, "squad_em_f1")
     groups: dict[str, list[tuple[float, float]]] = {"HasAns": [], "NoAns": []}
-    for pred, ref in zip(preds, refs):
-        golds = _squad_golds(ref)
-        em = max(float(_squad_normalize(g) == _squad_normalize(pred)) for g in golds)
-        f1 = max(_squad_f1(g, pred) for g in golds)
-        groups["HasAns" if golds != [""] else "NoAns"].append((em, f1))
+    for ref, scores in zip(refs, squad_question_scores(preds, refs)):
+        groups["HasAns" if _squad_golds(ref) != [""] else "NoAns"].append(scores)
     every = groups["HasAns"] + groups["NoAns"]
     out = {
         "exact": 100.0 * sum(e for e, _ in every) / len(every),
@@ -338,6 +351,42 @@ def squad_em_f1(
             out[f"{name}_f1"] = 100.0 * sum(f for _, f in scores) / len(scores)
             out[f"{name}_total"] = len(scores)
     return out
+
+
+def squad_best_threshold(
+    na_scores: Sequence[float], answered: Sequence[float], abstained: Sequence[float]
+) -> tuple[float, float]:
+    """The no-answer threshold that scores best, as the SQuAD v2 script's ``find_best_thresh``.
+
+    A question is answered when its no-answer score is ``<= threshold`` and abstains otherwise.
+    Walking the questions by rising no-answer score (equal scores together: one threshold
+    decides them all), the total moves from "abstain everywhere" by ``answered - abstained``.
+
+    Args:
+        na_scores: per question, how strongly it says "no answer" (the script's na_prob; here
+            ``null score - best span score``).
+        answered: per question, its score (exact or F1, 0..1) when it answers.
+        abstained: per question, its score when it abstains (1 if unanswerable, else 0).
+
+    Returns:
+        ``(best mean score on the 0..100 scale, threshold)``; the threshold is ``-inf`` when
+        abstaining everywhere is best.
+    """
+    n = len(na_scores)
+    if not n or len(answered) != n or len(abstained) != n:
+        raise ValueError(f"squad_best_threshold: {n} scores, {len(answered)}, {len(abstained)}")
+    total = best = sum(abstained)
+    threshold = -math.inf
+    order = sorted(range(n), key=lambda i: na_scores[i])
+    k = 0
+    while k < n:
+        value = na_scores[order[k]]
+        while k < n and na_scores[order[k]] == value:
+            total += answered[order[k]] - abstained[order[k]]
+            k += 1
+        if total > best:
+            best, threshold = total, value
+    return 100.0 * best / n, threshold
 
 
 # ---------------------------------------------------------------------------------------------

@@ -268,6 +268,13 @@ class Task:
     def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def feature_notes(
+        self, split: str, records: Sequence[dict], features: Sequence[dict[str, Any]]
+    ) -> list[str]:
+        """Lines for the run log on how ``records`` became ``features`` (what was split into
+        several features, cut or left out), so nothing happens to the data silently."""
+        return []
+
     def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
         """How many targets the batch's mean loss averages over (to weight it exactly)."""
         labels = batch["labels"]

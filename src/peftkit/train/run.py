@@ -173,6 +173,12 @@ class TrainRecipe:
         features = self.spec.build(tokenizer, model)  # features need the tokenizer alone
         train_features = features.encode(self.splits.train)
         eval_features = features.encode(self.splits.eval) if self.splits.eval else []
+        for split, rows, encoded in (
+            ("train", self.splits.train, train_features),
+            ("eval", self.splits.eval, eval_features),
+        ):
+            for note in features.feature_notes(split, rows, encoded) if rows else []:
+                log.info(note)  # rows split / cut / left out by the task: never silently
         plan = plan_steps(len(train_features), config, self.accelerator.num_processes)
         peft_model = attach_adapter(config, model, self.spec, plan.total_steps)
         self.task: Task = self.spec.build(tokenizer, peft_model)  # batches as the adapter needs
