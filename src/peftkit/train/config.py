@@ -7,6 +7,7 @@
     data:   {train: FILE, eval: FILE, test: FILE, ...}     files (or hub names) to read
     method: {type: lora, r: 8, lora_alpha: 16, ...}        the adapter; fields are the config class's
     epochs: 3, lr: 3e-3, batch_size: 8, ...                the loop (top level, so `epochs=5` works)
+    distributed: {strategy: zero3, offload: cpu}           ddp (default) | zero2 | zero3 | fsdp
 
 :func:`load_config` reads the YAML, applies dotted overrides (``method.r=16``), and checks the
 whole thing before anything heavy happens: unknown keys, wrong types and missing files come back
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .distributed import DistributedSection
 from .schema import ConfigError, build, check_block, field_hints, join, unknown_key
 
 # method.type -> PeftType name in the peftkit registry. QLoRA is LoRA on a 4-bit base model.
@@ -93,6 +95,7 @@ class RunConfig:
     task: dict[str, Any]
     method: dict[str, Any]
     data: DataSection = dataclasses.field(default_factory=DataSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     output_dir: str | None = None
     seed: int = 42
     epochs: int = 3
@@ -268,6 +271,12 @@ def check_config(
         value = values.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             problems.append(f"{key}: must be >= 1, got {value}")
+    dist = values.get("distributed") if isinstance(values.get("distributed"), dict) else {}
+    if dist.get("offload") == "cpu" and dist.get("strategy") == "ddp":
+        problems.append(
+            "distributed.offload: cpu needs strategy zero2, zero3 or fsdp "
+            "(DDP keeps a whole copy of everything on each device)"
+        )
     if isinstance(values.get("lr"), float) and values["lr"] <= 0:
         problems.append(f"lr: must be > 0, got {values['lr']}")
     return values
@@ -397,6 +406,7 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "DataSource",
+    "DistributedSection",
     "METHOD_TYPES",
     "ModelSection",
     "RunConfig",

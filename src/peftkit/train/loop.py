@@ -35,11 +35,19 @@ from ..checkpoint import atomic_write_text, save_tensors
 from ..progress import progress_bar
 from ..tasks.base import EvalContext, Task
 from .config import RunConfig
+from .distributed import check_prepared, full_weights, plan_of, prepare_for_strategy
+from .distributed import make_accelerator as make_accelerator  # re-exported for train/__init__
 from .evaluate import SplitEvaluation, evaluate_split
 from .logger import RunLog
 from .memory import MemoryTracker, PhaseMemory
 from .schedule import make_scheduler, warmup_steps
-from .state import Progress, load_checkpoint, load_trainable, save_checkpoint, trainable_tensors
+from .state import (
+    Progress,
+    full_trainable_tensors,
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -138,29 +146,6 @@ class StopFlag:
             self._previous = None
 
 
-def make_accelerator(config: RunConfig) -> Accelerator:
-    """CPU or CUDA per ``device``; ``mixed_precision: auto`` = bf16 (or fp16) on CUDA, none on CPU."""
-    cuda = torch.cuda.is_available()
-    if config.device == "cuda" and not cuda:
-        raise ValueError(
-            "device: cuda was asked for but no CUDA device is visible; use device=auto"
-        )
-    cpu = config.device == "cpu" or not cuda
-    precision = config.mixed_precision
-    if precision == "auto":
-        precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if cpu and precision == "fp16":
-        raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on CPU")
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and (
-        state.get("_mixed_precision") not in (None, precision) or state.get("_cpu") != cpu
-    ):
-        AcceleratorState._reset_state(True)  # a previous run in this process used other settings
-    return Accelerator(cpu=cpu, mixed_precision=precision)
-
-
 @dataclasses.dataclass
 class TrainOutcome:
     """What :meth:`Trainer.train` hands back: where it stopped, the last and the best evaluation
@@ -202,8 +187,12 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         warm = warmup_steps(self.plan.total_steps, config.warmup_steps, config.warmup_ratio)
         self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, self.plan.total_steps)
+        prepare_for_strategy(model, accelerator)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.params = params
+        check_prepared(self.model, accelerator)
+        # FSDP2 replaces the parameters with sharded ones: clip (and gather) what now trains
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sharded = plan_of(accelerator).strategy != "ddp"
         self.sampler = EpochBatches(
             len(train_features),
             config.batch_size,
@@ -226,6 +215,16 @@ class Trainer:
 
     # --- helpers ---------------------------------------------------------------------------
     @property
+    def _backward_kwargs(self) -> dict[str, Any]:
+        """DeepSpeed would divide by its accumulation count; the loss is already divided by
+        the window's actual size (the last window of an epoch may be short)."""
+        return (
+            {"scale_wrt_gas": False}
+            if hasattr(self.model, "set_gradient_accumulation_boundary")
+            else {}
+        )
+
+    @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
@@ -242,9 +241,18 @@ class Trainer:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _memory_report(self, memory: PhaseMemory, epoch: int) -> None:
+        """This rank's report, then (several processes; every rank calls) the max over ranks."""
+        entry: dict[str, Any] = {"epoch": epoch, "phase": memory.phase, **memory.as_dict()}
         for line in memory.lines():
             self.log.info(line)
-        self.memory.append({"epoch": epoch, "phase": memory.phase, **memory.as_dict()})
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            ranks = gather_object([memory.as_dict()])
+            for line in PhaseMemory.max_over(memory.phase, ranks).lines():
+                self.log.info(line)
+            entry["ranks"] = ranks
+        self.memory.append(entry)
 
     # --- evaluation ------------------------------------------------------------------------
     def evaluate(
@@ -283,11 +291,11 @@ class Trainer:
             progress.global_step,
             epoch,
         )
-        self.best_snapshot = {
-            k: v.detach().to("cpu", copy=True) for k, v in trainable_tensors(self.unwrapped).items()
-        }
-        if self.accelerator.is_main_process:
-            self._save_best(progress)
+        self.best_snapshot = full_trainable_tensors(self.unwrapped)
+        with full_weights(self.unwrapped):  # every rank gathers; rank 0 writes
+            if self.accelerator.is_main_process:
+                self._save_best(progress)
+        self.accelerator.wait_for_everyone()
         return True
 
     def _save_best(self, progress: Progress) -> None:
@@ -325,7 +333,8 @@ class Trainer:
             from safetensors.torch import load_file
 
             self.best_snapshot = load_file(str(path))
-        load_trainable(self.unwrapped, self.best_snapshot)
+        with full_weights(self.unwrapped, modify=True):
+            load_trainable(self.unwrapped, self.best_snapshot)
         return True
 
     # --- training --------------------------------------------------------------------------
@@ -334,7 +343,9 @@ class Trainer:
         progress = Progress()
         last = best = None
         if resume_from is not None:
-            progress = load_checkpoint(resume_from, self.unwrapped, self.optimizer, self.scheduler)
+            progress = load_checkpoint(
+                resume_from, self.unwrapped, self.optimizer, self.scheduler, self.model
+            )
             self.log.info(
                 f"resumed from {resume_from}: epoch {progress.epoch + 1}, batch "
                 f"{progress.batch_in_epoch}, step {progress.global_step}/{self.plan.total_steps}"
@@ -388,17 +399,19 @@ class Trainer:
         return TrainOutcome(progress, False, last, best, checkpoint, self.memory)
 
     def _checkpoint(self, progress: Progress) -> Path | None:
+        """Every rank takes part (sharded weights and optimizer state); rank 0 writes the rest."""
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-        return save_checkpoint(
+        path = save_checkpoint(
             self.output_dir,
             self.unwrapped,
             self.optimizer,
             self.scheduler,
             progress,
             keep=self.config.save_total_limit,
+            engine=self.model,
+            accelerator=self.accelerator,
         )
+        return path if self.accelerator.is_main_process else None
 
     def _train_epoch(self, progress: Progress, stop: StopFlag) -> str:
         """Train from ``progress``'s position to the end of its epoch; 'done' | 'max_steps' | 'interrupted'."""
@@ -426,10 +439,12 @@ class Trainer:
                 last_in_window = index - window_start + 1 == window
                 batch = self._to_device(batch)
                 sync = contextlib.nullcontext() if last_in_window else acc.no_sync(self.model)
+                # DeepSpeed steps inside backward at a window's end; our windows, our scaling
+                acc.gradient_state._set_sync_gradients(last_in_window)
                 with sync:
                     with acc.autocast():
                         out = self.model(**batch)
-                    acc.backward(out.loss / window)
+                    acc.backward(out.loss / window, **self._backward_kwargs)
                 loss = float(out.loss.detach().float())
                 window_losses.append(loss)
                 progress.epoch_loss_sum += loss

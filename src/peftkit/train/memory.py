@@ -15,6 +15,10 @@ file cannot be written (not Linux, or locked down) a background thread samples t
 20 ms instead. The reset is process-wide: ``getrusage``'s ``ru_maxrss`` (what ``/usr/bin/time``
 prints) then reports the peak since the last phase began, not since the process started; the
 run's ``summary.json`` keeps the true peak (the largest phase peak).
+
+With several processes each rank measures its own phases; rank 0 prints its report and the
+maximum over ranks (:meth:`PhaseMemory.max_over`), and ``summary.json`` keeps every rank's
+peaks (:func:`rank_peaks`).
 """
 
 from __future__ import annotations
@@ -107,6 +111,32 @@ class PhaseMemory:
 
     def as_dict(self) -> dict[str, int | None]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "phase"}
+
+    @classmethod
+    def max_over(cls, phase: str, ranks: list[dict[str, int | None]]) -> PhaseMemory:
+        """Each number's maximum over the ranks' reports (``as_dict`` of each), as one report
+        whose phase reads e.g. ``train (max over 2 ranks)``."""
+        out = cls(f"{phase} (max over {len(ranks)} ranks)")
+        for field in dataclasses.fields(cls):
+            if field.name == "phase":
+                continue
+            values = [r.get(field.name) for r in ranks if r.get(field.name) is not None]
+            setattr(out, field.name, max(values) if values else None)
+        return out
+
+
+def rank_peaks(memory: list[dict]) -> list[dict[str, int | None]]:
+    """Each rank's peak CPU (and GPU) MB over every phase of ``memory`` (entries as the trainer
+    keeps them: this rank's numbers, plus ``ranks``, every rank's, when there are several)."""
+    per_rank: dict[int, dict[str, int | None]] = {}
+    for entry in memory:
+        for rank, numbers in enumerate(entry.get("ranks") or [entry]):
+            peaks = per_rank.setdefault(rank, {"rank": rank, "cpu_peak_mb": 0, "gpu_peak_mb": None})
+            peaks["cpu_peak_mb"] = max(peaks["cpu_peak_mb"] or 0, numbers.get("cpu_peak") or 0)
+            gpu = numbers.get("gpu_peak")
+            if gpu is not None:
+                peaks["gpu_peak_mb"] = max(peaks["gpu_peak_mb"] or 0, gpu)
+    return [per_rank[r] for r in sorted(per_rank)]
 
 
 class MemoryTracker:

@@ -5,7 +5,9 @@
     <run>/checkpoints/step-00000050/
         adapter/                  the adapter at this step, HF PEFT format (usable on its own)
         trainable.safetensors     every trainable tensor by its in-memory name (exact bits)
-        optimizer.pt              optimizer state (moments, step counts)
+        optimizer.pt              optimizer state (moments, step counts); FSDP2: gathered whole
+        deepspeed/                ZeRO-2/3 instead of optimizer.pt: DeepSpeed's own checkpoint of
+                                  the trainable partitions (fp32 master weights + moments, per rank)
         scheduler.pt              LR scheduler state
         rng.safetensors           torch CPU (+ CUDA) generator states
         method_state.pt           a method's own training state, when it has one (AdaLoRA)
@@ -17,7 +19,8 @@ consistent snapshot; the data order of an epoch is a pure function of (seed, epo
 the batches already consumed puts the resumed run exactly where the first one stopped. Each
 checkpoint is written into a temporary folder and renamed into place, so an interrupted save
 never leaves a half checkpoint that ``--resume`` would pick up. ``.pt`` files load with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. With several processes every rank calls save/load (sharded
+weights are gathered, DeepSpeed writes each rank's partition); rank 0 writes everything else.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..checkpoint import atomic_write_text, save_tensors
+from .distributed import full_weights, plan_of
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -61,8 +65,20 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def full_trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors, whole (gathered when ZeRO-3 partitions or FSDP2 shards them) and
+    copied to CPU. Every rank must call it."""
+    with full_weights(model):
+        return {k: v.to("cpu", copy=True) for k, v in trainable_tensors(model).items()}
+
+
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable tensors back, refusing a mismatch in names or shapes."""
+    """Copy saved trainable tensors back, refusing a mismatch in names or shapes. Sharded
+    parameters must be whole when this runs (see :func:`distributed.full_weights`)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
@@ -126,6 +142,11 @@ def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
 
 
+def _barrier(accelerator: Any) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     model: torch.nn.Module,
@@ -133,16 +154,45 @@ def save_checkpoint(
     scheduler: Any,
     progress: Progress,
     keep: int | None = None,
+    engine: torch.nn.Module | None = None,
+    accelerator: Any = None,
 ) -> Path:
-    """Write a checkpoint for ``progress.global_step`` (atomically) and prune old ones."""
+    """Write a checkpoint for ``progress.global_step`` (atomically) and prune old ones.
+
+    ``model`` is the unwrapped PeftModel; ``engine`` what ``accelerator.prepare`` returned
+    (the DeepSpeed engine or FSDP2 module) when several processes train: then every rank calls.
+    """
+    main = accelerator is None or accelerator.is_main_process
+    strategy = plan_of(accelerator).strategy if accelerator is not None else "ddp"
     final = checkpoint_dir(output_dir, progress.global_step)
     tmp = final.with_name(".tmp-" + final.name)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    save_tensors(str(tmp / "trainable.safetensors"), trainable_tensors(model))
-    _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier(accelerator)
+    tensors = full_trainable_tensors(model)
+    with full_weights(model):
+        if main:
+            model.save_pretrained(tmp / "adapter")
+    if strategy in ("zero2", "zero3"):
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    elif strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim_state = get_optimizer_state_dict(engine, optimizer.optimizer, options=options)
+        if main:
+            _torch_save(optim_state, tmp / "optimizer.pt")
+    elif main:
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if not main:
+        _barrier(accelerator)
+        return final
+    save_tensors(str(tmp / "trainable.safetensors"), tensors)
     _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
     method_state = getattr(getattr(model, "base_model", None), "training_state_dict", None)
     if callable(method_state):
@@ -156,7 +206,14 @@ def save_checkpoint(
     os.replace(tmp, final)
     if keep is not None:
         prune_checkpoints(output_dir, keep)
+    _barrier(accelerator)
     return final
+
+
+def _is_fsdp2(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -188,8 +245,12 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    engine: torch.nn.Module | None = None,
 ) -> Progress:
-    """Restore model, optimizer, scheduler and RNG from ``folder``; return the position."""
+    """Restore model, optimizer, scheduler and RNG from ``folder``; return the position.
+
+    With several processes every rank calls; ``engine`` is what ``accelerator.prepare`` made.
+    """
     folder = Path(folder)
     state_file = folder / "trainer_state.json"
     if not state_file.exists():
@@ -198,8 +259,41 @@ def load_checkpoint(
             f"{CHECKPOINTS}/{PREFIX}N folder or the run folder"
         )
     state = json.loads(state_file.read_text(encoding="utf-8"))
-    load_trainable(model, load_file(str(folder / "trainable.safetensors")))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    deepspeed_dir = folder / "deepspeed"
+    if deepspeed_dir.is_dir():
+        if not hasattr(engine, "load_checkpoint"):
+            raise ValueError(
+                f"{folder} was saved under DeepSpeed ZeRO; resume it with the same "
+                "distributed.strategy (zero2/zero3) and number of processes"
+            )
+        # the fp32 master partitions and moments, each rank its own; they set the weights too
+        engine.load_checkpoint(
+            str(deepspeed_dir),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+    else:
+        if hasattr(engine, "load_checkpoint"):
+            raise ValueError(
+                f"{folder} holds no DeepSpeed state (it was saved under ddp or fsdp); resume "
+                "with the strategy it was saved under"
+            )
+        with full_weights(model, modify=True):
+            load_trainable(model, load_file(str(folder / "trainable.safetensors")))
+        optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if engine is not None and _is_fsdp2(engine):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(engine, inner, optim_state_dict=optim_state, options=options)
+        else:
+            optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     method_file = folder / "method_state.pt"
     loader = getattr(getattr(model, "base_model", None), "load_training_state_dict", None)

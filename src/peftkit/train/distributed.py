@@ -1,0 +1,390 @@
+"""Scaling a run out: DDP, DeepSpeed ZeRO-2/3 (optionally offloaded to CPU) and FSDP2, all
+through ``accelerate``; this module only says which one and reads full weights when sharded.
+
+::
+
+    distributed: {strategy, offload}  ──┐
+    accelerate launch's env (ACCELERATE_*) ─┴─> resolve_strategy ─> (strategy, offload)
+                                                   (both given and different: stop, say so)
+    make_accelerator ─> Accelerator(cpu/cuda, mixed precision,
+                                    DeepSpeedPlugin(ZeRO stage, offload)  | FSDP plugin (v2)
+                                    gloo on CPU, NCCL on CUDA)
+    full_weights(params) ─> inside: every rank sees whole tensors (ZeRO-3 gathers partitions,
+                            FSDP2 unshards DTensors); outside: sharded again
+
+Launch with ``torchrun --standalone --nproc_per_node N -m peftkit train RUN.yaml`` (the strategy
+from the YAML) or ``accelerate launch --config_file examples/accelerate/zero3.yaml -m peftkit
+train RUN.yaml`` (the strategy from the accelerate config; the YAML may leave it out). On CPU
+the processes talk over gloo; on GPUs over NCCL.
+
+DeepSpeed keeps the client optimizer (``torch.optim.AdamW``) even when it offloads to CPU
+(``zero_force_ds_cpu_optimizer: false``): no ``cpu_adam`` extension to compile, and the same
+update rule under every strategy, so 2 processes and 1 process train the same adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+
+if not torch.cuda.is_available():
+    # DeepSpeed guesses its accelerator with a warning on every rank unless told
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+Strategy = Literal["ddp", "zero2", "zero3", "fsdp"]
+Offload = Literal["none", "cpu"]
+STRATEGIES: tuple[str, ...] = ("ddp", "zero2", "zero3", "fsdp")
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    """``distributed:`` in the run YAML. Left out, the strategy is the launcher's (an accelerate
+    config file) or ``ddp``; ``offload: cpu`` moves optimizer state (ZeRO-2/3, FSDP2) and
+    parameters (ZeRO-3, FSDP2) to CPU memory."""
+
+    strategy: Strategy | None = None
+    offload: Offload | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The resolved choice: what the run does and reports in ``summary.json``."""
+
+    strategy: str
+    offload: str
+    launcher: str  # "accelerate" | "torchrun" | "single"
+
+
+def _true(value: str | None) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def launcher_strategy(env: Mapping[str, str] | None = None) -> tuple[str | None, str | None, str]:
+    """What ``accelerate launch``'s config asked for, read from the variables it sets:
+    (strategy or None, offload or None, launcher)."""
+    env = os.environ if env is None else env
+    if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        offload = "none"
+        for key in (
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+        ):
+            if env.get(key, "none") not in ("none", ""):
+                offload = env[key]
+        return f"zero{stage}", offload, "accelerate"
+    if _true(env.get("ACCELERATE_USE_FSDP")):
+        version = env.get("FSDP_VERSION", "1")
+        offload = "cpu" if _true(env.get("FSDP_OFFLOAD_PARAMS")) else "none"
+        return f"fsdp{'' if version == '2' else version}", offload, "accelerate"
+    if "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_USE_CPU" in env:
+        return "ddp", "none", "accelerate"
+    return None, None, "torchrun" if "TORCHELASTIC_RUN_ID" in env else "single"
+
+
+def resolve_strategy(section: DistributedSection, env: Mapping[str, str] | None = None) -> Plan:
+    """The run YAML's ``distributed`` block against the launcher's choice.
+
+    Raises ValueError (naming both sides) where they disagree, or where the launcher asks for
+    something peftkit does not run (ZeRO-1, FSDP v1, NVMe offload).
+    """
+    launched, launched_offload, launcher = launcher_strategy(env)
+    problems = []
+    if launched is not None and launched not in STRATEGIES:
+        fix = "fsdp_version: 2" if launched.startswith("fsdp") else "zero_stage: 2 or 3"
+        problems.append(
+            f"the accelerate config asks for {launched!r}, which peftkit does not run; "
+            f"use {fix} (see examples/accelerate/)"
+        )
+    if launched_offload not in (None, "none", "cpu"):
+        problems.append(f"the accelerate config offloads to {launched_offload!r}; only cpu works")
+    if section.strategy is not None and launched is not None and section.strategy != launched:
+        problems.append(
+            f"distributed.strategy: the run YAML says {section.strategy!r} but the accelerate "
+            f"config says {launched!r}; make them agree (or leave distributed.strategy out)"
+        )
+    strategy = section.strategy or launched or "ddp"
+    if (
+        section.offload is not None
+        and launched_offload is not None
+        and section.offload != launched_offload
+        and section.strategy is not None
+    ):
+        problems.append(
+            f"distributed.offload: the run YAML says {section.offload!r} but the accelerate "
+            f"config says {launched_offload!r}; make them agree (or leave it out)"
+        )
+    offload = section.offload or launched_offload or "none"
+    if offload == "cpu" and strategy == "ddp":
+        problems.append(
+            "distributed.offload: cpu needs strategy zero2, zero3 or fsdp (DDP keeps a whole "
+            "copy of everything on each device)"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+    return Plan(strategy, offload, launcher)
+
+
+def _ds_config(config: Any, plan: Plan, precision: str, world: int) -> dict[str, Any]:
+    """The DeepSpeed config, every number explicit (no 'auto': we prepare no dataloader)."""
+    stage = 3 if plan.strategy == "zero3" else 2
+    zero: dict[str, Any] = {"stage": stage}
+    if plan.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "train_batch_size": config.batch_size * config.grad_accum * world,
+        "gradient_clipping": config.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "auto_cast": False}
+    return ds
+
+
+def make_accelerator(config: Any) -> Any:
+    """An ``Accelerator`` for ``config``: CPU or CUDA per ``device``; ``mixed_precision: auto`` =
+    bf16 (or fp16) on CUDA, none on CPU; the strategy's plugin; gloo when on CPU."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not cuda:
+        raise ValueError(
+            "device: cuda was asked for but no CUDA device is visible; use device=auto"
+        )
+    cpu = config.device == "cpu" or not cuda
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if cpu and precision == "fp16":
+        raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+    plan = resolve_strategy(config.distributed)
+    if plan.strategy != "ddp" and "WORLD_SIZE" not in os.environ:
+        _single_process_group_env()  # DeepSpeed / FSDP2 need a process group, even of one
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    quiet_distributed_warnings()
+    kwargs: dict[str, Any] = {"mixed_precision": precision}
+    if cpu:
+        kwargs["cpu"] = plan.strategy != "zero2" and plan.strategy != "zero3"  # DeepSpeed: its own
+        if "WORLD_SIZE" in os.environ:
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    if plan.strategy in ("zero2", "zero3"):
+        from accelerate.utils import DeepSpeedPlugin
+
+        ds = _ds_config(config, plan, precision, world)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            hf_ds_config=ds,
+            zero_stage=ds["zero_optimization"]["stage"],
+            gradient_accumulation_steps=config.grad_accum,
+            gradient_clipping=ds["gradient_clipping"],
+            offload_optimizer_device=plan.offload,
+            offload_param_device=plan.offload if plan.strategy == "zero3" else "none",
+            zero3_save_16bit_model=plan.strategy == "zero3",
+            zero3_init_flag=False,
+        )
+    elif plan.strategy == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            reshard_after_forward=True,
+            auto_wrap_policy="transformer_based_wrap",
+            cpu_offload=plan.offload == "cpu",
+            state_dict_type="FULL_STATE_DICT",
+            cpu_ram_efficient_loading=False,
+            activation_checkpointing=False,
+        )
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(True)  # a previous run in this process used other settings
+    with _quiet_unless_rank0():
+        accelerator = Accelerator(**kwargs)
+    if plan.strategy == "fsdp" and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate keeps MULTI_CPU and silently drops the FSDP plugin without a GPU, which
+        # would train unsynchronised copies; FSDP2's fully_shard itself runs on CPU over gloo
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = kwargs["fsdp_plugin"]
+    accelerator.peftkit_plan = plan
+    return accelerator
+
+
+@contextlib.contextmanager
+def _quiet_unless_rank0() -> Iterator[None]:
+    """DeepSpeed prints its communication-op build line from every rank; keep rank 0's."""
+    if os.environ.get("RANK", "0") == "0":
+        yield
+        return
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def check_prepared(model: torch.nn.Module, accelerator: Any) -> None:
+    """Refuse to train when ``prepare`` did not apply the strategy (unsynchronised copies)."""
+    if accelerator.num_processes < 2 and plan_of(accelerator).strategy == "ddp":
+        return
+    strategy = plan_of(accelerator).strategy
+    from torch.distributed.tensor import DTensor
+
+    applied = {
+        "ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel),
+        "zero2": hasattr(model, "set_gradient_accumulation_boundary"),
+        "zero3": hasattr(model, "set_gradient_accumulation_boundary"),
+        "fsdp": any(isinstance(p, DTensor) for p in model.parameters()),
+    }[strategy]
+    if not applied:
+        raise RuntimeError(
+            f"accelerate did not apply distributed.strategy {strategy!r} "
+            f"(distributed type {accelerator.distributed_type}, model {type(model).__name__}); "
+            "the processes would train unsynchronised copies"
+        )
+
+
+def _single_process_group_env() -> None:
+    """The variables torchrun would set for one process on this machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def quiet_distributed_warnings() -> None:
+    """DeepSpeed calls collectives torch has renamed: one FutureWarning per call and rank."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated")
+    warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated")
+
+
+def plan_of(accelerator: Any) -> Plan:
+    return getattr(accelerator, "peftkit_plan", Plan("ddp", "none", "single"))
+
+
+def is_zero3(accelerator: Any) -> bool:
+    return plan_of(accelerator).strategy == "zero3" and accelerator.num_processes >= 1
+
+
+def prepare_for_strategy(model: torch.nn.Module, accelerator: Any) -> None:
+    """Things a strategy needs from the model before ``accelerator.prepare``: FSDP2 wraps the
+    base model's own blocks (``_no_split_modules``), found through the PEFT wrapper."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or plugin.transformer_cls_names_to_wrap:
+        return
+    names: list[str] = []
+    for module in model.modules():
+        names += list(getattr(module, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    plugin.transformer_cls_names_to_wrap = sorted(set(names) & present) or None
+
+
+_HELD = -424242  # a sub-module id no DeepSpeed module has: "held by full_weights"
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module, modify: bool = False) -> Iterator[None]:
+    """Inside: ``model``'s trainable parameters hold whole tensors on every rank, so the usual
+    code (``save_pretrained``, state dicts, prompt encoders) reads them. Every rank must enter.
+
+    ZeRO-3 gathers their partitions (``deepspeed.zero.GatheredParameters``; with ``modify``,
+    rank 0's values are partitioned back on exit). FSDP2: each trainable DTensor is replaced by
+    its ``full_tensor()`` for the duration (FSDP2's own unshard would not do: its state-dict
+    hooks hand back DTensors); with ``modify`` the values are sharded back on exit. Elsewhere
+    nothing happens.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if zero:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero, modifier_rank=0 if modify else None):
+            # a module run inside (a P-tuning encoder making its table) would release its
+            # parameters on the way out: mark them in use until we are done
+            for p in zero:
+                p.ds_active_sub_modules.add(_HELD)
+            try:
+                yield
+            finally:
+                for p in zero:
+                    p.ds_active_sub_modules.discard(_HELD)
+        return
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in params):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()  # every group sharded: its state-dict hook then leaves ours alone
+    swaps = []
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if isinstance(p, DTensor) and p.requires_grad:
+                full = torch.nn.Parameter(p.full_tensor(), requires_grad=True)  # collective
+                module._parameters[name] = full
+                swaps.append((module, name, p, full))
+    try:
+        yield
+    finally:
+        from torch.distributed.tensor import distribute_tensor
+
+        for module, name, sharded, full in swaps:
+            if modify:
+                with torch.no_grad():
+                    value = distribute_tensor(
+                        full.detach(), sharded.device_mesh, sharded.placements
+                    )
+                    sharded.to_local().copy_(value.to_local())
+            module._parameters[name] = sharded
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape, partitioned (ZeRO-3) or sharded (FSDP2) or not."""
+    if hasattr(param, "ds_shape"):
+        return param.ds_shape
+    return param.shape
+
+
+__all__ = [
+    "DistributedSection",
+    "Plan",
+    "check_prepared",
+    "STRATEGIES",
+    "full_shape",
+    "full_weights",
+    "is_zero3",
+    "launcher_strategy",
+    "make_accelerator",
+    "plan_of",
+    "prepare_for_strategy",
+    "resolve_strategy",
+]
