@@ -60,7 +60,17 @@ def _conv_model(conv: nn.Module, feature: int) -> type[nn.Module]:
     return ConvModel
 
 
+class MHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha, self.lin0 = nn.MultiheadAttention(10, 2), nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.lin0(self.mha(x, x, x)[0])  # (L, N, 10) -> (L, N, 2)
+
+
 MODELS = {  # name -> (builder, input maker(batch))
+    "MHA": (MHA, lambda b: torch.randn(b, 3, 10)),
     "MLP": (MLP, lambda b: torch.randn(b, 10)),
     "EmbConv1D": (EmbConv1D, lambda b: torch.randint(0, 100, (b, 10))),
     "Conv1d": (_conv_model(nn.Conv1d(5, 8, 3), 8 * 8), lambda b: torch.randn(b, 5, 10)),
@@ -77,11 +87,6 @@ MODELS = {  # name -> (builder, input maker(batch))
     "Conv3d1x1": (_conv_model(nn.Conv3d(5, 6, 1), 6 * 8), lambda b: torch.randn(b, 5, 2, 2, 2)),
 }
 
-
-class MHA(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.mha, self.lin0 = nn.MultiheadAttention(10, 2), nn.Linear(10, 2)
 
 
 # --- the matrix -------------------------------------------------------------------------------
@@ -122,6 +127,8 @@ ACCEPTED = [
      {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}),
     ("Conv2d 1 LoRA with lora_b bias", "Conv2d", {"target_modules": ["conv"], "lora_bias": True, "lora_alpha": 32}),
     ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv"], "lora_bias": True, "lora_alpha": 32}),
+    ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}),
+    ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}),
 ]  # fmt: skip
 
 # (row, model, config kwargs, the option the refusal must name)
@@ -144,8 +151,6 @@ REFUSED = [
 
 # Accepted by PEFT, refused by peftkit when the model is wrapped (the layer kind decides).
 REFUSED_AT_WRAP = [
-    ("MHA 1 LoRA", MHA, {"target_modules": ["mha"]}, "MultiheadAttention"),
-    ("MHA 2 LoRA", MHA, {"target_modules": ["mha", "lin0"]}, "MultiheadAttention"),
     ("Conv2d Groups LoRA with DoRA", "Conv2dGroups", {"target_modules": ["conv"], "use_dora": True}, "use_dora"),
     ("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", {"target_modules": ["conv"], "use_dora": True}, "use_dora"),
     ("Embedding with lora_bias", "EmbConv1D", {"target_modules": ["emb"], "lora_bias": True}, "lora_bias"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -124,6 +125,22 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
             continue
         if layers is not None and layer_index(name, config.layers_pattern) not in layers:
             continue
+        if _inside_multihead_attention(model, name):
+            if target == ALL_LINEAR:  # PEFT would adapt it with no effect; say so and skip it
+                warnings.warn(
+                    f"all-linear: {name} is the out_proj of an nn.MultiheadAttention, which reads "
+                    f"its weight directly, so a LoRA layer there would have no effect; skipped. "
+                    f"Name the attention module itself in target_modules to adapt it",
+                    stacklevel=3,
+                )
+                continue
+            raise ValueError(
+                f"target_modules={target!r} names {name}, a layer inside an "
+                f"nn.MultiheadAttention: the attention reads its weight directly, so LoRA on it "
+                f"alone is not supported (in PEFT it silently has no effect). Target the "
+                f"attention module itself ({name.rpartition('.')[0]}): both its in- and "
+                f"out-projection get LoRA"
+            )
         found.append(name)
     if not found:
         raise ValueError(
@@ -131,6 +148,11 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
             f"Adaptable layer names in this model: {_example_targets(model, limit=20)}"
         )
     return found
+
+
+def _inside_multihead_attention(model: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return bool(parent) and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
 
 
 def _inside_adapter(name: str) -> bool:

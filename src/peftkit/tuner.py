@@ -192,7 +192,9 @@ class InjectedAdapterModel(nn.Module):
         self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         """Replace every wrapper by its base module (after merging when ``merge``)."""
-        for name, layer in list(self.adapter_layers()):
+        # Innermost first: a layer nested in another's base (MultiheadAttention's out_proj) is
+        # replaced while the path to it still exists.
+        for name, layer in reversed(list(self.adapter_layers())):
             if merge:
                 layer.merge(adapter_names, safe_merge=safe_merge)
             replace_module(self.model, name, layer.base_layer)

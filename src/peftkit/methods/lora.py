@@ -776,6 +776,10 @@ def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
 
     if isinstance(target, nn.Embedding):
         return LoraEmbedding(target)
+    if isinstance(target, nn.MultiheadAttention):
+        from .lora_mha import LoraMultiheadAttention
+
+        return LoraMultiheadAttention(target)
     if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoraConv(target)
     if isinstance(target, Conv1D):
@@ -793,13 +797,7 @@ def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
             )
             config.fan_in_fan_out = False
         return LoraLinear(target)
-    if isinstance(target, nn.MultiheadAttention):
-        raise ValueError(
-            "LoRA on nn.MultiheadAttention (target_modules naming one) is a PEFT feature peftkit "
-            "does not implement (the module reads its projection weights directly, so adapting "
-            "its out_proj would not work either); remove it from target_modules"
-        )
     raise ValueError(
         f"LoRA cannot adapt a {type(target).__name__}; supported: nn.Linear, nn.Embedding, "
-        f"nn.Conv1d/2d/3d, transformers Conv1D and peftkit Linear4bit"
+        f"nn.Conv1d/2d/3d, nn.MultiheadAttention, transformers Conv1D and peftkit Linear4bit"
     )
