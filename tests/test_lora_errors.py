@@ -109,9 +109,9 @@ def test_unimplemented_peft_feature_is_refused(tiny_model, tmp_path):
     base, _, _ = _saved(tiny_model, tmp_path)
     cfg_path = tmp_path / "adapter_config.json"
     data = json.loads(cfg_path.read_text())
-    data["target_parameters"] = ["q_proj.weight"]  # LoRA on bare parameters: not implemented
+    data["layer_replication"] = [[0, 1]]  # a PEFT option peftkit does not implement
     cfg_path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="target_parameters.*not implement"):
+    with pytest.raises(ValueError, match="layer_replication.*not implement"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
 
 

@@ -69,7 +69,40 @@ class MHA(nn.Module):
         return self.lin0(self.mha(x, x, x)[0])  # (L, N, 10) -> (L, N, 2)
 
 
+class Experts(nn.Module):
+    """A mixture-of-experts block keeping every expert's weights in 3-d parameters (E, out, in);
+    ``is_transposed``: stored (E, in, out), as some MoE layers do (PEFT reads that attribute)."""
+
+    def __init__(self, is_transposed: bool = False) -> None:
+        super().__init__()
+        self.is_transposed = is_transposed
+        up, down = torch.randn(3, 6, 5) * 0.3, torch.randn(3, 5, 6) * 0.3  # (E, out, in)
+        self.up = nn.Parameter(up.transpose(1, 2).contiguous() if is_transposed else up)
+        self.down = nn.Parameter(down.transpose(1, 2).contiguous() if is_transposed else down)
+
+    def forward(self, x):  # (B, 5) through every expert, summed
+        up, down = self.up, self.down  # (E, out, in) or (E, in, out)
+        if self.is_transposed:
+            up, down = up.transpose(1, 2), down.transpose(1, 2)
+        h = torch.relu(torch.einsum("bi,eoi->beo", x, up))  # (B, E, 6)
+        return torch.einsum("beh,eoh->bo", h, down)  # (B, 5)
+
+
+def _moe(is_transposed: bool) -> type[nn.Module]:
+    class MoE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts, self.lin0 = Experts(is_transposed), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.lin0(self.experts(x))  # (B, 2)
+
+    return MoE
+
+
 MODELS = {  # name -> (builder, input maker(batch))
+    "MoE": (_moe(False), lambda b: torch.randn(b, 5)),
+    "MoETransposed": (_moe(True), lambda b: torch.randn(b, 5)),
     "MHA": (MHA, lambda b: torch.randn(b, 3, 10)),
     "MLP": (MLP, lambda b: torch.randn(b, 10)),
     "EmbConv1D": (EmbConv1D, lambda b: torch.randint(0, 100, (b, 10))),
@@ -129,6 +162,11 @@ ACCEPTED = [
     ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv"], "lora_bias": True, "lora_alpha": 32}),
     ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}),
     ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}),
+    ("MLP 1 using nn.Parameter LoRA", "MLP", {"target_parameters": ["lin0.weight"]}),
+    ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
+    ("MoE 3-d nn.Parameters LoRA (nested)", "MoE", {"target_parameters": ["experts.up", "experts.down"], "r": 2}),
+    ("MoE transposed 3-d nn.Parameter LoRA", "MoETransposed",
+     {"target_modules": ["lin0"], "target_parameters": ["up"], "r": 2, "rank_pattern": {"up": 3}}),
 ]  # fmt: skip
 
 # (row, model, config kwargs, the option the refusal must name)
@@ -141,9 +179,6 @@ REFUSED = [
     ("LoftQ", "MLP", {"target_modules": ["lin0"], "loftq_config": {"loftq_bits": 4}}, "loftq_config"),
     ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
      {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}, "trainable_token_indices"),
-    ("MLP 1 using nn.Parameter LoRA", "MLP", {"target_parameters": ["lin0.weight"]}, "target_parameters"),
-    ("MLP 2 using nn.Parameter LoRA", "MLP",
-     {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}, "target_parameters"),
     ("layer replication", "MLP", {"target_modules": ["lin0"], "layer_replication": [[0, 1]]}, "layer_replication"),
     ("QA-LoRA", "MLP", {"target_modules": ["lin0"], "use_qalora": True}, "use_qalora"),
     ("DoRA + lora_bias", "MLP", {"target_modules": ["lin0"], "use_dora": True, "lora_bias": True}, "lora_bias"),

@@ -38,6 +38,7 @@ from .inject import (
     wrap_modules_to_save,
 )
 from .methods.lora import LoraConfig, LoraLayer, create_lora_layer
+from .methods.lora_param import inject_parameters
 
 _MODEL = BASE_MODEL + ".model."  # the prefix of the wrapped model's keys in _peft_state_dict
 
@@ -81,7 +82,9 @@ class InjectedAdapterModel(nn.Module):
                 f"an adapter named {adapter_name!r} already exists; pick another name or "
                 f"delete_adapter({adapter_name!r}) first"
             )
-        for name in find_targets(self.model, config):
+        params = getattr(config, "target_parameters", None)
+        names = find_targets(self.model, config) if config.target_modules or not params else []
+        for name in names:
             target = self.model.get_submodule(name)
             if isinstance(target, self.layer_cls):
                 target.add_adapter(adapter_name, config, name)
@@ -94,6 +97,8 @@ class InjectedAdapterModel(nn.Module):
             layer = self.create_layer(target, config)
             layer.add_adapter(adapter_name, config, name)
             replace_module(self.model, name, layer)
+        if params:  # LoRA on bare parameters (methods/lora_param.py)
+            inject_parameters(self.model, config, adapter_name, self.peft_config)
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config

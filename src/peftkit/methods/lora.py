@@ -167,7 +167,6 @@ _UNIMPLEMENTED_OPTIONS: dict[str, tuple[Any, str]] = {
     "use_qalora": (False, "QA-LoRA"),
     "monteclora_config": (None, "MonteCLoRA"),
     "layer_replication": (None, "layer replication"),
-    "target_parameters": (None, "LoRA on bare nn.Parameters"),
     "use_bdlora": (None, "BD-LoRA"),
     "arrow_config": (None, "Arrow routing"),
     "kasa_config": (None, "KaSA"),
@@ -191,6 +190,12 @@ def refuse_unimplemented_options(config: LoraConfig) -> None:
             f"is not implemented by peftkit; use one of them"
         )
     if config.peft_type is not PeftType.LORA:
+        for name in ("target_parameters", "trainable_token_indices"):
+            if getattr(config, name):
+                raise ValueError(
+                    f"{type(config).__name__}({name}=...): {config.peft_type.value} with {name} "
+                    f"is not implemented by peftkit (LoRA is)"
+                )
         for name in ("use_dora", "lora_bias"):
             if getattr(config, name):
                 raise ValueError(
