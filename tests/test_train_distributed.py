@@ -139,3 +139,71 @@ def test_sharded_adapter_loads_in_peft_with_the_same_outputs(tiny, one_process, 
         want = ours(input_ids=ids).logits
         torch.testing.assert_close(theirs(input_ids=ids).logits, want)
         assert not torch.allclose(base(input_ids=ids).logits, want)  # the adapter does something
+
+
+METHODS = ["adalora", "prompt_tuning", "p_tuning", "prefix_tuning"]
+
+
+@pytest.fixture(scope="module")
+def one_process_by_method(tiny) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for method in METHODS:
+        train(tiny, _config(tiny, f"{method}-one", method, 8, None), 1)
+        out[method] = adapter(tiny / f"{method}-one")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_two_processes_make_the_one_process_adapter(
+    tiny, one_process_by_method, method, strategy
+):
+    """AdaLoRA (orthogonality penalty on sharded factors, rank allocation from gathered
+    gradients) and the prompt methods (P-tuning's encoder run inside the gathering) too."""
+    name = f"{method}-{strategy}"
+    proc = train(tiny, _config(tiny, name, method, 4, strategy), 2)
+    assert_two_process_run(proc, tiny / name, strategy)
+    assert_same_adapter(adapter(tiny / name), one_process_by_method[method])
+    if method == "adalora":  # the same ranks were kept
+        pattern = json.loads((tiny / name / "adapter" / "adapter_config.json").read_text())
+        want = json.loads((tiny / "adalora-one" / "adapter" / "adapter_config.json").read_text())
+        assert pattern["rank_pattern"] == want["rank_pattern"]
+
+
+def test_qlora_is_refused_where_parameters_are_sharded(tiny):
+    from peftkit.train.config import ConfigError, load_config
+
+    for strategy in ("zero3", "fsdp"):
+        with pytest.raises(ConfigError, match="ZeRO-3 and FSDP2 cannot cut"):
+            load_config(_config(tiny, f"q-{strategy}", "qlora", 4, strategy))
+
+
+@pytest.mark.slow
+def test_qlora_two_processes_under_zero2(tiny):
+    train(tiny, _config(tiny, "qlora-one", "qlora", 8, None), 1)
+    proc = train(tiny, _config(tiny, "qlora-zero2", "qlora", 4, "zero2"), 2)
+    assert_two_process_run(proc, tiny / "qlora-zero2", "zero2")
+    assert_same_adapter(adapter(tiny / "qlora-zero2"), adapter(tiny / "qlora-one"))
+
+
+def test_zero3_resume_continues_exactly(tiny):
+    """Stopped at step 2 of 4 (DeepSpeed's own per-rank checkpoint of the trainable partitions,
+    moments included), resumed by 2 fresh processes: the same adapter as the straight run."""
+    recipe = _config(tiny, "z3-full", "lora", 4, "zero3", save_steps=2, save_total_limit=3)
+    text = yaml.safe_load(recipe.read_text())
+    text["max_steps"] = 4
+    recipe.write_text(yaml.safe_dump(text))
+    train(tiny, recipe, 2)
+    step2 = tiny / "z3-full" / "checkpoints" / "step-00000002"
+    assert (step2 / "deepspeed").is_dir() and (step2 / "adapter").is_dir()
+    text["output_dir"] = str(tiny / "z3-resumed")
+    resumed = tiny / "z3-resumed.yaml"
+    resumed.write_text(yaml.safe_dump(text))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    launch += ["-m", "peftkit", "train", str(resumed), "--resume", str(step2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("resumed from") == 1
+    assert_same_adapter(adapter(tiny / "z3-resumed"), adapter(tiny / "z3-full"), rel=1e-6)

@@ -395,6 +395,7 @@ class AdaLoraModel(InjectedAdapterModel):
         total: torch.Tensor | float = 0.0
         count = 0
         for A, _, B in self.triplets(adapter_name).values():
+            A, B = _whole(A), _whole(B)  # FSDP2 shards them (DTensors) outside their forward
             for gram in (A @ A.T, B.T @ B):  # (r, r) each
                 eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
                 total = total + torch.linalg.matrix_norm(gram - eye, ord="fro")
@@ -561,3 +562,8 @@ class AdaLoraModel(InjectedAdapterModel):
             self.rank_allocator = RankAllocator(
                 self.peft_config[adapter_name], self.triplets(adapter_name), adapter_name
             )
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) factor as one tensor; autograd flows back to the shards."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .distributed import DistributedSection
+from .distributed import QUANTIZED_REFUSAL, SHARDING, DistributedSection
 from .schema import ConfigError, build, check_block, field_hints, join, unknown_key
 
 # method.type -> PeftType name in the peftkit registry. QLoRA is LoRA on a 4-bit base model.
@@ -272,6 +272,9 @@ def check_config(
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             problems.append(f"{key}: must be >= 1, got {value}")
     dist = values.get("distributed") if isinstance(values.get("distributed"), dict) else {}
+    quantized = isinstance(model, dict) and model.get("quantization") is not None
+    if quantized and dist.get("strategy") in SHARDING:
+        problems.append(QUANTIZED_REFUSAL.format(strategy=dist["strategy"]))
     if dist.get("offload") == "cpu" and dist.get("strategy") == "ddp":
         problems.append(
             "distributed.offload: cpu needs strategy zero2, zero3 or fsdp "

@@ -39,6 +39,12 @@ if not torch.cuda.is_available():
 Strategy = Literal["ddp", "zero2", "zero3", "fsdp"]
 Offload = Literal["none", "cpu"]
 STRATEGIES: tuple[str, ...] = ("ddp", "zero2", "zero3", "fsdp")
+SHARDING = ("zero3", "fsdp")  # the strategies that cut parameters themselves into pieces
+QUANTIZED_REFUSAL = (
+    "distributed.strategy {strategy}: a 4-bit (QLoRA) base keeps its weights as packed uint8 "
+    "bytes with per-block scales, which ZeRO-3 and FSDP2 cannot cut into shards; train QLoRA "
+    "with strategy ddp or zero2 (the 4-bit base is already ~1/8 of fp32 on each process)"
+)
 
 
 @dataclasses.dataclass
@@ -177,6 +183,8 @@ def make_accelerator(config: Any) -> Any:
     if cpu and precision == "fp16":
         raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on CPU")
     plan = resolve_strategy(config.distributed)
+    if config.model.quantization is not None and plan.strategy in SHARDING:
+        raise ValueError(QUANTIZED_REFUSAL.format(strategy=plan.strategy))
     if plan.strategy != "ddp" and "WORLD_SIZE" not in os.environ:
         _single_process_group_env()  # DeepSpeed / FSDP2 need a process group, even of one
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -350,6 +358,8 @@ def full_weights(model: torch.nn.Module, modify: bool = False) -> Iterator[None]
         for name, p in list(module._parameters.items()):
             if isinstance(p, DTensor) and p.requires_grad:
                 full = torch.nn.Parameter(p.full_tensor(), requires_grad=True)  # collective
+                if p.grad is not None:  # AdaLoRA's allocation reads gradients too
+                    full.grad = p.grad.full_tensor()
                 module._parameters[name] = full
                 swaps.append((module, name, p, full))
     try:

@@ -463,8 +463,9 @@ class Trainer:
                 allocate = getattr(
                     getattr(self.unwrapped, "base_model", None), "update_and_allocate", None
                 )
-                if callable(allocate):
-                    allocate(progress.global_step)  # AdaLoRA: re-budget ranks from these gradients
+                if callable(allocate):  # AdaLoRA: re-budget ranks from these gradients
+                    with full_weights(self.unwrapped, modify=True):  # sharded: whole, then back
+                        allocate(progress.global_step)
                 self.optimizer.zero_grad(set_to_none=True)
                 progress.global_step += 1
                 progress.batch_in_epoch = index + 1
