@@ -121,7 +121,6 @@ MODELS = {  # name -> (builder, input maker(batch))
 }
 
 
-
 # --- the matrix -------------------------------------------------------------------------------
 ACCEPTED = [
     ("Vanilla MLP 1 LoRA", "MLP", {"target_modules": "lin0"}),
@@ -162,6 +161,8 @@ ACCEPTED = [
     ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv"], "lora_bias": True, "lora_alpha": 32}),
     ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}),
     ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}),
+    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
+     {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}),
     ("MLP 1 using nn.Parameter LoRA", "MLP", {"target_parameters": ["lin0.weight"]}),
     ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
     ("MoE 3-d nn.Parameters LoRA (nested)", "MoE", {"target_parameters": ["experts.up", "experts.down"], "r": 2}),
@@ -177,8 +178,6 @@ REFUSED = [
     ("Vanilla MLP 1 LoRA with MonteCLoRA", "MLP", {"target_modules": ["lin0"], "monteclora_config": {"num_samples": 2}}, "monteclora_config"),
     ("PiSSA init", "MLP", {"target_modules": ["lin0"], "init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
     ("LoftQ", "MLP", {"target_modules": ["lin0"], "loftq_config": {"loftq_bits": 4}}, "loftq_config"),
-    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
-     {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}, "trainable_token_indices"),
     ("layer replication", "MLP", {"target_modules": ["lin0"], "layer_replication": [[0, 1]]}, "layer_replication"),
     ("QA-LoRA", "MLP", {"target_modules": ["lin0"], "use_qalora": True}, "use_qalora"),
     ("DoRA + lora_bias", "MLP", {"target_modules": ["lin0"], "use_dora": True, "lora_bias": True}, "lora_bias"),
@@ -202,6 +201,8 @@ def _peft_model(base: nn.Module, kwargs: dict, seed: int) -> peft.PeftModel:
         for name, param in model.named_parameters():
             if "lora_magnitude_vector" in name:
                 param.mul_(torch.rand_like(param) + 0.5)
+            if "trainable_tokens_delta" in name:  # new values for the trained rows
+                param.add_(torch.randn_like(param))
     return model.eval()
 
 

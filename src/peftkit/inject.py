@@ -326,7 +326,9 @@ def embedding_weights_to_save(
 
     ``state`` is the wrapper's state dict whose keys are ``prefix + <path in model>...``.
     """
-    targeted = embedding_is_targeted(model, config)
+    # PEFT leaves the embeddings out when trainable tokens train some of their rows
+    tokens = getattr(config, "trainable_token_indices", None) is not None
+    targeted = embedding_is_targeted(model, config) and not tokens
     if not targeted and not vocabulary_was_resized(model, config):
         return {}
     paths = {id(m): p for p, m in model.named_modules()}

@@ -39,6 +39,7 @@ from .inject import (
 )
 from .methods.lora import LoraConfig, LoraLayer, create_lora_layer
 from .methods.lora_param import inject_parameters
+from .methods.trainable_tokens import TrainableTokensWrapper, wrap_trainable_tokens
 
 _MODEL = BASE_MODEL + ".model."  # the prefix of the wrapped model's keys in _peft_state_dict
 
@@ -55,6 +56,7 @@ class InjectedAdapterModel(nn.Module):
         "lora_embedding_A",
         "lora_embedding_B",
         "lora_magnitude_vector",  # DoRA
+        "trainable_tokens_delta",  # trainable_token_indices
     )
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
@@ -101,6 +103,8 @@ class InjectedAdapterModel(nn.Module):
             inject_parameters(self.model, config, adapter_name, self.peft_config)
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        if getattr(config, "trainable_token_indices", None) is not None:
+            wrap_trainable_tokens(self.model, config, adapter_name)
         self.peft_config[adapter_name] = config
         self.set_adapter(
             self.active_adapter if self.active_adapter in self.peft_config else adapter_name
@@ -117,6 +121,11 @@ class InjectedAdapterModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
+    def token_wrappers(self) -> Iterator[tuple[str, TrainableTokensWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, TrainableTokensWrapper):
+                yield name, module
+
     # --- switching ---------------------------------------------------------------------------
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one that runs (and trains) in forward."""
@@ -127,6 +136,8 @@ class InjectedAdapterModel(nn.Module):
             layer.active_adapters = [adapter_name]
         for _, wrapper in self.save_wrappers():
             wrapper.set_adapter(adapter_name)
+        for _, tokens in self.token_wrappers():
+            tokens.set_adapter([adapter_name])
         self.mark_trainable()
 
     def mark_trainable(self) -> None:
@@ -147,6 +158,9 @@ class InjectedAdapterModel(nn.Module):
         for _, wrapper in self.save_wrappers():
             if name in wrapper.modules_to_save:
                 wrapper.modules_to_save[name].requires_grad_(True)
+        for _, tokens in self.token_wrappers():
+            for param in tokens.trainable(name):
+                param.requires_grad_(True)
         if config.bias == "all":
             for pname, param in self.model.named_parameters():
                 if pname.endswith("bias") and "original_module" not in pname:
@@ -160,6 +174,8 @@ class InjectedAdapterModel(nn.Module):
             layer.disable_adapters = disabled
         for _, wrapper in self.save_wrappers():
             wrapper.disable_adapters = disabled
+        for _, tokens in self.token_wrappers():
+            tokens.disable_adapters = disabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -168,6 +184,8 @@ class InjectedAdapterModel(nn.Module):
             layer.delete_adapter(adapter_name)
         for _, wrapper in self.save_wrappers():
             wrapper.delete_adapter(adapter_name)
+        for _, tokens in self.token_wrappers():
+            tokens.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
@@ -178,10 +196,14 @@ class InjectedAdapterModel(nn.Module):
     ) -> None:
         for _, layer in self.adapter_layers():
             layer.merge(adapter_names, safe_merge=safe_merge)
+        for _, tokens in self.token_wrappers():
+            tokens.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
             layer.unmerge()
+        for _, tokens in self.token_wrappers():
+            tokens.unmerge()
 
     def merge_and_unload(
         self, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -205,6 +227,10 @@ class InjectedAdapterModel(nn.Module):
             replace_module(self.model, name, layer.base_layer)
         for name, wrapper in list(self.save_wrappers()):
             replace_module(self.model, name, wrapper.active_module())
+        for name, tokens in list(self.token_wrappers()):
+            if merge:
+                tokens.merge(adapter_names, safe_merge=safe_merge)
+            replace_module(self.model, name, tokens.base_layer)
         return self.model
 
     # --- running -----------------------------------------------------------------------------
@@ -233,6 +259,7 @@ class InjectedAdapterModel(nn.Module):
                 f"have {list(self.peft_config)} (and {BASE_ADAPTER!r} for none)"
             )
         users = [m for _, m in self.adapter_layers()] + [m for _, m in self.save_wrappers()]
+        users += [m for _, m in self.token_wrappers()]
         for module in users:
             module.batch_adapters = list(adapter_names)
         try:

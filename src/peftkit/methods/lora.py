@@ -157,7 +157,6 @@ _PEFT_INITS = ("eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", 
 # PEFT LoraConfig options peftkit does not implement: (the value meaning "off", what it is).
 # Anything else changes the maths, so it is refused by name rather than silently ignored.
 _UNIMPLEMENTED_OPTIONS: dict[str, tuple[Any, str]] = {
-    "trainable_token_indices": (None, "training selected embedding rows beside LoRA"),
     "loftq_config": ({}, "LoftQ initialisation"),
     "eva_config": (None, "EVA initialisation"),
     "corda_config": (None, "CorDA initialisation"),
