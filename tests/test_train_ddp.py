@@ -1,16 +1,18 @@
-"""Two processes (DDP over gloo on CPU, started by ``torchrun`` as a user would) train the same
-adapter as one process with the two shards' batches together: the loop shards batches per rank
-and accelerate averages the gradients.
+"""``accelerate launch`` with the shipped accelerate configs: DDP (2 processes over gloo on CPU)
+trains the same adapter as one process with the two shards' batches together, and the run YAML
+needs no ``distributed`` block (the strategy comes from the accelerate config).
 
-The workers are fresh interpreters (``torchrun -m peftkit train``), not forks of pytest: a fork
-of a process whose OpenMP thread pool is already running can deadlock in its first parallel op.
+The workers are fresh interpreters, not forks of pytest: a fork of a process whose OpenMP
+thread pool is already running can deadlock in its first parallel op.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +21,16 @@ from safetensors.torch import load_file
 
 from tiny_runs import base_config, make_model, method_block, write_corpus
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
-def _config(root, out, batch):
+
+def _recipe(root: Path, name: str, batch: int, **extra) -> Path:
     task = {"type": "causal_lm", "block_size": 8}
     data = {"train": {"path": str(root / "corpus.txt"), "text_split": "line"}}
     method = {**method_block("lora"), "lora_dropout": 0.0}
-    return base_config(
+    config = base_config(
         root / "llama",
-        out,
+        root / name,
         task,
         data,
         method,
@@ -36,27 +40,65 @@ def _config(root, out, batch):
         plots=False,
         tensorboard=False,
         max_grad_norm=None,
+        **extra,
     )
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
-def _train(root, name: str, batch: int, processes: int) -> dict[str, torch.Tensor]:
-    recipe = root / f"{name}.yaml"
-    recipe.write_text(yaml.safe_dump(_config(root, root / name, batch)))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    launch += [f"--nproc_per_node={processes}", "-m", "peftkit", "train", str(recipe)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+def _launch(launch: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _accelerate(config: str, recipe: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(EXAMPLES / config), "-m", "peftkit", "train", str(recipe)]
+    return _launch(launch, env)
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("launch")
+    make_model("llama", root / "llama")
+    write_corpus(root / "corpus.txt")
+    one = _launch([sys.executable, "-m", "peftkit", "train", str(_recipe(root, "one", 8))])
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize(
+    ("config", "strategy", "offload", "env"),
+    [
+        ("ddp.yaml", "ddp", "none", {"ACCELERATE_USE_CPU": "1"}),  # DDP on CPU: gloo
+        ("zero3_offload.yaml", "zero3", "cpu", None),
+    ],
+)
+def test_accelerate_launch_matches_one_process(tiny, config, strategy, offload, env):
+    name = config.removesuffix(".yaml")
+    proc = _accelerate(config, _recipe(tiny, name, 4), env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return load_file(str(root / name / "adapter" / "adapter_model.safetensors"))
+    summary = json.loads((tiny / name / "summary.json").read_text())
+    assert (summary["world_size"], summary["strategy"], summary["offload"]) == (
+        2,
+        strategy,
+        offload,
+    )
+    got, want = _adapter(tiny / name), _adapter(tiny / "one")
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-7)
+    assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_both_shards(tmp_path):
-    make_model("llama", tmp_path / "llama")
-    write_corpus(tmp_path / "corpus.txt")
-    ddp = _train(tmp_path, "ddp", batch=4, processes=2)
-    one = _train(tmp_path, "one", batch=8, processes=1)
-    assert ddp.keys() == one.keys()
-    for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-7)
-    assert any(one[k].abs().sum() > 0 for k in one if "lora_B" in k)
+def test_yaml_and_accelerate_config_disagreeing_stop_the_run(tiny):
+    recipe = _recipe(tiny, "disagree", 4, distributed={"strategy": "fsdp"})
+    proc = _accelerate("zero2.yaml", recipe)
+    assert proc.returncode != 0
+    assert "the run YAML says 'fsdp' but the accelerate config says 'zero2'" in proc.stderr
+    assert not (tiny / "disagree" / "adapter").exists()

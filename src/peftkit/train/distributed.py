@@ -178,6 +178,14 @@ def make_accelerator(config: Any) -> Any:
         )
     cpu = config.device == "cpu" or not cuda
     precision = config.mixed_precision
+    launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched_precision and precision != "auto" and launched_precision != precision:
+        raise ValueError(
+            f"mixed_precision: the run YAML says {precision!r} but the accelerate config says "
+            f"{launched_precision!r}; make them agree (or use mixed_precision: auto)"
+        )
+    if launched_precision and precision == "auto":
+        precision = launched_precision
     if precision == "auto":
         precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if cpu and precision == "fp16":
@@ -198,6 +206,10 @@ def make_accelerator(config: Any) -> Any:
         from accelerate.utils import DeepSpeedPlugin
 
         ds = _ds_config(config, plan, precision, world)
+        # the stage and offload the accelerate config gave are in `plan`; the DeepSpeed config
+        # is the run's, so accelerate must not object that its own fields go unused
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+        os.environ.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed off; CPU is seen
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
             hf_ds_config=ds,
             zero_stage=ds["zero_optimization"]["stage"],
