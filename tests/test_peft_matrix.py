@@ -5,7 +5,8 @@ kinds). An accepted row checks, against ``peft`` with the same tensors (fp32, re
 
     forward · gradients of one backward · disable_adapter · merge_and_unload · unload
     PEFT's file -> peftkit · peftkit's file == PEFT's file (keys, tensors) · ours -> PEFT
-    a mixed-adapter batch (or the same refusal as PEFT, e.g. DoRA, merging a grouped conv)
+    both adapters active at once (set_adapter([...])) · a mixed-adapter batch
+    (or, for each, the same refusal as PEFT, e.g. DoRA in mixed batches, merging a grouped conv)
 
 A refused row checks that ``LoraConfig(...)`` / ``get_peft_model`` / ``adapter_config.json``
 give a ValueError naming the option.
@@ -272,6 +273,20 @@ def test_accepted_row_matches_peft(tmp_path, row, model_name, kwargs):
     theirs.load_adapter(str(tmp_path / "peft_b"), adapter_name="other")
     ours.load_adapter(tmp_path / "peft_b", adapter_name="other")
     ours.eval()
+    # both adapters active at once (PEFT's base_model.set_adapter([...])), or PEFT's refusal
+    try:
+        theirs.base_model.set_adapter(["default", "other"])
+        both = _run(theirs, x)
+    except ValueError:
+        with pytest.raises(ValueError):
+            ours.set_adapter(["default", "other"])
+    else:
+        ours.set_adapter(["default", "other"])
+        assert ours.active_adapters == ["default", "other"]
+        torch.testing.assert_close(_run(ours, x), both, **TOL)
+    theirs.base_model.set_adapter("default")
+    ours.set_adapter("default")
+    assert ours.active_adapters == ["default"]
     names = ["default", "other", "__base__", "other"]
     try:
         mixed = _run(theirs, x, adapter_names=names)

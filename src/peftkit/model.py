@@ -80,7 +80,8 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        """Every active adapter (several after ``set_adapter([...])``; injected methods)."""
+        return list(getattr(self.adapter_model, "active_adapters", [self.active_adapter]))
 
     # --- adapters by name ----------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
@@ -98,7 +99,15 @@ class PeftModel(nn.Module):
         self._fill_config(self.get_base_model(), peft_config)
         self.adapter_model.add_adapter(adapter_name, peft_config)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or (LoRA/AdaLoRA) several: their updates add up in forward."""
+        if not isinstance(adapter_name, str) and not hasattr(self.adapter_model, "active_adapters"):
+            if len(adapter_name) != 1:
+                raise ValueError(
+                    f"{self.active_peft_config.peft_type.value} runs one adapter at a time; "
+                    f"set_adapter([...]) with several names is for LoRA-family adapters"
+                )
+            adapter_name = adapter_name[0]
         self.adapter_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -63,7 +63,8 @@ class InjectedAdapterModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
-        self.active_adapter = adapter_name
+        self.active_adapter = adapter_name  # the first of active_adapters
+        self.active_adapters: list[str] = [adapter_name]
         self.add_adapter(adapter_name, config)
 
     def peft_modules(self) -> dict[str, nn.Module]:
@@ -106,9 +107,8 @@ class InjectedAdapterModel(nn.Module):
         if getattr(config, "trainable_token_indices", None) is not None:
             wrap_trainable_tokens(self.model, config, adapter_name)
         self.peft_config[adapter_name] = config
-        self.set_adapter(
-            self.active_adapter if self.active_adapter in self.peft_config else adapter_name
-        )
+        active = [a for a in self.active_adapters if a in self.peft_config]
+        self.set_adapter(active or adapter_name)
 
     # --- walking -----------------------------------------------------------------------------
     def adapter_layers(self) -> Iterator[tuple[str, LoraLayer]]:
@@ -127,31 +127,50 @@ class InjectedAdapterModel(nn.Module):
                 yield name, module
 
     # --- switching ---------------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one that runs (and trains) in forward."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; have {list(self.peft_config)}")
-        self.active_adapter = adapter_name
-        for _, layer in self.adapter_layers():
-            layer.active_adapters = [adapter_name]
-        for _, wrapper in self.save_wrappers():
-            wrapper.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` the adapter that runs (and trains) in forward; a list activates
+        several at once: each layer adds all their updates, in list order (PEFT's
+        ``set_adapter([...])``). A ``modules_to_save`` module or trainable-token table can follow
+        only one of them, as in PEFT."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; have {list(self.peft_config)}")
+        for path, wrapper in self.save_wrappers():
+            own = [n for n in names if n in wrapper.modules_to_save]
+            if len(own) > 1:
+                raise ValueError(
+                    f"{path}: adapters {own} each have their own modules_to_save copy of this "
+                    f"module; only one of them can be active at a time (as in PEFT)"
+                )
         for _, tokens in self.token_wrappers():
-            tokens.set_adapter([adapter_name])
+            tokens.set_adapter(names)  # refuses two adapters training tokens of one table
+        self.active_adapter, self.active_adapters = names[0], names
+        for _, layer in self.adapter_layers():
+            layer.active_adapters = list(names)
+        for _, wrapper in self.save_wrappers():
+            own = [n for n in names if n in wrapper.modules_to_save]
+            wrapper.set_adapter(own[0] if own else names[0])
         self.mark_trainable()
 
     def mark_trainable(self) -> None:
-        """Freeze everything except the active adapter's factors, copies and chosen biases."""
-        config = self.peft_config[self.active_adapter]
-        name = self.active_adapter
+        """Freeze everything except the active adapters' factors, copies and chosen biases."""
         for param in self.model.parameters():
             param.requires_grad_(False)
+        for name in self.active_adapters:
+            self._unfreeze(name, self.peft_config[name])
+
+    def _unfreeze(self, name: str, config: PeftConfig) -> None:
+        if config.inference_mode:
+            return
         for _, layer in self.adapter_layers():
             for dict_name in self.saved_dict_names:
                 container = getattr(layer, dict_name, None)
                 if container is not None and name in container:
                     container[name].requires_grad_(True)
-            if config.bias == "lora_only":
+            if config.bias == "lora_only" and name in layer.r:
                 bias = getattr(layer.base_layer, "bias", None)
                 if isinstance(bias, nn.Parameter):
                     bias.requires_grad_(True)
@@ -165,9 +184,6 @@ class InjectedAdapterModel(nn.Module):
             for pname, param in self.model.named_parameters():
                 if pname.endswith("bias") and "original_module" not in pname:
                     param.requires_grad_(True)
-        if config.inference_mode:
-            for param in self.model.parameters():
-                param.requires_grad_(False)
 
     def set_disabled(self, disabled: bool) -> None:
         for _, layer in self.adapter_layers():
@@ -187,8 +203,9 @@ class InjectedAdapterModel(nn.Module):
         for _, tokens in self.token_wrappers():
             tokens.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
+        if adapter_name in self.active_adapters and self.peft_config:
+            rest = [a for a in self.active_adapters if a != adapter_name]
+            self.set_adapter(rest or next(iter(self.peft_config)))
 
     # --- merging -----------------------------------------------------------------------------
     def merge_adapter(
