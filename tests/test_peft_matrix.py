@@ -160,6 +160,8 @@ ACCEPTED = [
      {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}),
     ("Conv2d 1 LoRA with lora_b bias", "Conv2d", {"target_modules": ["conv"], "lora_bias": True, "lora_alpha": 32}),
     ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv"], "lora_bias": True, "lora_alpha": 32}),
+    ("Conv2d Groups LoRA with DoRA", "Conv2dGroups", {"target_modules": ["conv"], "use_dora": True}),
+    ("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", {"target_modules": ["conv"], "use_dora": True}),
     ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}),
     ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}),
     ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
@@ -186,8 +188,6 @@ REFUSED = [
 
 # Accepted by PEFT, refused by peftkit when the model is wrapped (the layer kind decides).
 REFUSED_AT_WRAP = [
-    ("Conv2d Groups LoRA with DoRA", "Conv2dGroups", {"target_modules": ["conv"], "use_dora": True}, "use_dora"),
-    ("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", {"target_modules": ["conv"], "use_dora": True}, "use_dora"),
     ("Embedding with lora_bias", "EmbConv1D", {"target_modules": ["emb"], "lora_bias": True}, "lora_bias"),
 ]  # fmt: skip
 

@@ -5,7 +5,8 @@ The adapted weight is split into a trainable magnitude ``m`` and a direction::
     W' = m * (W + s B A) / ||W + s B A||_c            s = alpha / r, ||.||_c one norm per output
 
 ``m`` starts at ``||W + s B A||_c`` (``||W||_c`` for a fresh adapter, where ``B = 0``), so a new
-adapter leaves the model unchanged. As in the paper (section 4.3) and PEFT, the norm
+adapter leaves the model unchanged. (Grouped convolutions: PEFT 0.21 takes the norm of a
+re-reading of B A's values, not of the update; :meth:`LoraConv.dora_norm_delta` copies it.) As in the paper (section 4.3) and PEFT, the norm
 ``n = ||W + s B A||_c`` is a constant in backward: gradients reach ``m``, ``A`` and ``B``, not the
 norm. The layer never forms ``W'`` in forward::
 
@@ -46,7 +47,7 @@ def adapted_norm(layer: LoraLayer, name: str) -> torch.Tensor:
     """``n = ||W + s B A||_c`` (n,), detached (a constant in backward)."""
     with torch.no_grad():
         weight = layer._base_weight()
-        adapted = weight + layer.delta_weight(name).to(weight.dtype)
+        adapted = weight + layer.dora_norm_delta(name).to(weight.dtype)
         return column_norm(adapted.float(), layer.dora_axis).to(weight.dtype)
 
 

@@ -377,6 +377,10 @@ class LoraLayer(nn.Module):
         """``scaling * B A`` laid out like ``base_layer.weight``."""
         raise NotImplementedError
 
+    def dora_norm_delta(self, name: str) -> torch.Tensor:
+        """The update DoRA's column norm is taken of (``delta_weight``; grouped convs differ)."""
+        return self.delta_weight(name)
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the adapters into the base weight: ``W += scaling * B A``.
 
@@ -700,12 +704,6 @@ class LoraConv(LoraLayer):
                 f"{self.module_name}: a convolution with groups={groups} needs a rank divisible "
                 f"by {groups} (got r={r}), as in PEFT; change r or leave this layer out"
             )
-        if groups > 1 and config.use_dora:
-            raise ValueError(
-                f"{self.module_name}: use_dora=True on a grouped convolution (groups={groups}) is "
-                f"not implemented by peftkit (the grouped update has no per-group weight to take "
-                f"the norm of); use plain LoRA here or leave this layer out"
-            )
 
     def _create_factors(self, name: str, r: int) -> None:
         base = self.base_layer
@@ -733,6 +731,26 @@ class LoraConv(LoraLayer):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, *k), (out, r, *1)
         delta = torch.einsum("or,ri...->oi...", B.flatten(1), A)  # (out, in, *k)
         return delta * self.scaling[name]
+
+    def dora_norm_delta(self, name: str) -> torch.Tensor:
+        """The ``s B A`` that DoRA's norm ``||W + s B A||`` uses, laid out like the base weight.
+
+        Grouped convolutions (``groups = g``): the update has no (out, in/g, *k) weight, and
+        PEFT 0.21 (``_DoraConvNdLayer.get_lora_weight``) takes ``B.view(-1, r) @ A.view(r, -1)``:
+        B's ``out * r/g`` values re-read as ``out/g`` rows of ``r`` (row j = output channels
+        ``j*g .. j*g+g-1`` side by side), times A (r, in*k) -> (out/g, in*k), re-read as
+        (out, in/g, *k). That is not the update's weight, so this "norm" is not the DoRA norm,
+        but it is what PEFT's magnitude is initialised from and divided by; we compute the same
+        so PEFT's adapters give the same outputs. The forward term itself is the true grouped
+        update ``B(A(x))``. With ``groups = 1`` the two readings coincide (the plain delta).
+        """
+        groups = self.base_layer.groups
+        if groups == 1:
+            return self.delta_weight(name)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, *k), (out, r/g, *1)
+        r = A.shape[0]
+        product = B.reshape(-1, r) @ A.reshape(r, -1)  # (out/g, in * prod(k))
+        return product.reshape(self.base_layer.weight.shape) * self.scaling[name]  # (out, in/g, *k)
 
     def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
