@@ -8,7 +8,8 @@ Measured for each library (the two models hold the same tensors):
 * the memory a step holds: bytes autograd saves for backward in one forward
   (``saved_tensors_hooks``; exact, free of allocator noise; the frozen weights are the same),
 * unmerged inference forward,
-each timing the median of 5 repeats interleaved between the libraries.
+each timing the median of REPEATS (9) repeats interleaved between the libraries; the step
+also in process CPU seconds (less sensitive to other jobs on a shared machine).
 
 Run: ``.venv/bin/python benchmarks/bench_dora.py``; writes ``benchmarks/results/dora.json``.
 """
@@ -26,6 +27,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(2)
+REPEATS = 9  # interleaved repeats per library
 
 
 def smollm2_shape(layers: int = 4):
@@ -119,17 +121,23 @@ def main() -> None:
         steps[lib], infers[lib] = step, infer
         results[lib] = {"saved_for_backward_mb": saved_bytes(model, batch) / 2**20}
     # Interleaved repeats (peft, peftkit, peft, ...): a busy shared machine slows both alike.
-    times: dict = {lib: {"train_step_s": [], "inference_s": []} for lib in models}
+    # CPU seconds of the process beside wall seconds: other jobs on the machine inflate the
+    # wall time of whichever library happens to run beside them, far less its CPU time.
+    times: dict = {
+        lib: {"train_step_s": [], "train_step_cpu_s": [], "inference_s": []} for lib in models
+    }
     for lib in models:
         steps[lib]()  # warm-up
-    for _ in range(5):
+    for _ in range(REPEATS):
         for lib in models:
+            cpu = time.process_time()
             times[lib]["train_step_s"].append(median_time(steps[lib], repeats=1, warmup=0))
+            times[lib]["train_step_cpu_s"].append(time.process_time() - cpu)
             times[lib]["inference_s"].append(median_time(infers[lib], repeats=1, warmup=0))
     for lib in models:
         for key, values in times[lib].items():
             results[lib][key] = statistics.median(values)
-    for key in ("train_step_s", "saved_for_backward_mb", "inference_s"):
+    for key in ("train_step_s", "train_step_cpu_s", "saved_for_backward_mb", "inference_s"):
         results[f"ratio_{key}"] = results["peftkit"][key] / results["peft"][key]
     print(json.dumps(results, indent=2))
     out = os.path.join(os.path.dirname(__file__), "results", "dora.json")

@@ -586,8 +586,9 @@ class LoraLinear(LoraLayer):
         return F.linear(h, B, self.lora_B[name].bias) * self.scaling[name]  # (..., out)
 
     def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        A = self.lora_A[name].weight  # (r, in)
-        return self.lora_B[name](F.linear(x.to(A.dtype), A)) * self.scaling[name]  # (..., out)
+        A, B, b = self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias
+        s = self.scaling[name]  # folded into B (out, r): no pass over the output for it
+        return F.linear(F.linear(x.to(A.dtype), A), B * s, None if b is None else b * s)
 
     def base_op(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._base_weight()
