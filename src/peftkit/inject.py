@@ -313,7 +313,10 @@ def _embedding_layers(model: nn.Module) -> list[nn.Module]:
     layers = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         get = getattr(model, getter, None)
-        layer = get() if callable(get) else None
+        try:
+            layer = get() if callable(get) else None
+        except NotImplementedError:  # no embeddings (ConvNeXt, ResNet: transformers raises)
+            layer = None
         if layer is not None:
             layers.append(layer)
     return layers
