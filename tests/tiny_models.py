@@ -111,6 +111,16 @@ def tiny_config(
             intermediate_size=ffn,
             **extra,
         )
+    if arch == "convnext":  # a conv net: depthwise 7x7 convs (groups = channels) + Linear
+        return tf.ConvNextConfig(
+            num_channels=3,
+            patch_size=2,
+            num_stages=2,
+            hidden_sizes=[hidden // 2, hidden],
+            depths=[1, 1],
+            image_size=16,
+            **extra,
+        )
     raise KeyError(f"no tiny config for {arch!r}")
 
 

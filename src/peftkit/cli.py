@@ -4,7 +4,7 @@
 
     peftkit train    CONFIG.yaml [key=value ...] [--resume [CKPT]] [--overwrite] [--check]
     peftkit eval     RUN|CONFIG.yaml [key=value ...] [--split eval|test] [--no-adapter]
-    peftkit generate RUN|ADAPTER (--prompt TEXT ... | --input FILE) [--output FILE]
+    peftkit generate RUN|ADAPTER (--prompt TEXT ... | --input FILE | --image FILE ...)
     peftkit merge    RUN|ADAPTER --output DIR [--dtype float32|bfloat16|float16]
     peftkit inspect  RUN|ADAPTER|CONFIG.yaml [key=value ...]
 
@@ -91,11 +91,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run an adapter on prompts: text in, text out",
         description="Generate with an adapter. With a run folder whose task has a prompt "
         "template, each input fills the template (as in training) unless --raw; a sequence "
-        "classifier prints labels.",
+        "or image classifier prints labels.",
     )
     p.add_argument("target", help="a run folder or an adapter folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--input", help="file of inputs: .txt (one per line), .csv/.tsv/.jsonl rows")
+    p.add_argument(
+        "--image", nargs="+", default=[], metavar="FILE", help="image file(s) to classify"
+    )
     p.add_argument("--output", help="write results here (.csv, .jsonl or .txt) instead of stdout")
     p.add_argument(
         "--raw", action="store_true", help="use prompts verbatim, not the run's template"
@@ -258,9 +261,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .tasks.generation import generate_texts, is_encoder_decoder
     from .train.inference import load_for_inference, restore_task_state
 
-    if not args.prompt and not args.input:
-        raise _usage("give --prompt TEXT (repeatable) or --input FILE")
+    if not args.prompt and not args.input and not args.image:
+        raise _usage("give --prompt TEXT (repeatable), --input FILE or --image FILE ...")
     target, config, spec = _load_target(args)
+    if args.image and (spec is None or spec.name != "image_cls"):
+        raise _usage("--image needs a run of task.type image_cls")
     if target.adapter_dir is None and not args.no_adapter:
         raise _usage(
             f"{args.target} has no adapter yet (no adapter/ folder): train first, or "
@@ -271,6 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = [{"text": p} for p in args.prompt]
     if args.input:
         rows += _read_inputs(args.input)
+    rows += [{"image": path} for path in args.image]
     # the task reads its own inputs; without one (or with --raw on a text model) prompts are text
     raw = spec is None or (args.raw and spec.kind.writes_text)
     try:

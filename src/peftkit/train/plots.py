@@ -1,8 +1,12 @@
-"""``loss.png`` and ``metrics.png`` in the run folder, drawn from ``metrics.jsonl``.
+"""``loss.png``, ``metrics.png`` and ``confusion_matrix.png`` in the run folder.
 
 ``loss.png``: training loss per optimizer step (thin) with its running mean, and the eval loss at
 each evaluation (dots). ``metrics.png``: one panel per eval metric against the epoch, with the
-majority-class baseline as a dashed line where the task has one.
+majority-class baseline as a dashed line where the task has one (per-class metrics such as
+``class_acc/cat`` stay in metrics.jsonl / TensorBoard). ``confusion_matrix.png``: for a
+classifier (labels in ``task_state.json``), truth x prediction counts of the kept adapter on the
+eval split (``predictions_eval.csv``), each row's share as the colour, per-class accuracy on the
+left.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import metrics as M
 from ..checkpoint import atomic_write
 
 _SKIP = {"kind", "step", "epoch", "eval_loss", "eval_ppl", "time_s", "rows"}
@@ -81,7 +86,9 @@ def plot_run(
     names = [
         k
         for k in dict.fromkeys(k for r in evals for k in r)
-        if k not in _SKIP and any(isinstance(r.get(k), (int, float)) for r in evals)
+        if k not in _SKIP
+        and "/" not in k
+        and any(isinstance(r.get(k), (int, float)) for r in evals)
     ]
     if names:
         fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
@@ -102,4 +109,97 @@ def plot_run(
         _save(fig, path)
         plt.close(fig)
         written.append(path)
+    confusion = _confusion_from_run(out_dir)
+    if confusion is not None:
+        written.append(plot_confusion(*confusion, out_dir / "confusion_matrix.png"))
     return written
+
+
+def _confusion_from_run(run_dir: Path) -> tuple[list[str], list[str], list[str]] | None:
+    """(labels, predictions, references) of a classifier run's eval predictions, or None."""
+    import csv
+    import json
+
+    state, preds_csv = run_dir / "task_state.json", run_dir / "predictions_eval.csv"
+    if not state.is_file() or not preds_csv.is_file():
+        return None
+    labels = json.loads(state.read_text(encoding="utf-8")).get("labels")
+    if not labels or len(labels) > 50:
+        return None
+    with open(preds_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "reference" not in rows[0]:
+        return None
+    return list(labels), [r["prediction"] for r in rows], [r["reference"] for r in rows]
+
+
+def plot_confusion(
+    labels: list[str], preds: list[str], refs: list[str], path: str | os.PathLike
+) -> Path:
+    """Truth (rows) x prediction (columns) counts, coloured by each row's share; the y labels
+    carry each class's accuracy."""
+    plt = _pyplot()
+    matrix = M.confusion_matrix(preds, refs, labels)
+    per_class = M.per_class_accuracy(preds, refs, labels)
+    shares = [[c / max(sum(row), 1) for c in row] for row in matrix]
+    n = len(labels)
+    side = min(2.2 + 0.55 * n, 16)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if matrix[i][j]:
+                color = "white" if shares[i][j] > 0.6 else "black"
+                ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=8, color=color)
+    acc = M.accuracy(preds, refs) if refs else 0.0
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(
+        range(n),
+        [f"{c} ({per_class[c]:.0%})" if per_class[c] is not None else c for c in labels],
+        fontsize=8,
+    )
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth (per-class accuracy)")
+    ax.set_title(f"eval confusion matrix: {len(refs)} rows, accuracy {acc:.1%}")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the row")
+    fig.tight_layout()
+    out = Path(path)
+    _save(fig, out)
+    plt.close(fig)
+    return out
+
+
+def plot_memory(memory: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
+    """``memory.png``: each phase's CPU memory (MB) as the trainer reported it: RSS and its
+    anonymous part (RssAnon), at the phase's start (hollow) and peak (filled), and the GPU's
+    allocated memory when there is one. None when there is nothing to draw.
+
+    The gap between the two CPU lines is file-backed memory (mapped weights, library code):
+    resident, but not owned by the process (see :mod:`peftkit.train.memory`).
+    """
+    entries = [m for m in memory if m.get("cpu_peak") is not None]
+    if not entries:
+        return None
+    plt = _pyplot()
+    x = list(range(len(entries)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(entries) + 3), 3.8))
+    series = [("RSS", "cpu", "C0"), ("anonymous", "cpu_anon", "C1"), ("GPU", "gpu", "C2")]
+    for label, key, color in series:
+        peaks = [m.get(f"{key}_peak") for m in entries]
+        if all(v is None for v in peaks):
+            continue
+        begins = [m.get(f"{key}_begin") for m in entries]
+        ax.plot(x, peaks, "o-", color=color, label=f"{label} peak")
+        ax.plot(x, begins, "o--", color=color, mfc="none", alpha=0.7, label=f"{label} at start")
+    ax.set_xticks(x, [f"{m.get('phase', '?')} {m.get('epoch', '')}" for m in entries])
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.set_ylabel("MB")
+    ax.set_ylim(bottom=0)
+    ax.set_title("memory per phase (RSS = anonymous + file-backed)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    _save(fig, out)
+    plt.close(fig)
+    return out

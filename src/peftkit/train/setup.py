@@ -25,9 +25,16 @@ from .splits import Splits
 def build_spec(config: RunConfig) -> TaskSpec:
     """The spec of ``config.task`` (its options were checked by load_config); no labels yet."""
     try:
-        return task_spec(config.task)
+        spec = task_spec(config.task)
     except (TypeError, ValueError) as exc:
         raise ConfigError([f"task: {exc}"], source=config.source) from exc
+    refuse = getattr(spec.kind.task, "refuse_method", None)  # e.g. prompt methods on images
+    if refuse is not None:
+        try:
+            refuse(config.method_type)
+        except ValueError as exc:
+            raise ConfigError([f"method.type: {exc}"], source=config.source) from exc
+    return spec
 
 
 def check_data(spec: TaskSpec, splits: Splits, source: str | None = None) -> TaskSpec:
@@ -100,7 +107,11 @@ def attach_adapter(
         from ..quant import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, build_peft_config(config, spec, total_steps))
+    peft_config = build_peft_config(config, spec, total_steps)
+    heads = getattr(spec.kind.task, "trained_heads", None)  # a head PEFT has no TaskType for
+    if heads is not None and not getattr(peft_config, "modules_to_save", True):
+        peft_config.modules_to_save = heads(model)
+    return get_peft_model(model, peft_config)
 
 
 def trainable_line(model: Any) -> str:
