@@ -158,15 +158,6 @@ class PeftConfig:
         return read_config(directory)
 
 
-def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
-    """No-op class decorator left for ``methods/lora.py`` and ``methods/adalora.py``.
-
-    The method table is ``methods.CONFIGS``, written out in one place; delete this once those
-    two files no longer decorate their configs with it.
-    """
-    return cls
-
-
 def config_class(peft_type: PeftType | str) -> type[PeftConfig]:
     """The config class for ``peft_type`` (``methods.CONFIGS``), with a clear error when unknown."""
     # Imported here, not at the top: every class in that table subclasses PeftConfig, so the

@@ -37,7 +37,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..checkpoint import atomic_write_text
-from ..config import PeftType, register_config
+from ..config import PeftType
 from ..tuner import InjectedAdapterModel
 from .lora import (
     LoraConfig,
@@ -51,7 +51,6 @@ from .rank_allocator import RankAllocator, Triplets, module_path_of, saved_rank_
 RANKNUM_EPS = 1e-5  # added to ranknum in the divisor, as PEFT does
 
 
-@register_config
 @dataclasses.dataclass
 class AdaLoraConfig(LoraConfig):
     """AdaLoRA hyper-parameters (HF PEFT's names and meaning) plus LoRA's targeting fields.

@@ -40,12 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, register_config
+from ..config import PeftConfig, PeftType
 from ..inject import check_mixed_batch
 from . import dora
 
 
-@register_config
 @dataclasses.dataclass
 class LoraConfig(PeftConfig):
     """LoRA hyper-parameters, with HF PEFT's names and meaning.
