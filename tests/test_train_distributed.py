@@ -1,6 +1,11 @@
 """Every strategy (DDP, DeepSpeed ZeRO-2/3, FSDP2) trains the same adapter with 2 processes as
-1 process with the same global batch and seed, on CPU over gloo, started as a user would
-(``torchrun -m peftkit train``: fresh interpreters, never forks of pytest).
+1 process with the same global batch and seed, on CPU over gloo, in fresh interpreters started
+by ``torchrun`` (never forks of pytest).
+
+Cost: a tiny run is ~1 s of work behind ~10 s of interpreter start and imports, so the 2-process
+runs are grouped, one ``torchrun`` launch per group (``run_recipes.py`` runs each recipe through
+``peftkit.cli.main`` in the same two workers), and the 1-process references run inside pytest,
+one per method, shared by every strategy.
 
 Each 2-process run must: report world size 2 and its strategy in ``summary.json`` (with both
 ranks' peak memory), print its report once (rank 0), save the adapter once, complete and
@@ -25,7 +30,18 @@ from tiny_runs import base_config, make_model, method_block, write_corpus
 
 pytest.importorskip("deepspeed")
 
-STRATEGIES = ["ddp", "zero2", "zero3", "fsdp"]
+HERE = Path(__file__).resolve().parent
+# every method under ZeRO-3; LoRA, a prompt method and AdaLoRA under FSDP2; LoRA and QLoRA under
+# ZeRO-2 (QLoRA is refused where parameters are sharded). DDP and ZeRO-3 + CPU offload:
+# test_train_ddp.py, launched by `accelerate launch` with the shipped configs.
+LAUNCHES: dict[str, list[tuple[str, str]]] = {  # launch -> [(method, strategy)]
+    "zero3": [
+        (m, "zero3") for m in ("lora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning")
+    ],
+    "fsdp": [(m, "fsdp") for m in ("lora", "prompt_tuning", "adalora")],
+    "zero2": [("lora", "zero2"), ("qlora", "zero2")],
+}
+RUNS = [f"{m}-{s}" for runs in LAUNCHES.values() for m, s in runs]
 
 
 def _config(root: Path, name: str, method: str, batch: int, strategy: str | None, **top) -> Path:
@@ -47,8 +63,8 @@ def _config(root: Path, name: str, method: str, batch: int, strategy: str | None
         plots=False,
         tensorboard=False,
         max_grad_norm=None,
-        **top,
     )
+    config.update(top)
     if strategy is not None:
         config["distributed"] = {"strategy": strategy}
     path = root / f"{name}.yaml"
@@ -56,13 +72,16 @@ def _config(root: Path, name: str, method: str, batch: int, strategy: str | None
     return path
 
 
-def train(root: Path, recipe: Path, processes: int) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    launch += [f"--nproc_per_node={processes}", "-m", "peftkit", "train", str(recipe)]
+def launch(root: Path, commands: list[list[str]]) -> dict[int, str]:
+    """One ``torchrun`` launch of 2 workers running ``commands``; rank 0's output per command."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args += [str(HERE / "run_recipes.py"), json.dumps(commands)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    return proc
+    pieces = proc.stdout.split("=== RUN ")[1:]
+    assert len(pieces) == len(commands), proc.stdout[-2000:]
+    return {int(p.split("\n", 1)[0]): p for p in pieces}
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +96,7 @@ def assert_same_adapter(got: dict, want: dict, rel: float = 1e-4) -> None:
         assert err <= rel, f"{key}: relative error {float(err):.2e}"
 
 
-def assert_two_process_run(proc: subprocess.CompletedProcess, out: Path, strategy: str) -> None:
+def assert_two_process_run(stdout: str, out: Path, strategy: str) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["strategy"] == strategy and summary["offload"] == "none"
@@ -85,10 +104,10 @@ def assert_two_process_run(proc: subprocess.CompletedProcess, out: Path, strateg
     assert all(p["cpu_peak_mb"] > 0 for p in summary["rank_peaks"])
     assert all(len(m["ranks"]) == 2 for m in summary["memory"])
     # rank 0 reports, once: one adapter line, one own + one max-over-ranks memory report
-    assert proc.stdout.count("adapter: ") == 1
-    assert proc.stdout.count("CPU Total Peak Memory consumed during the train (max):") == 1
-    assert proc.stdout.count("during the train (max over 2 ranks) (max):") == 1
-    assert proc.stdout.count("peftkit train: ") == 1
+    assert stdout.count("adapter: ") == 1
+    assert stdout.count("CPU Total Peak Memory consumed during the train (max):") == 1
+    assert stdout.count("during the train (max over 2 ranks) (max):") == 1
+    assert stdout.count("peftkit train: ") == 1
 
 
 @pytest.fixture(scope="module")
@@ -100,24 +119,73 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny) -> dict[str, torch.Tensor]:
-    """The reference: 1 process, the global batch (8) in one go."""
-    train(tiny, _config(tiny, "one", "lora", 8, None), 1)
-    return adapter(tiny / "one")
+def reference(tiny):
+    """The 1-process reference of a method (the global batch of 8 in one go), trained once
+    inside pytest and shared by every strategy's run of that method."""
+    from peftkit.cli import main
+
+    made: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in made:
+            threads = torch.get_num_threads()
+            try:
+                assert main(["train", str(_config(tiny, f"{method}-one", method, 8, None))]) == 0
+            finally:
+                torch.set_num_threads(threads)
+            made[method] = tiny / f"{method}-one"
+        return made[method]
+
+    return get
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_lora_two_processes_make_the_one_process_adapter(tiny, one_process, strategy):
-    name = f"lora-{strategy}"
-    proc = train(tiny, _config(tiny, name, "lora", 4, strategy), 2)
-    assert_two_process_run(proc, tiny / name, strategy)
+@pytest.fixture(scope="module")
+def runs(tiny) -> dict[str, str]:
+    """Every 2-process run, one launch per strategy group (batch 4 per process); the ZeRO-3
+    launch also trains 4 steps with a checkpoint at step 2, which the last launch resumes.
+    Returns rank 0's output of each run by name."""
+    out: dict[str, str] = {}
+    resume = _config(
+        tiny, "z3-full", "lora", 4, "zero3", save_steps=2, save_total_limit=3, max_steps=4
+    )
+    resumed = _config(tiny, "z3-resumed", "lora", 4, "zero3", max_steps=4)
+    step2 = tiny / "z3-full" / "checkpoints" / "step-00000002"
+    for group, members in LAUNCHES.items():
+        names = [f"{m}-{s}" for m, s in members]
+        commands = [["train", str(_config(tiny, n, m, 4, s))] for n, (m, s) in zip(names, members)]
+        if group == "zero3":
+            names.append("z3-full")
+            commands.append(["train", str(resume)])
+        if group == "zero2":  # fresh processes resume the ZeRO-3 run
+            names.append("z3-resumed")
+            commands.append(["train", str(resumed), "--resume", str(step2)])
+        pieces = launch(tiny, commands)
+        out.update({name: pieces[i] for i, name in enumerate(names)})
+    return out
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_two_processes_make_the_one_process_adapter(tiny, runs, reference, name):
+    """2-process == 1-process adapter (rel 1e-4), for every method under ZeRO-3 (AdaLoRA: the
+    orthogonality penalty on sharded factors, rank allocation from gathered gradients, the same
+    ranks kept; P-tuning: its encoder run inside the gathering), LoRA / prompt tuning / AdaLoRA
+    under FSDP2, LoRA and QLoRA under ZeRO-2; plus the run's world size,
+    strategy, per-rank memory and rank-0-only report."""
+    method, strategy = name.rsplit("-", 1)
+    one = reference(method)
+    assert_two_process_run(runs[name], tiny / name, strategy)
     got = adapter(tiny / name)
-    assert_same_adapter(got, one_process)
-    assert any(got[k].abs().sum() > 0 for k in got if "lora_B" in k)  # it trained
+    assert_same_adapter(got, adapter(one))
+    if method in ("lora", "qlora"):
+        assert any(got[k].abs().sum() > 0 for k in got if "lora_B" in k)  # it trained
+    if method == "adalora":  # the same ranks were kept
+        pattern = json.loads((tiny / name / "adapter" / "adapter_config.json").read_text())
+        want = json.loads((one / "adapter" / "adapter_config.json").read_text())
+        assert pattern["rank_pattern"] == want["rank_pattern"]
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
-def test_sharded_adapter_loads_in_peft_with_the_same_outputs(tiny, one_process, strategy):
+def test_sharded_adapter_loads_in_peft_with_the_same_outputs(tiny, runs, strategy):
     """The gathered adapter is PEFT's format: ``peft.PeftModel`` and peftkit agree on it."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
@@ -125,8 +193,6 @@ def test_sharded_adapter_loads_in_peft_with_the_same_outputs(tiny, one_process, 
     import peftkit
 
     folder = tiny / f"lora-{strategy}" / "adapter"
-    if not folder.exists():
-        train(tiny, _config(tiny, f"lora-{strategy}", "lora", 4, strategy), 2)
     ids = torch.tensor([[2, 10, 11, 12, 13, 3]])
     theirs = peft.PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny / "llama"), folder
@@ -141,36 +207,6 @@ def test_sharded_adapter_loads_in_peft_with_the_same_outputs(tiny, one_process, 
         assert not torch.allclose(base(input_ids=ids).logits, want)  # the adapter does something
 
 
-METHODS = ["adalora", "prompt_tuning", "p_tuning", "prefix_tuning"]
-
-
-@pytest.fixture(scope="module")
-def one_process_by_method(tiny) -> dict[str, dict[str, torch.Tensor]]:
-    out = {}
-    for method in METHODS:
-        train(tiny, _config(tiny, f"{method}-one", method, 8, None), 1)
-        out[method] = adapter(tiny / f"{method}-one")
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_two_processes_make_the_one_process_adapter(
-    tiny, one_process_by_method, method, strategy
-):
-    """AdaLoRA (orthogonality penalty on sharded factors, rank allocation from gathered
-    gradients) and the prompt methods (P-tuning's encoder run inside the gathering) too."""
-    name = f"{method}-{strategy}"
-    proc = train(tiny, _config(tiny, name, method, 4, strategy), 2)
-    assert_two_process_run(proc, tiny / name, strategy)
-    assert_same_adapter(adapter(tiny / name), one_process_by_method[method])
-    if method == "adalora":  # the same ranks were kept
-        pattern = json.loads((tiny / name / "adapter" / "adapter_config.json").read_text())
-        want = json.loads((tiny / "adalora-one" / "adapter" / "adapter_config.json").read_text())
-        assert pattern["rank_pattern"] == want["rank_pattern"]
-
-
 def test_qlora_is_refused_where_parameters_are_sharded(tiny):
     from peftkit.train.config import ConfigError, load_config
 
@@ -179,31 +215,10 @@ def test_qlora_is_refused_where_parameters_are_sharded(tiny):
             load_config(_config(tiny, f"q-{strategy}", "qlora", 4, strategy))
 
 
-@pytest.mark.slow
-def test_qlora_two_processes_under_zero2(tiny):
-    train(tiny, _config(tiny, "qlora-one", "qlora", 8, None), 1)
-    proc = train(tiny, _config(tiny, "qlora-zero2", "qlora", 4, "zero2"), 2)
-    assert_two_process_run(proc, tiny / "qlora-zero2", "zero2")
-    assert_same_adapter(adapter(tiny / "qlora-zero2"), adapter(tiny / "qlora-one"))
-
-
-def test_zero3_resume_continues_exactly(tiny):
+def test_zero3_resume_continues_exactly(tiny, runs):
     """Stopped at step 2 of 4 (DeepSpeed's own per-rank checkpoint of the trainable partitions,
     moments included), resumed by 2 fresh processes: the same adapter as the straight run."""
-    recipe = _config(tiny, "z3-full", "lora", 4, "zero3", save_steps=2, save_total_limit=3)
-    text = yaml.safe_load(recipe.read_text())
-    text["max_steps"] = 4
-    recipe.write_text(yaml.safe_dump(text))
-    train(tiny, recipe, 2)
     step2 = tiny / "z3-full" / "checkpoints" / "step-00000002"
     assert (step2 / "deepspeed").is_dir() and (step2 / "adapter").is_dir()
-    text["output_dir"] = str(tiny / "z3-resumed")
-    resumed = tiny / "z3-resumed.yaml"
-    resumed.write_text(yaml.safe_dump(text))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    launch += ["-m", "peftkit", "train", str(resumed), "--resume", str(step2)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("resumed from") == 1
+    assert runs["z3-resumed"].count("resumed from") == 1
     assert_same_adapter(adapter(tiny / "z3-resumed"), adapter(tiny / "z3-full"), rel=1e-6)

@@ -190,6 +190,7 @@ def make_accelerator(config: Any) -> Any:
         precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if cpu and precision == "fp16":
         raise ValueError("mixed_precision: fp16 needs a CUDA device; use bf16 or no on CPU")
+    _restore_launch_env()
     plan = resolve_strategy(config.distributed)
     if config.model.quantization is not None and plan.strategy in SHARDING:
         raise ValueError(QUANTIZED_REFUSAL.format(strategy=plan.strategy))
@@ -202,6 +203,7 @@ def make_accelerator(config: Any) -> Any:
         kwargs["cpu"] = plan.strategy != "zero2" and plan.strategy != "zero3"  # DeepSpeed: its own
         if "WORLD_SIZE" in os.environ:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    _forget_zero3_loading()  # a ZeRO-3 run earlier in this process must not shape this load
     if plan.strategy in ("zero2", "zero3"):
         from accelerate.utils import DeepSpeedPlugin
 
@@ -276,6 +278,34 @@ def check_prepared(model: torch.nn.Module, accelerator: Any) -> None:
             f"(distributed type {accelerator.distributed_type}, model {type(model).__name__}); "
             "the processes would train unsynchronised copies"
         )
+
+
+_LAUNCH_ENV: dict[str, str] | None = None  # the launcher's ACCELERATE_*/FSDP_* variables
+
+
+def _restore_launch_env() -> None:
+    """Accelerate writes its choices into ``ACCELERATE_*`` / ``FSDP_*`` variables; a second run
+    in the same process (a notebook, a test driver) must read the launcher's, not the last
+    run's: the first call keeps them, later calls put them back."""
+    global _LAUNCH_ENV
+    ours = ("ACCELERATE_", "FSDP_")
+    if _LAUNCH_ENV is None:
+        _LAUNCH_ENV = {k: v for k, v in os.environ.items() if k.startswith(ours)}
+        return
+    for key in [k for k in os.environ if k.startswith(ours)]:
+        if key not in _LAUNCH_ENV:
+            del os.environ[key]
+    os.environ.update(_LAUNCH_ENV)
+
+
+def _forget_zero3_loading() -> None:
+    """transformers loads models partitioned (``zero.Init``) while an ``HfDeepSpeedConfig`` of
+    stage 3 is alive; a DeepSpeedPlugin made for this run sets its own, an earlier run's goes."""
+    try:
+        from transformers.integrations import unset_hf_deepspeed_config
+    except ImportError:
+        return
+    unset_hf_deepspeed_config()
 
 
 def _single_process_group_env() -> None:
