@@ -465,8 +465,10 @@ def load_base_model(
             ``feature_extraction`` (HF PEFT TaskType names work too); picks the Auto class.
         dtype: weight dtype (``torch.float32``, ``"bf16"``, ``"auto"``...); default float32.
         gguf_file: GGUF file inside a local folder; converted once to a cached plain folder.
-        quantization: ``"nf4"`` or ``"fp4"`` to replace Linear layers by 4-bit ones
-            (:func:`peftkit.quant.quantize_model`), as QLoRA does.
+        quantization: ``"nf4"`` or ``"fp4"`` to replace Linear layers by 4-bit ones, as QLoRA
+            does: quantised while loading, one tensor at a time, so the full-precision
+            checkpoint is never held (:mod:`peftkit.quant.load`); same result as
+            :func:`peftkit.quant.quantize_model` on the loaded model.
         num_labels: number of classes for ``seq_cls`` / ``token_cls`` / ``image_cls`` heads.
         padding_side: ``"left"`` or ``"right"`` for the tokenizer; default: the tokenizer's.
         double_quant: with ``quantization``, also quantise the block statistics.
@@ -540,7 +542,22 @@ def load_base_model(
             model_kw.setdefault("ignore_mismatched_sizes", True)
     auto_cls = getattr(transformers, kind.auto_class)
     try:
-        model = _from_pretrained(auto_cls, path, model_kw, restored_modules)
+        if quantization is None:
+            model = _from_pretrained(auto_cls, path, model_kw, restored_modules)
+        else:  # 4-bit: quantised tensor by tensor while loading (peftkit.quant.load)
+            from .quant.load import load_4bit
+
+            model = load_4bit(
+                auto_cls,
+                path,
+                model_kw,
+                str(quantization).lower(),
+                load_plain=lambda: _from_pretrained(auto_cls, path, model_kw, restored_modules),
+                report=lambda m, info: _report_load(m, path, info, restored_modules),
+                double_quant=double_quant,
+                compute_dtype=_resolve_dtype(compute_dtype),
+                restored_modules=restored_modules,
+            )
     except OSError as e:
         if source.is_local or local_only:
             raise
@@ -565,15 +582,4 @@ def load_base_model(
         from .vision import freeze_batchnorm
 
         freeze_batchnorm(model)  # ResNet & co.: adapters save no buffers, keep the statistics
-
-    if quantization is not None:
-        from peftkit.quant import quantize_model  # lazy: only QLoRA runs need it
-
-        quantized = quantize_model(
-            model,
-            quant_type=str(quantization).lower(),
-            double_quant=double_quant,
-            compute_dtype=_resolve_dtype(compute_dtype),
-        )
-        model = quantized if quantized is not None else model
     return model, tokenizer

@@ -251,28 +251,65 @@ class Linear4bit(nn.Module):
 
         ``name`` only improves error messages.
         """
-        weight = linear.weight
-        if type(linear).__name__ == "Conv1D" and hasattr(linear, "nf"):
-            weight = weight.t()  # Conv1D stores (in, out)
-        check_weight(weight, name or type(linear).__name__)
+        bias = getattr(linear, "bias", None)
+        if bias is not None:
+            bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return cls.from_weight(
+            linear.weight,
+            bias,
+            quant_type,
+            double_quant,
+            compute_dtype,
+            blocksize,
+            name=name or type(linear).__name__,
+            transposed=type(linear).__name__ == "Conv1D" and hasattr(linear, "nf"),
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        blocksize: int = 64,
+        name: str = "",
+        transposed: bool = False,
+        weight_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
+        """Quantise a bare weight tensor (out, in) into a new layer on the weight's device.
+
+        Used while loading a checkpoint tensor by tensor (:mod:`peftkit.quant.load`): no
+        full-precision ``nn.Linear`` is ever built. ``transposed`` means ``weight`` is (in, out),
+        as a transformers ``Conv1D`` stores it. ``bias`` is kept as given (as a Parameter).
+        ``weight_dtype`` (default ``weight.dtype``) is the dtype the weight counts as: a bf16
+        checkpoint tensor quantised as a float32 weight (the cast is exact, and is done a
+        chunk at a time inside :func:`quantize_4bit` instead of on the whole tensor).
+        """
+        if transposed:
+            weight = weight.t()
+        check_weight(weight, name or "weight")
         out_features, in_features = weight.shape
         _check_blocksize_fits(in_features, blocksize, name)
-        bias = getattr(linear, "bias", None)
         layer = cls(
             in_features,
             out_features,
-            bias=bias is not None,
+            bias=False,
             quant_type=quant_type,
             double_quant=double_quant,
             compute_dtype=compute_dtype,
             blocksize=blocksize,
-            weight_dtype=weight.dtype,
-            device=weight.device,
+            weight_dtype=weight_dtype or weight.dtype,
+            device="meta",  # placeholders only: the quantised tensors replace them below
         )
-        layer.requantize_(weight)
-        layer.from_conv1d = weight is not linear.weight
+        packed, state = quantize_4bit(weight.detach(), quant_type, blocksize, double_quant)
+        layer.packed_weight = packed
+        layer._store_state(state)
+        layer.from_conv1d = transposed
         if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+            layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
         return layer
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Module:

@@ -130,20 +130,7 @@ def quantize_model(
             "full precision (or call peftkit.quant.dequantize_model) before quantize_model"
         )
     check_layer_args(quant_type, blocksize, compute_dtype)
-    skips = _default_skips(model) | set(skip_modules or ())
-    targets = []
-    for name, module in model.named_modules():
-        if not _is_quantizable(module) or _name_matches(name, skips | set(DEFAULT_SKIP_NAMES)):
-            continue
-        in_features = module.weight.shape[1 if isinstance(module, nn.Linear) else 0]
-        check_weight(module.weight, repr(name))
-        _check_blocksize_fits(in_features, blocksize, name)
-        targets.append(name)
-    if not targets:
-        raise ValueError(
-            "quantize_model found no nn.Linear layer to quantise (after skipping the output head "
-            f"and skip_modules={sorted(skip_modules or ())}); check the model and skip_modules"
-        )
+    targets = quantization_targets(model, skip_modules, blocksize)
     for name in targets:
         module = model.get_submodule(name)
         new = Linear4bit.from_linear(
@@ -151,6 +138,45 @@ def quantize_model(
         )
         _set_submodule(model, name, new)
         del module  # the full-precision weight is freed once no one else refers to it
+    mark_quantized(model, quant_type, double_quant, blocksize, compute_dtype, targets)
+    return model
+
+
+def quantization_targets(
+    model: nn.Module, skip_modules: Iterable[str] | None = None, blocksize: int = 64
+) -> list[str]:
+    """Names of the layers :func:`quantize_model` replaces, each checked (dtype, blocksize).
+
+    Works on a model whose weights are still on the meta device (only shapes and dtypes are
+    read), so a loader can decide what to quantise before any weight is read.
+    """
+    skips = _default_skips(model) | set(skip_modules or ()) | set(DEFAULT_SKIP_NAMES)
+    targets = []
+    for name, module in model.named_modules():
+        if not _is_quantizable(module) or _name_matches(name, skips):
+            continue
+        in_features = module.weight.shape[1 if isinstance(module, nn.Linear) else 0]
+        if module.weight.device.type != "meta":
+            check_weight(module.weight, repr(name))
+        _check_blocksize_fits(in_features, blocksize, name)
+        targets.append(name)
+    if not targets:
+        raise ValueError(
+            "quantize_model found no nn.Linear layer to quantise (after skipping the output head "
+            f"and skip_modules={sorted(skip_modules or ())}); check the model and skip_modules"
+        )
+    return targets
+
+
+def mark_quantized(
+    model: nn.Module,
+    quant_type: str,
+    double_quant: bool,
+    blocksize: int,
+    compute_dtype: torch.dtype | None,
+    modules: list[str],
+) -> None:
+    """Record how ``model`` was quantised (read back by :func:`dequantize_model` & co.)."""
     setattr(
         model,
         _QUANT_ATTR,
@@ -159,10 +185,9 @@ def quantize_model(
             "double_quant": double_quant,
             "blocksize": blocksize,
             "compute_dtype": str(compute_dtype) if compute_dtype else None,
-            "modules": targets,
+            "modules": modules,
         },
     )
-    return model
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -225,26 +250,35 @@ def prepare_model_for_kbit_training(
                 if param.dtype in (torch.float16, torch.bfloat16):
                     param.data = param.data.float()
     if use_gradient_checkpointing:
-        # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
-        new_api = getattr(model, "activation_checkpointing_enable", None)
-        old_api = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(new_api) and not callable(old_api):
-            raise ValueError(
-                f"{type(model).__name__} cannot turn on gradient checkpointing (no "
-                "gradient_checkpointing_enable); pass use_gradient_checkpointing=False or use a "
-                "transformers PreTrainedModel"
-            )
-        if callable(getattr(model, "enable_input_require_grads", None)):
-            model.enable_input_require_grads()
-        else:
-            emb = model.get_input_embeddings()
-            emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        kwargs = {"use_reentrant": True}
-        kwargs.update(gradient_checkpointing_kwargs or {})
-        if callable(new_api):
-            new_api(activation_checkpointing_kwargs=kwargs)
-        else:
-            old_api(gradient_checkpointing_kwargs=kwargs)
+        enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) -> nn.Module:
+    """Turn on transformers' gradient (activation) checkpointing for adapter training, with
+    frozen inputs: the input embeddings' output is made to require grad, since reentrant
+    checkpointing only back-propagates through blocks whose inputs need it. ``kwargs`` go to
+    ``torch.utils.checkpoint`` (default ``use_reentrant=True``, as PEFT). Returns ``model``."""
+    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
+    new_api = getattr(model, "activation_checkpointing_enable", None)
+    old_api = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(new_api) and not callable(old_api):
+        raise ValueError(
+            f"{type(model).__name__} cannot turn on gradient checkpointing (no "
+            "gradient_checkpointing_enable); pass use_gradient_checkpointing=False or use a "
+            "transformers PreTrainedModel"
+        )
+    if callable(getattr(model, "enable_input_require_grads", None)):
+        model.enable_input_require_grads()
+    else:
+        emb = model.get_input_embeddings()
+        emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    options = {"use_reentrant": True}
+    options.update(kwargs or {})
+    if callable(new_api):
+        new_api(activation_checkpointing_kwargs=options)
+    else:
+        old_api(gradient_checkpointing_kwargs=options)
     return model
 
 

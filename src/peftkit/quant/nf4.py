@@ -30,6 +30,7 @@ from .codebooks import QUANT_TYPES_4BIT, code_4bit, rounding_4bit
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_BLOCKSIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TINY = 1e-38  # floor for an all-zero block's absmax, so 0 / absmax stays 0
+CHUNK = 1 << 20  # values quantised per pass (bounds the temporaries: ~4 float32 copies)
 
 
 @dataclass
@@ -168,13 +169,23 @@ def quantize_4bit(
         row-major, two codes per byte); ``state`` holds what :func:`dequantize_4bit` needs.
     """
     _check_args(w, quant_type, blocksize)
-    flat = w.detach().reshape(-1).float()  # (n,)
-    absmax, scaled = _absmax_and_scaled(flat, blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))  # pad value 0 -> the code of zero
+    flat = w.detach().reshape(-1)  # (n,)
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
     midpoints, order = rounding_4bit(quant_type, w.device)
-    codes = order[torch.bucketize(scaled, midpoints, out_int32=True)]  # (n_even,) uint8
-    packed = pack_nibbles(codes)
+    # Blocks are independent: quantise CHUNK values at a time, so the float32 temporaries stay
+    # a few MB whatever the layer's size (same codes as one pass; a partial block can only be
+    # the last one, since a chunk is a whole number of blocks).
+    step = max(blocksize, CHUNK // blocksize * blocksize)
+    for start in range(0, n, step):
+        part = flat[start : start + step].float()  # (<= step,)
+        part_absmax, scaled = _absmax_and_scaled(part, blocksize)
+        absmax[start // blocksize : start // blocksize + part_absmax.numel()] = part_absmax
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))  # pad value 0 -> the code of zero
+        codes = order[torch.bucketize(scaled, midpoints, out_int32=True)]  # uint8
+        packed[start // 2 : start // 2 + codes.numel() // 2] = pack_nibbles(codes)
     state = QuantState4bit(shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type)
     if double_quant:
         offset = absmax.mean()
