@@ -199,14 +199,17 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 _PHASE_PEAK_PROBE = """
-import json, torch
+import json, time, torch
 from peftkit.train.memory import MemoryTracker, cpu_rss_bytes
 with MemoryTracker("train") as mem:
     block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    time.sleep(0.1)  # the anonymous peak is sampled (every 10 ms)
     del block
 now = cpu_rss_bytes() // 2**20
 r = mem.result
-print(json.dumps({"begin": r.cpu_begin, "end": r.cpu_end, "peak": r.cpu_peak, "now": now}))
+print(json.dumps({"begin": r.cpu_begin, "end": r.cpu_end, "peak": r.cpu_peak, "now": now,
+                  "anon_begin": r.cpu_anon_begin, "anon_peak": r.cpu_anon_peak,
+                  "anon_end": r.cpu_anon_end, "lines": r.lines()}))
 """
 
 
@@ -222,6 +225,14 @@ def test_memory_report_sees_a_phase_peak_and_uses_peft_wording():
     # the end reading is the RSS at the end (whether the C allocator gave the block back to the
     # OS is its business)
     assert abs(result["end"] - result["now"]) <= 2 and result["end"] <= result["peak"]
+    # the anonymous part beside it: the block is anonymous memory
+    assert result["anon_peak"] - result["anon_begin"] >= 60
+    assert result["anon_begin"] <= result["begin"] and result["anon_peak"] <= result["peak"]
+    assert (
+        f"CPU Anonymous Memory before entering the train : {result['anon_begin']}"
+        in result["lines"]
+    )
+    assert any(line.startswith("CPU Total Peak Memory consumed") for line in result["lines"])
     lines = PhaseMemory("eval", 100, 110, 150).lines()
     assert "CPU Memory before entering the eval : 100" in lines
     assert "CPU Memory consumed at the end of the eval (end-begin): 10" in lines

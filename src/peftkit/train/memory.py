@@ -6,13 +6,25 @@
     GPU Total Peak Memory consumed during the train (max): 9404
     CPU Memory before entering the train : 19411
     ...
+    CPU Anonymous Memory before entering the train : 1180
+    ... (the same four lines for the process's anonymous memory)
 
 All numbers are MB (2**20 bytes, rounded down). GPU numbers are the CUDA caching allocator's
 ``memory_allocated`` and its peak (reset when the phase begins). CPU numbers are the process's
 resident set size from ``/proc/self/status``: ``VmRSS`` now and ``VmHWM`` (the high-water mark),
 which writing ``5`` to ``/proc/self/clear_refs`` resets at the start of the phase. Where that
 file cannot be written (not Linux, or locked down) a background thread samples the RSS every
-20 ms instead. The reset is process-wide: ``getrusage``'s ``ru_maxrss`` (what ``/usr/bin/time``
+20 ms instead.
+
+RSS = anonymous + file-backed (+ shared memory) pages. ``RssAnon`` is memory the process owns
+(tensors it allocated, the heap); file-backed pages are mapped files: shared libraries' code,
+and weights transformers memory-maps from a safetensors checkpoint, which count in RSS once
+touched and stay there while any tensor still views the file, though the kernel may drop them
+(they are re-read from disk when used again). So the RSS alone says little about what a run
+needs (a 4-bit model that keeps its full-precision source mapped shows the source in its RSS).
+The anonymous numbers sit beside the RSS: now from ``RssAnon``, the peak sampled every 10 ms by
+a background thread (the kernel keeps no anonymous high-water mark, so a spike shorter than that
+can be missed; the RSS peak is exact). The reset is process-wide: ``getrusage``'s ``ru_maxrss`` (what ``/usr/bin/time``
 prints) then reports the peak since the last phase began, not since the process started; the
 run's ``summary.json`` keeps the true peak (the largest phase peak).
 
@@ -52,6 +64,12 @@ def cpu_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def cpu_anon_bytes() -> int | None:
+    """Anonymous resident memory now (``RssAnon``); None where /proc is missing."""
+    kb = _status_kb("RssAnon")
+    return None if kb is None else kb * 1024
+
+
 def _reset_cpu_peak() -> bool:
     """Reset the kernel's RSS high-water mark; False when not possible."""
     try:
@@ -63,21 +81,23 @@ def _reset_cpu_peak() -> bool:
 
 
 class _Sampler(threading.Thread):
-    """Fallback peak tracker: samples the RSS until stopped."""
+    """Peak tracker: samples a reading (the RSS, the anonymous RSS) until stopped."""
 
-    def __init__(self) -> None:
+    def __init__(self, read=cpu_rss_bytes, interval: float = 0.02) -> None:
         super().__init__(daemon=True)
-        self.peak = cpu_rss_bytes()
-        self._stop = threading.Event()
+        self.read = read
+        self.interval = interval
+        self.peak = read() or 0
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, cpu_rss_bytes())
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, self.read() or 0)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._done.set()
         self.join()
-        return max(self.peak, cpu_rss_bytes())
+        return max(self.peak, self.read() or 0)
 
 
 @dataclasses.dataclass
@@ -91,11 +111,17 @@ class PhaseMemory:
     gpu_begin: int | None = None
     gpu_end: int | None = None
     gpu_peak: int | None = None
+    cpu_anon_begin: int | None = None  # RssAnon, the part of the RSS the process owns
+    cpu_anon_end: int | None = None
+    cpu_anon_peak: int | None = None
 
     def lines(self) -> list[str]:
         """The report, in PEFT's wording."""
         out = []
         devices = [("CPU", self.cpu_begin, self.cpu_end, self.cpu_peak)]
+        if self.cpu_anon_begin is not None:
+            anon = ("CPU Anonymous", self.cpu_anon_begin, self.cpu_anon_end, self.cpu_anon_peak)
+            devices.append(anon)
         if self.gpu_begin is not None:
             devices.insert(0, ("GPU", self.gpu_begin, self.gpu_end, self.gpu_peak))
         else:
@@ -131,8 +157,14 @@ def rank_peaks(memory: list[dict]) -> list[dict[str, int | None]]:
     per_rank: dict[int, dict[str, int | None]] = {}
     for entry in memory:
         for rank, numbers in enumerate(entry.get("ranks") or [entry]):
-            peaks = per_rank.setdefault(rank, {"rank": rank, "cpu_peak_mb": 0, "gpu_peak_mb": None})
+            peaks = per_rank.setdefault(
+                rank,
+                {"rank": rank, "cpu_peak_mb": 0, "cpu_anon_peak_mb": None, "gpu_peak_mb": None},
+            )
             peaks["cpu_peak_mb"] = max(peaks["cpu_peak_mb"] or 0, numbers.get("cpu_peak") or 0)
+            anon = numbers.get("cpu_anon_peak")
+            if anon is not None:
+                peaks["cpu_anon_peak_mb"] = max(peaks["cpu_anon_peak_mb"] or 0, anon)
             gpu = numbers.get("gpu_peak")
             if gpu is not None:
                 peaks["gpu_peak_mb"] = max(peaks["gpu_peak_mb"] or 0, gpu)
@@ -148,6 +180,7 @@ class MemoryTracker:
         self.device = device
         self.result = PhaseMemory(phase)
         self._sampler: _Sampler | None = None
+        self._anon_sampler: _Sampler | None = None
 
     def __enter__(self) -> MemoryTracker:
         if self.cuda:
@@ -155,6 +188,11 @@ class MemoryTracker:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.result.gpu_begin = torch.cuda.memory_allocated(self.device) // MB
         self.result.cpu_begin = cpu_rss_bytes() // MB
+        anon = cpu_anon_bytes()
+        if anon is not None:
+            self.result.cpu_anon_begin = anon // MB
+            self._anon_sampler = _Sampler(cpu_anon_bytes, interval=0.01)
+            self._anon_sampler.start()
         if not _reset_cpu_peak():
             self._sampler = _Sampler()
             self._sampler.start()
@@ -172,3 +210,9 @@ class MemoryTracker:
             hwm = _status_kb("VmHWM")
             peak = hwm * 1024 if hwm is not None else cpu_rss_bytes()
         self.result.cpu_peak = max(peak // MB, self.result.cpu_begin, self.result.cpu_end)
+        if self._anon_sampler is not None:
+            anon_peak = self._anon_sampler.stop() // MB
+            self.result.cpu_anon_end = (cpu_anon_bytes() or 0) // MB
+            self.result.cpu_anon_peak = max(
+                anon_peak, self.result.cpu_anon_begin, self.result.cpu_anon_end
+            )

@@ -75,7 +75,8 @@ class RunSummary:
     headline: str | None = None
     test: dict[str, Any] | None = None
     predictions: dict[str, str] | None = None
-    peak_cpu_mb: int | None = None
+    peak_cpu_mb: int | None = None  # RSS high-water mark over every phase (MB)
+    peak_cpu_anon_mb: int | None = None  # the anonymous part's peak (RssAnon, sampled; MB)
     peak_gpu_mb: int | None = None
     world_size: int = 1
     strategy: str = "ddp"  # ddp | zero2 | zero3 | fsdp (distributed.strategy, resolved)
@@ -245,11 +246,14 @@ class TrainRecipe:
                 if path is not None:
                     summary.predictions["test"] = str(path)
         summary.peak_cpu_mb, summary.peak_gpu_mb = _peaks(outcome.memory)
+        summary.peak_cpu_anon_mb = _anon_peak(outcome.memory)
         summary.rank_peaks = rank_peaks(outcome.memory)
         summary.memory = outcome.memory
         if not outcome.interrupted:
             gpu = f", GPU {summary.peak_gpu_mb} MB" if summary.peak_gpu_mb is not None else ""
-            self.log.info(f"peak memory: CPU {summary.peak_cpu_mb} MB{gpu}")
+            anon = summary.peak_cpu_anon_mb
+            anon = f" (anonymous {anon} MB)" if anon is not None else ""
+            self.log.info(f"peak memory: CPU {summary.peak_cpu_mb} MB{anon}{gpu}")
             if len(summary.rank_peaks) > 1:
                 self.log.info(
                     "peak memory per rank: "
@@ -260,11 +264,12 @@ class TrainRecipe:
                     )
                 )
             if self.main and self.config.plots:
-                from .plots import plot_run
+                from .plots import plot_memory, plot_run
 
                 plot_run(
                     read_metrics(self.output_dir / "metrics.jsonl"), self.output_dir, self.baselines
                 )
+                plot_memory(summary.memory, self.output_dir / "memory.png")
         summary.wall_time_s = round(time.perf_counter() - self.wall_start, 2)
         if self.main:
             text = json.dumps(summary.to_dict(), indent=2) + "\n"
@@ -420,6 +425,12 @@ def _headline(task: Task, metrics: dict[str, float], baselines: dict[str, Any]) 
             f"{baselines.get('majority_macro_f1', 0.0):.4f}"
         )
     return " ".join(parts)
+
+
+def _anon_peak(memory: list[dict[str, Any]]) -> int | None:
+    """Peak anonymous CPU MB (RssAnon) over every phase; None where it was not measured."""
+    values = [m["cpu_anon_peak"] for m in memory if m.get("cpu_anon_peak") is not None]
+    return max(values) if values else None
 
 
 def _peaks(memory: list[dict[str, Any]]) -> tuple[int | None, int | None]:
