@@ -243,11 +243,11 @@ def test_csv_of_paths_and_idx_rows(assets):
     )
     task = spec.build(processor, model)
     batch = task.collate(task.encode(rows))
-    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["labels"].tolist() == [
-        2,
-        1,
-        0,
-    ]  # blue < green < red
+    assert batch["pixel_values"].shape == (3, 3, 16, 16)
+    assert batch["labels"].tolist() == [2, 1, 0]  # labels sorted: blue, green, red
+    small = task_spec({"type": "image_cls", "image": "path", "image_root": str(assets["train"]),
+                       "image_size": 8}).fit(rows).build(processor, model)  # fmt: skip
+    assert small.collate(small.encode(rows))["pixel_values"].shape == (3, 3, 8, 8)
 
     idx = Path(__file__).resolve().parents[2] / "shared/data/image_mnist_test"
     if not idx.is_dir():
@@ -320,3 +320,29 @@ def test_metrics_match_sklearn():
     want = recall_score(refs, preds, labels=labels[:3], average=None)
     assert [per[c] for c in labels[:3]] == pytest.approx(list(want))
     assert per["d"] is None
+
+
+@pytest.mark.parametrize("model", ["vit", "lite"])
+def test_merge_gives_the_adapter_logits(assets, model, capsys):
+    """`peftkit merge` folds LoRA into the base (a transformers folder, or a plain vision folder
+    with its preprocessor config); the merged model loads back and gives the adapter's logits."""
+    from peftkit import PeftModel
+    from peftkit.models import load_base_model
+
+    name = f"{model}_lora"
+    run = assets["root"] / "runs" / name
+    if not (run / "adapter").exists():
+        assert main(["train", str(write_config(assets, name, *METHODS[name]))]) == 0
+    merged = assets["root"] / f"merged_{model}"
+    assert main(["merge", str(run), "--output", str(merged)]) == 0
+    labels = json.loads((run / "task_state.json").read_text())["labels"]
+    kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels))}
+    base, _ = load_base_model(assets[model], task="image_cls", **kwargs)
+    adapted = PeftModel.from_pretrained(base, run / "adapter").eval()
+    plain, processor = load_base_model(merged, task="image_cls")
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want, got = adapted(pixel_values=pixels).logits, plain(pixel_values=pixels).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert plain.config.id2label[0] == labels[0]
+    assert (merged / "preprocessor_config.json").is_file()

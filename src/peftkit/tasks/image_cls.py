@@ -41,6 +41,8 @@ class ImageClsOptions(TaskOptions):
     augment: random crop + horizontal flip while training (never at evaluation).
     flip: with ``augment``, flip half the images left-right (turn off for digits and text).
     crop_scale: with ``augment``, the smallest crop as a fraction of the image's area (1: none).
+    image_size: side the model reads instead of its processor's (e.g. 160 to train a 224-pixel
+        CNN faster on 32-pixel CIFAR); the processor's mean and std stay.
     """
 
     head_per_label: ClassVar[bool] = True
@@ -52,10 +54,13 @@ class ImageClsOptions(TaskOptions):
     augment: bool = True
     flip: bool = True
     crop_scale: float = 0.8
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.05 <= float(self.crop_scale) <= 1.0:
             raise ValueError(f"crop_scale must be in [0.05, 1], got {self.crop_scale}")
+        if self.image_size is not None and int(self.image_size) < 1:
+            raise ValueError(f"image_size must be a positive side in pixels, got {self.image_size}")
 
     def input_columns(self) -> list[str]:
         return [self.image]
@@ -160,6 +165,10 @@ class ImageClassification(Task):
             self.preprocess = dataclasses.replace(processor, channels=channels)
         else:
             self.preprocess = ImagePreprocessing.from_processor(processor, channels)
+        if self.options.image_size:
+            side, pre = int(self.options.image_size), self.preprocess
+            edge = pre.shortest_edge and round(pre.shortest_edge * side / min(pre.size))
+            self.preprocess = dataclasses.replace(pre, size=(side, side), shortest_edge=edge)
 
     # --- features --------------------------------------------------------------------------
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:

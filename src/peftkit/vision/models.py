@@ -229,7 +229,9 @@ def load_vision_model(
     kind = arch.get(ARCH_KEY)
     if kind not in BUILDERS:
         raise ValueError(f"{name_or_path}: unknown {ARCH_KEY} {kind!r}; known: {sorted(BUILDERS)}")
-    saved_labels = int(arch.get("num_labels", 1000))
+    # transformers' config.json keeps the label count as id2label
+    saved_labels = int(arch.get("num_labels") or len(arch.get("id2label") or ()) or 1000)
+    arch["num_labels"] = saved_labels
     head = HEADS[kind]
     fresh_head = num_labels is not None and num_labels != saved_labels
     if fresh_head:
