@@ -26,35 +26,56 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny_runs import base_config, make_model, method_block, write_corpus
+from tiny_runs import base_config, make_model, method_block, write_corpus, write_e2e, write_reviews
 
 pytest.importorskip("deepspeed")
 
 HERE = Path(__file__).resolve().parent
-# every method under ZeRO-3; LoRA, a prompt method and AdaLoRA under FSDP2; LoRA and QLoRA under
-# ZeRO-2 (QLoRA is refused where parameters are sharded). DDP and ZeRO-3 + CPU offload:
+# (name, method, strategy, task). Every method under ZeRO-3 (prompt tuning initialised from the
+# text's word embeddings, which ZeRO-3 has partitioned at load); a decoder classifier (its
+# `score` head copied into modules_to_save from the partitioned weight) and a generating task
+# (synced_gpus) under ZeRO-3; LoRA, a prompt method and AdaLoRA under FSDP2; LoRA and QLoRA
+# under ZeRO-2 (QLoRA is refused where parameters are sharded). DDP and ZeRO-3 + CPU offload:
 # test_train_ddp.py, launched by `accelerate launch` with the shipped configs.
-LAUNCHES: dict[str, list[tuple[str, str]]] = {  # launch -> [(method, strategy)]
-    "zero3": [
-        (m, "zero3") for m in ("lora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning")
-    ],
-    "fsdp": [(m, "fsdp") for m in ("lora", "prompt_tuning", "adalora")],
-    "zero2": [("lora", "zero2"), ("qlora", "zero2")],
+ZERO3 = ("lora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning")
+LAUNCHES: dict[str, list[tuple[str, str, str, str]]] = {
+    "zero3": [(f"{m}-zero3", m, "zero3", "lm") for m in ZERO3]
+    + [("cls-zero3", "lora", "zero3", "cls"), ("gen-zero3", "lora", "zero3", "gen")],
+    "fsdp": [(f"{m}-fsdp", m, "fsdp", "lm") for m in ("lora", "prompt_tuning", "adalora")],
+    "zero2": [(f"{m}-zero2", m, "zero2", "lm") for m in ("lora", "qlora")],
 }
-RUNS = [f"{m}-{s}" for runs in LAUNCHES.values() for m, s in runs]
+# adapter parity: every run but the generating one (its rows differ in length, and DDP-style
+# averaging of per-process mean losses weights tokens differently from one process's mean)
+RUNS = {n: (m, t) for runs in LAUNCHES.values() for n, m, _, t in runs if t != "gen"}
 
 
-def _config(root: Path, name: str, method: str, batch: int, strategy: str | None, **top) -> Path:
+def _task(root: Path, kind: str) -> tuple[dict, dict]:
+    """(task block, data block): a causal LM on lines, a decoder classifier, a generator."""
+    if kind == "cls":  # LlamaForSequenceClassification: its `score` head is in modules_to_save
+        task = {"type": "seq_cls", "text": "{review}", "label": "label"}
+        return task, {"train": str(root / "reviews.csv")}
+    if kind == "gen":  # evaluation generates (greedy) and scores the text
+        task = {"type": "causal_lm_gen", "text": "{mr} :", "target": "{ref}", "max_new_tokens": 4}
+        data = {"train": str(root / "e2e.csv"), "eval_size": 5}
+        return task, data
     task = {"type": "causal_lm", "block_size": 8}
-    data = {"train": {"path": str(root / "corpus.txt"), "text_split": "line"}}
+    return task, {"train": {"path": str(root / "corpus.txt"), "text_split": "line"}}
+
+
+def _config(
+    root: Path, name: str, method: str, batch: int, strategy: str | None, task="lm", **top
+) -> Path:
+    task_block, data = _task(root, task)
     block = method_block(method)
     if method in ("lora", "qlora"):
         block["lora_dropout"] = 0.0
+    if method == "prompt_tuning":  # the table starts as the text's word embeddings
+        block.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="the food was good")
     steps = 4 if method == "adalora" else 2  # AdaLoRA needs steps between tinit and tfinal
     config = base_config(
         root / "llama",
         root / name,
-        task,
+        task_block,
         data,
         block,
         batch_size=batch,
@@ -64,6 +85,8 @@ def _config(root: Path, name: str, method: str, batch: int, strategy: str | None
         tensorboard=False,
         max_grad_norm=None,
     )
+    if task == "gen":
+        config.update(eval_before_training=True, eval_batch_size=2)
     config.update(top)
     if strategy is not None:
         config["distributed"] = {"strategy": strategy}
@@ -115,26 +138,29 @@ def tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     make_model("llama", root / "llama")
     write_corpus(root / "corpus.txt")
+    write_reviews(root / "reviews.csv", n=40)
+    write_e2e(root / "e2e.csv", n_mr=12)
     return root
 
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    """The 1-process reference of a method (the global batch of 8 in one go), trained once
-    inside pytest and shared by every strategy's run of that method."""
+    """The 1-process reference of a (method, task) (the global batch of 8 in one go), trained
+    once inside pytest and shared by every strategy's run of it."""
     from peftkit.cli import main
 
-    made: dict[str, Path] = {}
+    made: dict[tuple[str, str], Path] = {}
 
-    def get(method: str) -> Path:
-        if method not in made:
+    def get(method: str, task: str = "lm") -> Path:
+        if (method, task) not in made:
+            name = f"{method}-{task}-one"
             threads = torch.get_num_threads()
             try:
-                assert main(["train", str(_config(tiny, f"{method}-one", method, 8, None))]) == 0
+                assert main(["train", str(_config(tiny, name, method, 8, None, task))]) == 0
             finally:
                 torch.set_num_threads(threads)
-            made[method] = tiny / f"{method}-one"
-        return made[method]
+            made[method, task] = tiny / name
+        return made[method, task]
 
     return get
 
@@ -151,8 +177,8 @@ def runs(tiny) -> dict[str, str]:
     resumed = _config(tiny, "z3-resumed", "lora", 4, "zero3", max_steps=4)
     step2 = tiny / "z3-full" / "checkpoints" / "step-00000002"
     for group, members in LAUNCHES.items():
-        names = [f"{m}-{s}" for m, s in members]
-        commands = [["train", str(_config(tiny, n, m, 4, s))] for n, (m, s) in zip(names, members)]
+        names = [name for name, *_ in members]
+        commands = [["train", str(_config(tiny, n, m, 4, s, t))] for n, m, s, t in members]
         if group == "zero3":
             names.append("z3-full")
             commands.append(["train", str(resume)])
@@ -164,15 +190,18 @@ def runs(tiny) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_make_the_one_process_adapter(tiny, runs, reference, name):
     """2-process == 1-process adapter (rel 1e-4), for every method under ZeRO-3 (AdaLoRA: the
     orthogonality penalty on sharded factors, rank allocation from gathered gradients, the same
-    ranks kept; P-tuning: its encoder run inside the gathering), LoRA / prompt tuning / AdaLoRA
-    under FSDP2, LoRA and QLoRA under ZeRO-2; plus the run's world size,
-    strategy, per-rank memory and rank-0-only report."""
-    method, strategy = name.rsplit("-", 1)
-    one = reference(method)
+    ranks kept; P-tuning: its encoder run inside the gathering; prompt tuning: the TEXT init read
+    from the partitioned word embeddings), a classifier whose head was copied into
+    modules_to_save from a partitioned weight, LoRA / prompt tuning / AdaLoRA under FSDP2, LoRA
+    and QLoRA under ZeRO-2; plus the run's world size, strategy, per-rank memory, rank-0-only
+    report, and parameter counts equal to 1 process's (ZeRO-3 counts partitions whole)."""
+    method, task = RUNS[name]
+    strategy = name.rsplit("-", 1)[1]
+    one = reference(method, task)
     assert_two_process_run(runs[name], tiny / name, strategy)
     got = adapter(tiny / name)
     assert_same_adapter(got, adapter(one))
@@ -182,6 +211,60 @@ def test_two_processes_make_the_one_process_adapter(tiny, runs, reference, name)
         pattern = json.loads((tiny / name / "adapter" / "adapter_config.json").read_text())
         want = json.loads((one / "adapter" / "adapter_config.json").read_text())
         assert pattern["rank_pattern"] == want["rank_pattern"]
+    summary = json.loads((tiny / name / "summary.json").read_text())
+    want = json.loads((one / "summary.json").read_text())
+    counts = ("trainable_params", "all_params")
+    assert [summary[k] for k in counts] == [want[k] for k in counts]
+    trained = (
+        f"trainable params: {want['trainable_params']:,d} || all params: {want['all_params']:,d}"
+    )
+    assert trained in runs[name]
+
+
+def test_prompt_text_init_and_head_copy_read_whole_weights(tiny, runs, reference):
+    """Under ZeRO-3 the base weights are empty partitions from the load on: the prompt table
+    made from the text's embeddings and the classifier head copied into modules_to_save must
+    hold the real values (PEFT's #206/#1633 and #1450 would give empty or garbage tensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "llama")
+    ids = tok("the food was good")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(tiny / "llama")
+    want = base.get_input_embeddings().weight[torch.tensor((ids * 4)[:4])]
+    table = adapter(tiny / "prompt_tuning-zero3")["prompt_embeddings"]
+    assert table.shape == want.shape
+    # 2 steps at lr 1e-2 move each value by at most ~2e-2 (Adam): still the text's rows
+    assert (table - want).abs().max() < 0.05
+    head = [k for k in adapter(tiny / "cls-zero3") if k.endswith("score.weight")]
+    assert head and adapter(tiny / "cls-zero3")[head[0]].abs().sum() > 0
+
+
+def test_generation_under_zero3_matches_one_process(tiny, runs, reference):
+    """Generation (greedy, scored every epoch) with ZeRO-3 passes synced_gpus so the ranks
+    stay in step; before training the 2-process scores equal the 1-process ones exactly."""
+    assert_two_process_run(runs["gen-zero3"], tiny / "gen-zero3", "zero3")
+    got = json.loads((tiny / "gen-zero3" / "summary.json").read_text())["before_training"]
+    want = json.loads((reference("lora", "gen") / "summary.json").read_text())["before_training"]
+    got.pop("time_s"), want.pop("time_s")
+    assert got == want
+
+
+def test_merge_of_a_zero3_run_into_a_plain_base(tiny, runs, tmp_path):
+    """``peftkit merge`` of a ZeRO-3 run (one plain process, no DeepSpeed): the merged model
+    gives the adapted model's outputs."""
+    from transformers import AutoModelForCausalLM
+
+    import peftkit
+    from peftkit.cli import main
+
+    assert main(["merge", str(tiny / "lora-zero3"), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ours = peftkit.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny / "llama"), tiny / "lora-zero3" / "adapter"
+    ).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])

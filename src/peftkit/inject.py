@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .partitioned import gathered
+
 ALL_LINEAR = "all-linear"
 BASE_ADAPTER = "__base__"  # in a mixed batch: this row runs the base model
 _DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -209,7 +211,9 @@ class ModulesToSaveWrapper(nn.Module):
         self.add_adapter(adapter_name)
 
     def add_adapter(self, adapter_name: str) -> None:
-        copy_ = copy.deepcopy(self.original_module)
+        # under ZeRO-3 the weights are empty partitions: copy the gathered whole (peft #1450)
+        with gathered(self.original_module.parameters()):
+            copy_ = copy.deepcopy(self.original_module)
         copy_.requires_grad_(True)
         self.modules_to_save[adapter_name] = copy_
         self.original_module.requires_grad_(False)

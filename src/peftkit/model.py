@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, partitioned
 from .adapter_model import AdapterModel
 from .config import PeftConfig, TaskType, read_config
 from .methods import ADAPTER_MODELS
@@ -146,10 +146,11 @@ class PeftModel(nn.Module):
 
     # --- parameters ----------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; packed 4-bit weights count as their element count."""
+        """(trainable, all) parameter counts; packed 4-bit weights count as their element count,
+        ZeRO-3 partitioned ones as their whole size."""
         trainable = total = 0
         for param in self.parameters():
-            n = param.numel()
+            n = partitioned.numel(param)
             total += n
             if param.requires_grad:
                 trainable += n

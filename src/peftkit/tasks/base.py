@@ -207,13 +207,19 @@ class TaskSpec:
 
 @dataclasses.dataclass
 class EvalContext:
-    """What a task needs to run a model on rows: the unwrapped model, where, and how big."""
+    """What a task needs to run a model on rows: the unwrapped model, where, and how big.
+
+    ``lockstep``: the parameters are sharded over the processes (ZeRO-3, FSDP2), so every
+    forward is a collective that all processes must run together (generation passes
+    ``synced_gpus=True``: a process whose rows are done keeps stepping until all are).
+    """
 
     model: torch.nn.Module
     device: torch.device
     batch_size: int
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     progress: bool = False
+    lockstep: bool = False
 
 
 @dataclasses.dataclass

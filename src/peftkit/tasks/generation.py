@@ -82,7 +82,10 @@ def generate_texts(
             mask = pad([[1] * len(s) for s in seqs], 0, left=left).to(ctx.device)  # (B, T)
             with ctx.autocast():
                 generated = model.generate(
-                    input_ids=input_ids, attention_mask=mask, generation_config=config
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    synced_gpus=ctx.lockstep,  # sharded: every rank steps until all are done
                 )
             new = generated if encoder_decoder else generated[:, input_ids.shape[1] :]  # (B, N)
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)

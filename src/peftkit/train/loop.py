@@ -35,7 +35,7 @@ from ..checkpoint import atomic_write_text, save_tensors
 from ..progress import progress_bar
 from ..tasks.base import EvalContext, Task
 from .config import RunConfig
-from .distributed import check_prepared, full_weights, plan_of, prepare_for_strategy
+from .distributed import SHARDING, check_prepared, full_weights, plan_of, prepare_for_strategy
 from .distributed import make_accelerator as make_accelerator  # re-exported for train/__init__
 from .evaluate import SplitEvaluation, evaluate_split
 from .logger import RunLog
@@ -235,6 +235,8 @@ class Trainer:
             batch_size=self.config.eval_batch_size or self.config.batch_size,
             autocast=self.accelerator.autocast,
             progress=self.config.progress and self.accelerator.is_main_process,
+            lockstep=self.accelerator.num_processes > 1
+            and plan_of(self.accelerator).strategy in SHARDING,
         )
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

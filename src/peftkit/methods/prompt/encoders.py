@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ...config import PeftType
+from ...partitioned import gathered
 from .config import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -139,7 +140,8 @@ class PromptEmbedding(VirtualTokenEncoder):
             ids = torch.randint(0, word_embeddings.num_embeddings, (rows,))
         else:
             ids = torch.tensor(text_init_ids(config, rows))
-        with torch.no_grad():
+        # under ZeRO-3 the table is an empty partition: read it gathered (peft #206, #1633)
+        with torch.no_grad(), gathered([word_embeddings.weight]):
             rows_init = word_embeddings(ids.to(word_embeddings.weight.device))  # (N, D)
             self.embedding.weight.copy_(rows_init.float())
 
