@@ -109,6 +109,7 @@ class RunConfig:
     warmup_steps: int | None = None
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None

@@ -103,10 +103,15 @@ def attach_adapter(
     """Prepare a 4-bit base for training when quantised, then ``get_peft_model``."""
     from .. import get_peft_model
 
+    checkpointing = config.gradient_checkpointing
     if config.model.quantization is not None:
         from ..quant import prepare_model_for_kbit_training
 
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        from ..quant.model_quant import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     peft_config = build_peft_config(config, spec, total_steps)
     heads = getattr(spec.kind.task, "trained_heads", None)  # a head PEFT has no TaskType for
     if heads is not None and not getattr(peft_config, "modules_to_save", True):
