@@ -161,7 +161,7 @@ def worker(mode: str, steps: int, batch: int, seq: int) -> dict:
     _materialize(model)
     result: dict = {"mode": mode}
     if mode == "qlora":
-        quantize_model(model, "nf4")  # what load_base_model(..., quantization="nf4") does
+        quantize_model(model, "nf4")  # the model load_base_model(..., quantization="nf4") gives
     if mode == "lora":
         result["weights"] = _weight_report(model)
     if mode == "qlora":
