@@ -1,8 +1,9 @@
 """``accelerate launch`` with the shipped accelerate configs, as a user types it: DDP (2 processes
 over gloo on CPU) and ZeRO-3 with CPU offload train the same adapter as one process with the two
 shards' batches together, the run YAML needing no ``distributed`` block (the strategy and offload
-come from the accelerate config, and summary.json says so); a YAML that disagrees with the
-accelerate config stops before training.
+come from the accelerate config, and summary.json says so), and score the eval rows (5, shared
+unevenly: DDP without padding, ZeRO-3 with a padding batch) exactly as one process does; a YAML
+that disagrees with the accelerate config stops before training.
 
 The workers are fresh interpreters, not forks of pytest: a fork of a process whose OpenMP
 thread pool is already running can deadlock in its first parallel op.
@@ -28,7 +29,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
 def _recipe(root: Path, name: str, batch: int, **extra) -> Path:
     task = {"type": "causal_lm", "block_size": 8}
-    data = {"train": {"path": str(root / "corpus.txt"), "text_split": "line"}}
+    data = {"train": {"path": str(root / "corpus.txt"), "text_split": "line"}, "eval_size": 5}
     method = {**method_block("lora"), "lora_dropout": 0.0}
     config = base_config(
         root / "llama",
@@ -42,6 +43,8 @@ def _recipe(root: Path, name: str, batch: int, **extra) -> Path:
         plots=False,
         tensorboard=False,
         max_grad_norm=None,
+        eval_before_training=True,  # 5 eval rows in 3 batches of 2: shared unevenly by 2 ranks
+        eval_batch_size=2,
         **extra,
     )
     path = root / f"{name}.yaml"
@@ -96,6 +99,9 @@ def test_accelerate_launch_matches_one_process(tiny, config, strategy, offload, 
         strategy,
         offload,
     )
+    # the evaluation, its batches shared out and gathered, is 1 process's to the last bit
+    before = json.loads((tiny / "one" / "summary.json").read_text())["before_training"]
+    assert {**summary["before_training"], "time_s": 0} == {**before, "time_s": 0}
     got, want = _adapter(tiny / name), _adapter(tiny / "one")
     assert got.keys() == want.keys()
     for key in want:

@@ -53,7 +53,7 @@ def _task(root: Path, kind: str) -> tuple[dict, dict]:
     """(task block, data block): a causal LM on lines, a decoder classifier, a generator."""
     if kind == "cls":  # LlamaForSequenceClassification: its `score` head is in modules_to_save
         task = {"type": "seq_cls", "text": "{review}", "label": "label"}
-        return task, {"train": str(root / "reviews.csv")}
+        return task, {"train": str(root / "reviews.csv"), "eval_size": 5}
     if kind == "gen":  # evaluation generates (greedy) and scores the text
         task = {"type": "causal_lm_gen", "text": "{mr} :", "target": "{ref}", "max_new_tokens": 4}
         data = {"train": str(root / "e2e.csv"), "eval_size": 5}
@@ -85,7 +85,7 @@ def _config(
         tensorboard=False,
         max_grad_norm=None,
     )
-    if task == "gen":
+    if task in ("cls", "gen"):  # 5 eval rows in 3 batches: 2 for rank 0, 1 (+ padding) for 1
         config.update(eval_before_training=True, eval_batch_size=2)
     config.update(top)
     if strategy is not None:
@@ -239,14 +239,30 @@ def test_prompt_text_init_and_head_copy_read_whole_weights(tiny, runs, reference
     assert head and adapter(tiny / "cls-zero3")[head[0]].abs().sum() > 0
 
 
-def test_generation_under_zero3_matches_one_process(tiny, runs, reference):
-    """Generation (greedy, scored every epoch) with ZeRO-3 passes synced_gpus so the ranks
-    stay in step; before training the 2-process scores equal the 1-process ones exactly."""
-    assert_two_process_run(runs["gen-zero3"], tiny / "gen-zero3", "zero3")
-    got = json.loads((tiny / "gen-zero3" / "summary.json").read_text())["before_training"]
-    want = json.loads((reference("lora", "gen") / "summary.json").read_text())["before_training"]
+@pytest.mark.parametrize("name", ["cls-zero3", "gen-zero3"])
+def test_sharded_evaluation_equals_one_process(tiny, runs, reference, name):
+    """Evaluation rows are shared out by batch (5 rows, batches of 2: rank 0 runs batches 0 and
+    2, rank 1 batch 1 and a padding batch, ZeRO-3 needing every rank in every forward) and
+    gathered in order: before training the scores equal 1 process's exactly (decoded labels;
+    greedy generation with synced_gpus), and each eval predictions file has every row once, in
+    the 1-process order."""
+    import csv
+
+    one = reference("lora", name.split("-")[0])
+    assert_two_process_run(runs[name], tiny / name, "zero3")
+    got = json.loads((tiny / name / "summary.json").read_text())["before_training"]
+    want = json.loads((one / "summary.json").read_text())["before_training"]
     got.pop("time_s"), want.pop("time_s")
-    assert got == want
+    assert got == want and len(got) > 3  # eval_loss, eval_ppl and the task's metrics
+
+    def rows(folder: Path) -> list[dict]:
+        with open(folder / "predictions_eval.csv", newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+
+    mine, theirs = rows(tiny / name), rows(one)
+    assert len(mine) == 5
+    columns = [c for c in theirs[0] if c not in ("prediction", "correct")]
+    assert [[r[c] for c in columns] for r in mine] == [[r[c] for c in columns] for r in theirs]
 
 
 def test_merge_of_a_zero3_run_into_a_plain_base(tiny, runs, tmp_path):
@@ -305,3 +321,19 @@ def test_zero3_resume_continues_exactly(tiny, runs):
     assert (step2 / "deepspeed").is_dir() and (step2 / "adapter").is_dir()
     assert runs["z3-resumed"].count("resumed from") == 1
     assert_same_adapter(adapter(tiny / "z3-resumed"), adapter(tiny / "z3-full"), rel=1e-6)
+
+
+def test_eval_batches_are_shared_out_once():
+    """Each process runs every world-th batch from its rank (nothing run twice); under sharded
+    parameters the shorter share is padded (None) so every rank runs as many forwards."""
+    from peftkit.tasks.base import EvalContext
+
+    def ctx(rank: int, lockstep: bool) -> EvalContext:
+        return EvalContext(None, torch.device("cpu"), 2, lockstep=lockstep, rank=rank, world=2)
+
+    assert [ctx(r, False).shard(3) for r in (0, 1)] == [[0, 2], [1]]
+    assert [ctx(r, True).shard(3) for r in (0, 1)] == [[0, 2], [1, None]]
+    assert [ctx(r, True).shard(4) for r in (0, 1)] == [[0, 2], [1, 3]]
+    assert ctx(0, True).shard(0) == []
+    one = EvalContext(None, torch.device("cpu"), 2)
+    assert one.shard(3) == [0, 1, 2] and one.gather([(4, "b"), (0, "a")]) == ["a", "b"]

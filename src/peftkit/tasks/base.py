@@ -209,9 +209,17 @@ class TaskSpec:
 class EvalContext:
     """What a task needs to run a model on rows: the unwrapped model, where, and how big.
 
+    With several processes (``world`` > 1) each runs every ``world``-th batch from its ``rank``
+    and the results are gathered back in batch order, so the metrics are those of one process
+    running every batch (the same batches, summed in the same order)::
+
+        batches  0 1 2 3 4         rank 0: 0 2 4      rank 1: 1 3 (0)   (0) = padding, dropped
+        gather ─> 0 1 2 3 4 ─> loss, predictions, metrics
+
     ``lockstep``: the parameters are sharded over the processes (ZeRO-3, FSDP2), so every
-    forward is a collective that all processes must run together (generation passes
-    ``synced_gpus=True``: a process whose rows are done keeps stepping until all are).
+    forward is a collective that all processes must run together: a process with fewer batches
+    runs a padding batch (batch 0 again, its result dropped), and generation passes
+    ``synced_gpus=True`` (a process whose rows are done keeps stepping until all are).
     """
 
     model: torch.nn.Module
@@ -220,6 +228,24 @@ class EvalContext:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     progress: bool = False
     lockstep: bool = False
+    rank: int = 0
+    world: int = 1
+
+    def shard(self, batches: int) -> list[int | None]:
+        """The batch indices (of ``batches``) this process runs; None marks a padding batch."""
+        mine: list[int | None] = list(range(self.rank, batches, self.world))
+        if self.lockstep and batches:
+            mine += [None] * (math.ceil(batches / self.world) - len(mine))
+        return mine
+
+    def gather(self, results: list[tuple[int, Any]]) -> list[Any]:
+        """Every process's ``(batch index, result)`` pairs, as results in batch order. Every
+        process must call it (a collective when ``world`` > 1)."""
+        if self.world > 1:
+            parts: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(parts, results)
+            results = [pair for part in parts for pair in part]
+        return [result for _, result in sorted(results, key=lambda pair: pair[0])]
 
 
 @dataclasses.dataclass
@@ -373,27 +399,34 @@ def forward_batches(
 ) -> Iterator[tuple[range, dict[str, torch.Tensor], Any]]:
     """THE batch runner: the model over ``features`` in eval mode without gradients,
     ``ctx.batch_size`` at a time; yields ``(feature indices, batch, outputs)`` and restores the
-    model's mode after."""
+    model's mode after. With several processes, this process's share of the batches
+    (:meth:`EvalContext.shard`; padding batches run but are not yielded): gather the results
+    with :meth:`EvalContext.gather`, keyed by ``indices.start``."""
     model = ctx.model
     was_training = model.training
     model.eval()
+    pieces = list(chunks(len(features), ctx.batch_size))
     try:
-        for piece in chunks(len(features), ctx.batch_size):
+        for index in ctx.shard(len(pieces)):
+            piece = pieces[0 if index is None else index]
             batch = task.collate([features[i] for i in piece])
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
             with torch.no_grad(), ctx.autocast():
                 outputs = model(**batch)
-            yield piece, batch, outputs
+            if index is not None:
+                yield piece, batch, outputs
     finally:
         model.train(was_training)
 
 
 def decode_all(ctx: EvalContext, task: Task, features: Sequence[dict[str, Any]]) -> list[Any]:
-    """:meth:`Task.decode` over every batch of ``features``: one prediction per feature."""
-    decoded: list[Any] = []
-    for piece, batch, outputs in forward_batches(ctx, task, features):
-        decoded += task.decode([features[i] for i in piece], batch, outputs)
-    return decoded
+    """:meth:`Task.decode` over every batch of ``features``: one prediction per feature (from
+    every process's batches, in order)."""
+    parts = [
+        (piece.start, task.decode([features[i] for i in piece], batch, outputs))
+        for piece, batch, outputs in forward_batches(ctx, task, features)
+    ]
+    return [p for part in ctx.gather(parts) for p in part]
 
 
 def run_eval(
@@ -403,16 +436,21 @@ def run_eval(
 
     One pass of :func:`forward_batches` gives the teacher-forced loss, weighted by each batch's
     target count (the exact per-token mean), and the decoded predictions; a generating task
-    generates its predictions after it. Returns ``({"eval_loss", "eval_ppl", **task metrics},
+    generates its predictions after it. With several processes each runs its share of the
+    batches and every process gets every row's result, in order (no row twice, none dropped). Returns ``({"eval_loss", "eval_ppl", **task metrics},
     EvalResult)``.
     """
-    total, count = 0.0, 0
-    decoded: list[Any] = []
+    parts = []
     for piece, batch, outputs in forward_batches(ctx, task, features):
         n = task.count_targets(batch)
-        total += float(outputs.loss.float()) * n
+        decoded_batch = task.decode([features[i] for i in piece], batch, outputs)
+        parts.append((piece.start, (float(outputs.loss.float()) * n, n, decoded_batch)))
+    total, count = 0.0, 0
+    decoded: list[Any] = []
+    for loss_sum, n, decoded_batch in ctx.gather(parts):  # batch order: one process's sums
+        total += loss_sum
         count += n
-        decoded += task.decode([features[i] for i in piece], batch, outputs)
+        decoded += decoded_batch
     eval_loss = total / max(count, 1)
     predictions = task.predict(ctx, task.scored_rows(records)) if task.generates else decoded
     result = task.score(records, predictions, eval_loss)

@@ -7,7 +7,8 @@ start at the same column::
     [pad pad p1 p2 p3] -> generate -> [pad pad p1 p2 p3 | n1 n2 eos]   keep columns after the prompt
 
 Rows are sorted by length before batching to keep padding small; results come back in input
-order. Decoding stops at EOS; special tokens are dropped and whitespace stripped.
+order. With several processes each generates its share of the batches (``EvalContext.shard``)
+and all results are gathered. Decoding stops at EOS; special tokens are dropped and whitespace stripped.
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ def generate_texts(
     out: list[str] = [""] * len(prompts)
     left = not encoder_decoder
     bar = progress_bar(len(prompts), desc=desc, unit="row", leave=False, enabled=ctx.progress)
+    pieces = list(chunks(len(order), ctx.batch_size))
+    done: list[tuple[int, tuple[list[int], list[str]]]] = []
     try:
-        for piece in chunks(len(order), ctx.batch_size):
-            rows = [order[i] for i in piece]
+        for index in ctx.shard(len(pieces)):  # several processes: this one's batches
+            rows = [order[i] for i in pieces[0 if index is None else index]]
             seqs = [list(prompts[i]) for i in rows]
             input_ids = pad(seqs, tokenizer.pad_token_id, left=left).to(ctx.device)  # (B, T)
             mask = pad([[1] * len(s) for s in seqs], 0, left=left).to(ctx.device)  # (B, T)
@@ -89,10 +92,13 @@ def generate_texts(
                 )
             new = generated if encoder_decoder else generated[:, input_ids.shape[1] :]  # (B, N)
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for i, text in zip(rows, texts):
-                out[i] = text.strip()
+            if index is not None:  # None: a padding batch, run to keep the ranks in step
+                done.append((index, (rows, [t.strip() for t in texts])))
             bar.update(len(rows))
     finally:
         bar.close()
         model.train(was_training)
+    for rows, texts in ctx.gather(done):  # every process's batches, in order
+        for i, text in zip(rows, texts):
+            out[i] = text
     return out

@@ -237,6 +237,8 @@ class Trainer:
             progress=self.config.progress and self.accelerator.is_main_process,
             lockstep=self.accelerator.num_processes > 1
             and plan_of(self.accelerator).strategy in SHARDING,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
         )
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
