@@ -90,31 +90,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--processes", default="1,2")
+    parser.add_argument(
+        "--variants",
+        default=",".join(s + (f"+{o}" if o != "none" else "") for s, o in VARIANTS),
+        help="strategies to run, e.g. ddp,zero3,zero3+cpu",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "scaling.json"))
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="peftkit-scaling-"))
     if args.recipe:
-        from peftkit.train.config import apply_overrides, read_yaml
+        from peftkit.train.config import apply_overrides, read_yaml, resolve_path
 
         recipe = apply_overrides(read_yaml(args.recipe), args.set)
-        for split in ("train", "eval", "test"):  # paths relative to the recipe's folder
+        for split in ("train", "eval", "test"):  # found as `peftkit train` finds them
             source = (recipe.get("data") or {}).get(split)
-            if (
-                isinstance(source, dict)
-                and source.get("path")
-                and not Path(source["path"]).is_absolute()
-            ):
-                source["path"] = str((Path(args.recipe).parent / source["path"]).resolve())
+            if isinstance(source, dict) and source.get("path"):
+                found = resolve_path(source["path"], str(Path(args.recipe).parent))
+                if found is not None:
+                    source["path"] = str(found.resolve())
     else:
         recipe = tiny_recipe(root)
     rows = []
     for processes in [int(p) for p in args.processes.split(",")]:
-        for strategy, offload in VARIANTS:
-            name = strategy + (f"+{offload}" if offload != "none" else "")
+        for name in args.variants.split(","):
             row = run(recipe, root, name, processes, args.steps, args.batch)
             rows.append(row)
             peaks = " ".join(
-                f"r{p['rank']}={p['cpu_peak_mb']}MB" for p in row.get("rank_peaks", [])
+                f"r{p['rank']}={p['cpu_peak_mb']}MB (anon {p.get('cpu_anon_peak_mb')})"
+                for p in row.get("rank_peaks", [])
             )
             print(
                 f"{processes} proc {name:10s} step {row.get('step_time_s', 'ERR')} s  {peaks}",
