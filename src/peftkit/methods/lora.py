@@ -42,7 +42,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..inject import check_mixed_batch
-from . import dora
+from . import dora, lora_fused
 
 
 @dataclasses.dataclass
@@ -573,6 +573,29 @@ class LoraLinear(LoraLayer):
             name
         ]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One active plain adapter on an ``nn.Linear``: the fused node of
+        :mod:`peftkit.methods.lora_fused` (same maths, fewer passes); otherwise the plain path."""
+        if not args and not kwargs and self.batch_adapters is None:
+            self._prepare_forward()
+            active = self._active()
+            if len(active) == 1 and active[0] not in self.lora_magnitude_vector:
+                name = active[0]
+                if lora_fused.fast_path_ok(self, name, x):
+                    base = self.base_layer
+                    p = self.lora_dropout_p[name] if self.training else 0.0
+                    return lora_fused.lora_linear(
+                        x,
+                        base.weight,
+                        base.bias,
+                        self.lora_A[name].weight,
+                        self.lora_B[name].weight,
+                        self.scaling[name],
+                        p,
+                        lambda: base.weight,
+                    )
+        return super().forward(x, *args, **kwargs)
 
     def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
