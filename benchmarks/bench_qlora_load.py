@@ -85,7 +85,12 @@ def load_worker(mode: str, folder: str) -> dict:
     before = status_mb()
     start = time.perf_counter()
     if mode == "peftkit":
-        model, _ = load_base_model(folder, dtype="bfloat16", quantization="nf4")
+        from peftkit.models import tokenizer_folder
+
+        tok = tokenizer_folder("smollm2-135m")  # random weights: any Llama tokenizer will do
+        model, _ = load_base_model(
+            folder, dtype="bfloat16", quantization="nf4", tokenizer_name_or_path=tok
+        )
     elif mode == "peftkit_old":
         from transformers import AutoModelForCausalLM
 
@@ -125,7 +130,7 @@ def load_worker(mode: str, folder: str) -> dict:
     }
 
 
-def part_load(folder: Path) -> dict:
+def part_load(folder: Path, modes: list[str]) -> dict:
     if (
         not (folder / "model.safetensors.index.json").is_file()
         and not (folder / "model.safetensors").is_file()
@@ -136,7 +141,7 @@ def part_load(folder: Path) -> dict:
         )
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / MB
     runs = {}
-    for mode in LOAD_MODES:
+    for mode in modes:
         print(f"loading: {mode} ...", flush=True)
         out = subprocess.run(
             [sys.executable, __file__, "--load-worker", mode, str(folder)],
@@ -238,6 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="load,trainer")
     parser.add_argument("--folder", default="/tmp/peftkit_llama1b_bf16")
+    parser.add_argument("--load-modes", default=",".join(LOAD_MODES))
     parser.add_argument("--make-checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--load-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -249,7 +255,7 @@ def main() -> None:
         return
     parts, new = args.parts.split(","), {}
     if "load" in parts:
-        new["load_1b1_bf16"] = part_load(Path(args.folder))
+        new["load_1b1_bf16"] = part_load(Path(args.folder), args.load_modes.split(","))
     if "trainer" in parts:
         with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
             new["trainer_smollm2"] = part_trainer(Path(tmp))
