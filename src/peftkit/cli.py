@@ -4,8 +4,9 @@
 
     peftkit train    CONFIG.yaml [key=value ...] [--resume [CKPT]] [--overwrite] [--check]
     peftkit eval     RUN|CONFIG.yaml [key=value ...] [--split eval|test] [--no-adapter]
-    peftkit generate RUN|ADAPTER (--prompt TEXT ... | --input FILE | --image FILE ...)
-    peftkit merge    RUN|ADAPTER --output DIR [--dtype float32|bfloat16|float16]
+    peftkit generate RUN|ADAPTER (--prompt TEXT ... | --input FILE | --image FILE ... | --chat)
+    peftkit merge    RUN|ADAPTER [--output DIR] [--gguf OUT.gguf] [--dtype ...]
+    peftkit export   RUN|ADAPTER --gguf-lora OUT.gguf [--dtype f32|f16]
     peftkit inspect  RUN|ADAPTER|CONFIG.yaml [key=value ...]
 
 Exit status: 0 success, 1 a runtime error (message on stderr), 2 a bad config or command line
@@ -107,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model to load instead of the run's / adapter's")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
     p.add_argument("--no-adapter", action="store_true", help="generate with the base model alone")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="talk to the model: each stdin line is a user turn rendered with the chat "
+        "template (the run's task.chat_template, else the tokenizer's); /reset starts over, "
+        "/exit (or end of input) stops",
+    )
 
     p = sub.add_parser(
         "merge",
@@ -116,7 +124,16 @@ def _parser() -> argparse.ArgumentParser:
         "A QLoRA adapter is merged into the full-precision base.",
     )
     p.add_argument("target", help="a run folder or an adapter folder")
-    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--output", help="folder for the merged model")
+    p.add_argument(
+        "--gguf",
+        metavar="OUT.gguf",
+        help="write the merged model as one GGUF file for llama.cpp (weights, tokenizer, "
+        "chat template; Llama / Mistral / Qwen2) instead of, or besides, --output",
+    )
+    p.add_argument(
+        "--gguf-dtype", choices=("f16", "f32"), default="f16", help="GGUF weights (default f16)"
+    )
     p.add_argument("--model", help="base model to load instead of the run's / adapter's")
     p.add_argument(
         "--dtype",
@@ -125,6 +142,21 @@ def _parser() -> argparse.ArgumentParser:
         help="dtype of the saved weights (default: the base model's)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    p = sub.add_parser(
+        "export",
+        help="write an adapter for local inference (llama.cpp's LoRA GGUF)",
+        description="Write a LoRA adapter as a llama.cpp LoRA-adapter GGUF file (tensors "
+        "blk.N.<name>.weight.lora_a / lora_b, adapter.lora.alpha), to use with the base "
+        "model's GGUF: llama-cli -m BASE.gguf --lora OUT.gguf.",
+    )
+    p.add_argument("target", help="a run folder or an adapter folder")
+    p.add_argument("--gguf-lora", required=True, metavar="OUT.gguf", help="the file to write")
+    p.add_argument(
+        "--dtype", choices=("f32", "f16"), default="f32", help="A and B tensors (default f32)"
+    )
+    p.add_argument("--model", help="base model to load instead of the run's / adapter's")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     p = sub.add_parser(
         "inspect",
@@ -261,9 +293,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .tasks.generation import generate_texts, is_encoder_decoder
     from .train.inference import load_for_inference, restore_task_state
 
-    if not args.prompt and not args.input and not args.image:
-        raise _usage("give --prompt TEXT (repeatable), --input FILE or --image FILE ...")
+    if not args.prompt and not args.input and not args.image and not args.chat:
+        raise _usage("give --prompt TEXT (repeatable), --input FILE, --image FILE ... or --chat")
     target, config, spec = _load_target(args)
+    if args.chat:
+        return _chat(args, target, config, spec)
     if args.image and (spec is None or spec.name != "image_cls"):
         raise _usage("--image needs a run of task.type image_cls")
     if target.adapter_dir is None and not args.no_adapter:
@@ -308,6 +342,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         for out in outputs:
             print(out.replace("\n", "\\n"))
+    return 0
+
+
+def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
+    """``generate --chat``: an interactive conversation with the (adapted) model on stdin."""
+    from .tasks import TASK_TYPES, EvalContext, TaskSpec
+    from .tasks.chat import ChatOptions, ChatTask, chat_loop
+    from .train.inference import load_for_inference
+
+    if spec is not None and not spec.kind.writes_text:
+        raise _usage(f"--chat needs a text-generating model; this run's task is {spec.name}")
+    if target.adapter_dir is None and not args.no_adapter:
+        raise _usage(f"{args.target} has no adapter yet: train first, or pass --no-adapter")
+    loaded = load_for_inference(
+        target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
+    )
+    task = loaded.task
+    if not isinstance(task, ChatTask):  # any causal LM run: the tokenizer's own template
+        task = TaskSpec(TASK_TYPES["chat"], ChatOptions()).build(loaded.tokenizer, loaded.model)
+    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=1)
+    loaded.model.to(ctx.device)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: type a message; /reset starts over, /exit quits", file=sys.stderr)
+
+    def ask() -> None:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+
+    def answer(text: str) -> None:
+        print(text, flush=True)
+
+    chat_loop(task, ctx, sys.stdin, answer, max_new_tokens=args.max_new_tokens, prompt=ask)
     return 0
 
 
@@ -359,8 +426,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise _usage(f"{args.target} holds no adapter to merge")
     if spec is not None:
         spec = restore_task_state(spec, target) or spec
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    if not args.output and not args.gguf:
+        raise _usage("give --output DIR (a transformers folder) and/or --gguf OUT.gguf")
+    if args.gguf and Path(args.gguf).exists() and not args.overwrite:
+        raise _usage(f"--gguf {args.gguf} exists; pass --overwrite or another file")
+    out = Path(args.output) if args.output else None
+    if out is not None and out.exists() and any(out.iterdir()) and not args.overwrite:
         raise _usage(f"--output {out} exists and is not empty; pass --overwrite or another folder")
     loaded = load_for_inference(
         target, config, spec, model_name=args.model, dtype=args.dtype, quantization=False
@@ -370,6 +441,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
         import torch
 
         merged.to(getattr(torch, args.dtype))
+    if args.gguf:
+        from .export import write_model_gguf
+
+        path = write_model_gguf(
+            merged,
+            loaded.tokenizer,
+            args.gguf,
+            dtype=args.gguf_dtype,
+            source_gguf=_source_gguf(args, target, config),
+            chat_template=_chat_template(spec),
+        )
+        print(f"merged {target.adapter_dir} -> {path} (GGUF {args.gguf_dtype}, for llama.cpp)")
+    if out is None:
+        return 0
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -381,6 +466,58 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(
         f"merged {target.adapter_dir} into {type(merged).__name__} -> {out} "
         f"(load with transformers' from_pretrained)"
+    )
+    return 0
+
+
+def _base_name(args: argparse.Namespace, target: Any, config: Any) -> str | None:
+    from .config import read_config
+
+    if args.model:
+        return args.model
+    if config is not None:
+        return config.model.name
+    return read_config(target.adapter_dir).base_model_name_or_path if target.adapter_dir else None
+
+
+def _source_gguf(args: argparse.Namespace, target: Any, config: Any) -> Path | None:
+    """The GGUF file the base model was read from (its tokenizer fields are copied), if any."""
+    from .models import resolve_model
+
+    name = _base_name(args, target, config)
+    try:
+        source = resolve_model(name) if name else None
+    except (OSError, ValueError):
+        return None
+    return Path(source.path) / source.gguf_file if source and source.gguf_file else None
+
+
+def _chat_template(spec: Any) -> str | None:
+    """The run's own chat template (``task.chat_template``), if it set one."""
+    template = getattr(getattr(spec, "options", None), "chat_template", None)
+    if not template:
+        return None
+    from .tasks.chat import load_template
+
+    return load_template(template)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import write_lora_gguf
+    from .train.inference import load_for_inference, restore_task_state
+
+    target, config, spec = _load_target(args)
+    if target.adapter_dir is None:
+        raise _usage(f"{args.target} holds no adapter to export")
+    if Path(args.gguf_lora).exists() and not args.overwrite:
+        raise _usage(f"--gguf-lora {args.gguf_lora} exists; pass --overwrite or another file")
+    if spec is not None:
+        spec = restore_task_state(spec, target) or spec
+    loaded = load_for_inference(target, config, spec, model_name=args.model, quantization=False)
+    path = write_lora_gguf(loaded.model, args.gguf_lora, dtype=args.dtype)
+    print(
+        f"exported {target.adapter_dir} -> {path} (llama.cpp LoRA adapter, {args.dtype}); use "
+        "it with the base model's GGUF: llama-cli -m BASE.gguf --lora " + str(path)
     )
     return 0
 
@@ -438,6 +575,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "merge": cmd_merge,
+    "export": cmd_export,
     "inspect": cmd_inspect,
 }
 

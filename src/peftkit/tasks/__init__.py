@@ -11,6 +11,7 @@ task.type       what                                        metrics
 causal_lm       plain text, next-token prediction           perplexity
 causal_lm_cls   prompt -> label text (RAFT, SMS spam)       accuracy, macro-F1
 causal_lm_gen   prompt -> free text (E2E NLG)               ROUGE-L, BLEU
+chat            conversations, chat template, answers only  perplexity (+ EM, ROUGE-L)
 seq_cls         text -> class id, trained head (SST-2)      accuracy, macro-F1
 seq2seq         source -> target on T5 / BART               ROUGE-L, BLEU
 token_cls       words -> one tag each, trained head (NER)   entity F1, accuracy
@@ -29,6 +30,7 @@ from .base import EvalContext, EvalResult, Task, TaskKind, TaskSpec, forward_bat
 from .causal_lm import CausalLM
 from .causal_lm_cls import CausalLMClassification
 from .causal_lm_gen import CausalLMGeneration
+from .chat import ChatTask
 from .image_cls import ImageClassification
 from .qa import ExtractiveQA
 from .seq2seq import Seq2Seq
@@ -46,6 +48,8 @@ TASK_TYPES: dict[str, TaskKind] = {
         TaskKind("causal_lm",     CausalLM,                 TaskType.CAUSAL_LM,       _CAUSAL),
         TaskKind("causal_lm_cls", CausalLMClassification,   TaskType.CAUSAL_LM,       _CAUSAL),
         TaskKind("causal_lm_gen", CausalLMGeneration,       TaskType.CAUSAL_LM,       _CAUSAL),
+        TaskKind("chat",          ChatTask,                 TaskType.CAUSAL_LM,       _CAUSAL,
+                 aliases=("instruction",)),
         TaskKind("seq_cls",       SequenceClassification,   TaskType.SEQ_CLS,
                  "AutoModelForSequenceClassification"),
         TaskKind("seq2seq",       Seq2Seq,                  TaskType.SEQ_2_SEQ_LM,    _SEQ2SEQ),
