@@ -101,7 +101,7 @@ def _lite0(random: bool = False) -> torch.nn.Module:
 def test_zero_shot_cifar_far_above_chance():
     test = _rows("test")
     assert zero_shot_accuracy(_lite0(), test) > 0.3  # measured 0.39; chance 0.10
-    assert zero_shot_accuracy(_lite0(random=True), test) < 0.2
+    assert zero_shot_accuracy(_lite0(random=True), test[::4]) < 0.2  # 50 images suffice
 
 
 def test_linear_probe_far_above_chance():
