@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 # script, arguments for a full run, arguments for --quick
 BENCHMARKS = [
     ("bench_lora.py", [], ["--quick"]),
+    ("bench_lora_step.py", ["--layers", "8"], ["--layers", "2", "--repeats", "2"]),
     ("bench_mixed_batch.py", [], []),
     ("bench_prompt_generate.py", [], ["--quick", "--repeats", "3"]),
     ("bench_qlora.py", [], ["--steps", "10"]),
