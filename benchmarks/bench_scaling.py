@@ -43,7 +43,15 @@ def tiny_recipe(root: Path) -> dict:
     return base_config(root / "llama", root / "out", task, data, method_block("lora"))
 
 
-def run(recipe: dict, root: Path, name: str, processes: int, steps: int, batch: int) -> dict:
+def run(
+    recipe: dict,
+    root: Path,
+    name: str,
+    processes: int,
+    steps: int,
+    batch: int,
+    threads: int | None = None,
+) -> dict:
     config = dict(recipe)
     strategy, offload = name.split("+") if "+" in name else (name, "none")
     config.update(
@@ -55,7 +63,7 @@ def run(recipe: dict, root: Path, name: str, processes: int, steps: int, batch: 
         plots=False,
         tensorboard=False,
         progress=False,
-        num_threads=max(1, (os.cpu_count() or 2) // processes),
+        num_threads=threads or max(1, (os.cpu_count() or 2) // processes),
         distributed={"strategy": strategy, "offload": offload},
     )
     config.setdefault("data", {}).pop("test", None)
@@ -91,6 +99,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--processes", default="1,2")
     parser.add_argument(
+        "--threads",
+        type=int,
+        help="threads per process (default: the CPUs shared out; on a busy machine 1 each "
+        "compares processes at equal compute)",
+    )
+    parser.add_argument(
         "--variants",
         default=",".join(s + (f"+{o}" if o != "none" else "") for s, o in VARIANTS),
         help="strategies to run, e.g. ddp,zero3,zero3+cpu",
@@ -113,7 +127,7 @@ def main() -> None:
     rows = []
     for processes in [int(p) for p in args.processes.split(",")]:
         for name in args.variants.split(","):
-            row = run(recipe, root, name, processes, args.steps, args.batch)
+            row = run(recipe, root, name, processes, args.steps, args.batch, args.threads)
             rows.append(row)
             peaks = " ".join(
                 f"r{p['rank']}={p['cpu_peak_mb']}MB (anon {p.get('cpu_anon_peak_mb')})"
@@ -130,6 +144,7 @@ def main() -> None:
         "global_batch": args.batch,
         "steps": args.steps,
         "cpus": os.cpu_count(),
+        "threads_per_process": args.threads or "cpus / processes",
         "runs": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
