@@ -8,8 +8,9 @@ run (default: runs/lora_chat_e2e_smollm2, from examples/lora_chat_e2e_smollm2.ya
     adapter.gguf     peftkit export RUN --gguf-lora               llama.cpp's LoRA layout
 
 then generates greedily for a few chat prompts with peftkit's merged PyTorch model and with
-llama.cpp on (1) merged.gguf, (2) base.gguf + adapter.gguf, (3) the bundled Q4_1 GGUF +
-adapter.gguf, and prints the continuations and whether they match.
+llama.cpp on (1) merged.gguf, (2) base.gguf + adapter.gguf, (3) base.gguf alone (a control:
+should differ where the adapter matters), (4) the bundled Q4_1 GGUF + adapter.gguf, and prints
+the continuations and whether they match.
 
     .venv/bin/python benchmarks/llama_cpp_check.py [RUN] [--tokens 32] [--json OUT.json]
 """
@@ -50,8 +51,8 @@ def main() -> int:
 
     from peftkit.export import write_model_gguf
     from peftkit.models import load_base_model, resolve_model
-    from peftkit.tasks import EvalContext
-    from peftkit.tasks.chat import ChatTask
+    from peftkit.tasks import TASK_TYPES, EvalContext, TaskSpec
+    from peftkit.tasks.chat import ChatOptions, ChatTask
     from peftkit.train.inference import find_target, load_for_inference, run_config, spec_for
 
     torch.set_num_threads(2)
@@ -61,16 +62,18 @@ def main() -> int:
     peftkit("export", args.run, "--gguf-lora", str(out / "adapter.gguf"))
     target = find_target(args.run)
     config = run_config(target, [])
-    spec = spec_for(config)
-    source = resolve_model(config.model.name)
+    spec = spec_for(config) if config is not None else None
+    name = config.model.name if config is not None else "smollm2-135m"
+    source = resolve_model(name)
     bundled = Path(source.path) / source.gguf_file
-    base, tok = load_base_model(config.model.name, dtype="float32")
+    base, tok = load_base_model(name, dtype="float32")
     write_model_gguf(base, tok, out / "base.gguf", dtype="f32", source_gguf=bundled)
     print(f"exports written to {out} in {time.perf_counter() - start:.0f} s")
 
     loaded = load_for_inference(target, config, spec)
     task = loaded.task
-    assert isinstance(task, ChatTask)
+    if not isinstance(task, ChatTask):  # a bare adapter / other task: the tokenizer's template
+        task = TaskSpec(TASK_TYPES["chat"], ChatOptions()).build(loaded.tokenizer, loaded.model)
     model = loaded.model.merge_and_unload().eval()
     ctx = EvalContext(model=model, device=torch.device("cpu"), batch_size=1)
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
@@ -83,6 +86,7 @@ def main() -> int:
             "model_path": str(out / "base.gguf"),
             "lora_path": str(out / "adapter.gguf"),
         },
+        "base.gguf alone (control)": {"model_path": str(out / "base.gguf")},
         "bundled Q4_1 + adapter.gguf": {
             "model_path": str(bundled),
             "lora_path": str(out / "adapter.gguf"),
