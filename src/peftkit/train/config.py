@@ -39,6 +39,8 @@ METHOD_TYPES: dict[str, str] = {
     "p_tuning": "P_TUNING",
     "prefix_tuning": "PREFIX_TUNING",
 }
+# method.type -> the base model's quantisation when model.quantization is not set.
+METHOD_DEFAULT_QUANTIZATION: dict[str, str] = {"qlora": "nf4"}
 # Config-class fields the run fills in itself; setting them in the YAML is an error.
 _METHOD_FIELDS_SET_BY_RUN = ("task_type", "peft_type", "inference_mode", "base_model_name_or_path")
 
@@ -252,9 +254,9 @@ def check_config(
     values["task"] = _check_task(raw.get("task"), problems)
     values["method"] = _check_method(raw.get("method"), problems)
     model = values.get("model")
-    if (values["method"] or {}).get("type") == "qlora" and isinstance(model, dict):
-        if model.get("quantization") is None:
-            model["quantization"] = "nf4"
+    default_quantization = METHOD_DEFAULT_QUANTIZATION.get((values["method"] or {}).get("type"))
+    if default_quantization and isinstance(model, dict) and model.get("quantization") is None:
+        model["quantization"] = default_quantization
     data_values = values.get("data") if isinstance(values.get("data"), dict) else {}
     if require_train and not data_values.get("train"):
         problems.append("data.train: required to train (a file path or {path: ..., hub: ...})")
