@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import EvalResult, Task, TaskOptions, TaskSpec, at_least_two
-from .scoring import majority_baseline, score
+from .base import TaskOptions, TaskSpec, at_least_two
+from .classifier import LabelClassifier
 
 # method.type values that put an adapter into a vision model's layers
 IMAGE_METHODS = ("lora", "adalora", "qlora")  # DoRA: lora with use_dora: true
@@ -125,11 +125,10 @@ def refuse_method(method_type: str) -> None:
         )
 
 
-class ImageClassification(Task):
+class ImageClassification(LabelClassifier):
     """``task.type: image_cls``."""
 
     Options = ImageClsOptions
-    best_metric = "accuracy"
     refuse_method = staticmethod(refuse_method)
 
     @staticmethod
@@ -213,38 +212,18 @@ class ImageClassification(Task):
         return [f"{split}: {len(features)} images ({sizes}) -> {size}, {self.preprocess.channels} "
                 f"channel(s), mean {self.preprocess.mean}, std {self.preprocess.std}{aug}"]  # fmt: skip
 
-    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["labels"].shape[0])
-
     # --- predictions and scores ------------------------------------------------------------
-    def decode(
-        self, features: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor], outputs: Any
-    ) -> list[str]:
-        return [self.labels[i] for i in outputs.logits.argmax(-1).tolist()]  # (B, N) -> (B,)
-
-    def score(
-        self, records: Sequence[dict], predictions: Sequence[Any], eval_loss: float
-    ) -> EvalResult:
+    def label_metrics(self, preds: list[str], refs: list[str]) -> dict[str, float]:
         from .. import metrics as M
 
-        preds = list(predictions)
-        refs = [self.options.label_of(r) for r in records]
-        metrics = score(["accuracy", "macro_f1"], preds, refs, self.labels)
-        metrics.pop("invalid_rate", None)
+        metrics = super().label_metrics(preds, refs)
         if self.labels and len(self.labels) <= MAX_CLASS_METRICS:
             per_class = M.per_class_accuracy(preds, refs, self.labels)
             metrics.update({f"class_acc/{k}": v for k, v in per_class.items() if v is not None})
-        rows = [_printable(r, self.options.image) for r in records]
-        return EvalResult(metrics=metrics, predictions=preds, references=refs, rows=rows)
+        return metrics
 
-    def baselines(
-        self, train_records: Sequence[dict], eval_records: Sequence[dict]
-    ) -> dict[str, Any]:
-        return majority_baseline(
-            [self.options.label_of(r) for r in train_records],
-            [self.options.label_of(r) for r in eval_records],
-            self.labels,
-        )
+    def printable_rows(self, records: Sequence[dict]) -> list[dict[str, Any]]:
+        return [_printable(r, self.options.image) for r in records]
 
 
 def _printable(row: Mapping[str, Any], column: str) -> dict[str, Any]:

@@ -16,14 +16,12 @@ import torch
 
 from ..config import PeftType
 from .base import (
-    EvalResult,
-    Task,
     TaskOptions,
     TaskSpec,
     at_least_two,
     pad_encoder_inputs,
 )
-from .scoring import majority_baseline, score
+from .classifier import LabelClassifier
 from .template import Template
 
 
@@ -79,11 +77,10 @@ class SeqClsOptions(TaskOptions):
         return problems
 
 
-class SequenceClassification(Task):
+class SequenceClassification(LabelClassifier):
     """``task.type: seq_cls``."""
 
     Options = SeqClsOptions
-    best_metric = "accuracy"
 
     def __init__(self, spec: TaskSpec, tokenizer: Any, model: torch.nn.Module) -> None:
         super().__init__(spec, tokenizer, model)
@@ -114,32 +111,6 @@ class SequenceClassification(Task):
         if "labels" in features[0]:
             batch["labels"] = torch.tensor([f["labels"] for f in features])  # (B,)
         return batch
-
-    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["labels"].shape[0])
-
-    def decode(
-        self, features: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor], outputs: Any
-    ) -> list[str]:
-        return [self.labels[i] for i in outputs.logits.argmax(-1).tolist()]  # (B, C) -> (B,)
-
-    def score(
-        self, records: Sequence[dict], predictions: Sequence[Any], eval_loss: float
-    ) -> EvalResult:
-        preds = list(predictions)
-        refs = [self.options.label_of(r) for r in records]
-        metrics = score(["accuracy", "macro_f1"], preds, refs, self.labels)
-        metrics.pop("invalid_rate", None)
-        return EvalResult(metrics=metrics, predictions=preds, references=refs, rows=list(records))
-
-    def baselines(
-        self, train_records: Sequence[dict], eval_records: Sequence[dict]
-    ) -> dict[str, Any]:
-        return majority_baseline(
-            [self.options.label_of(r) for r in train_records],
-            [self.options.label_of(r) for r in eval_records],
-            self.labels,
-        )
 
 
 def pads_left(model: torch.nn.Module) -> bool:
