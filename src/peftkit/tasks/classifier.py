@@ -11,13 +11,35 @@ head's targets are one class id per example, so a batch's loss averages over its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .base import EvalResult, Task
+from .base import EvalResult, Task, at_least_two
 from .scoring import majority_baseline, score
+
+
+def learn_label_set(
+    options: Any, train_records: Sequence[dict], sort_key: Callable[[str], Any] | None = None
+) -> list[str]:
+    """``task.labels`` when given, else the distinct train labels (sorted); at least two."""
+    labels = [str(x) for x in options.labels] if options.labels else None
+    labels = labels or sorted({options.label_of(r) for r in train_records}, key=sort_key)
+    return at_least_two(labels, f"label value(s) in column {options.label!r}:")
+
+
+def unknown_label_problems(
+    options: Any, records: Sequence[dict], split: str, labels: Sequence[str] | None
+) -> list[str]:
+    """A problem naming the labels of ``records`` outside the label set (none without one)."""
+    labels = labels or ([str(x) for x in options.labels] if options.labels else None)
+    if labels is None:
+        return []
+    unknown = sorted({options.label_of(r) for r in records} - set(labels))
+    if not unknown:
+        return []
+    return [f"data.{split}: label value(s) {unknown[:5]} are not in task.labels {list(labels)}"]
 
 
 class LabelClassifier(Task):

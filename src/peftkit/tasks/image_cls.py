@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import TaskOptions, TaskSpec, at_least_two
-from .classifier import LabelClassifier
+from .base import TaskOptions, TaskSpec
+from .classifier import LabelClassifier, learn_label_set, unknown_label_problems
 
 # method.type values that put an adapter into a vision model's layers
 IMAGE_METHODS = ("lora", "adalora", "qlora")  # DoRA: lora with use_dora: true
@@ -72,9 +72,7 @@ class ImageClsOptions(TaskOptions):
         return str(row[self.label])
 
     def learn_labels(self, train_records: Sequence[dict]) -> list[str]:
-        labels = [str(x) for x in self.labels] if self.labels else None
-        labels = labels or sorted({self.label_of(r) for r in train_records}, key=_natural)
-        return at_least_two(labels, f"label value(s) in column {self.label!r}:")
+        return learn_label_set(self, train_records, sort_key=_natural)
 
     def check_records(
         self,
@@ -86,15 +84,9 @@ class ImageClsOptions(TaskOptions):
         problems = super().check_records(records, split, need_targets, labels)
         if problems and self.image == "image" and records and "path" in records[0]:
             problems[-1] += "; the images are in column 'path': set task.image: path"
-        labels = labels or ([str(x) for x in self.labels] if self.labels else None)
-        if problems or not need_targets or labels is None:
+        if problems or not need_targets:
             return problems
-        unknown = sorted({self.label_of(r) for r in records} - set(labels))
-        if unknown:
-            problems.append(
-                f"data.{split}: label value(s) {unknown[:5]} are not in task.labels {list(labels)}"
-            )
-        return problems
+        return unknown_label_problems(self, records, split, labels)
 
     def input_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """``generate --image a.png`` gives ``{"image": "a.png"}``; input files need the column."""

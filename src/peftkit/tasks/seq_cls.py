@@ -18,10 +18,9 @@ from ..config import PeftType
 from .base import (
     TaskOptions,
     TaskSpec,
-    at_least_two,
     pad_encoder_inputs,
 )
-from .classifier import LabelClassifier
+from .classifier import LabelClassifier, learn_label_set, unknown_label_problems
 from .template import Template
 
 
@@ -54,9 +53,7 @@ class SeqClsOptions(TaskOptions):
         return str(row[self.label])
 
     def learn_labels(self, train_records: Sequence[dict]) -> list[str]:
-        labels = [str(x) for x in self.labels] if self.labels else None
-        labels = labels or sorted({self.label_of(r) for r in train_records})
-        return at_least_two(labels, f"label value(s) in column {self.label!r}:")
+        return learn_label_set(self, train_records)
 
     def check_records(
         self,
@@ -66,15 +63,9 @@ class SeqClsOptions(TaskOptions):
         labels: Sequence[str] | None = None,
     ) -> list[str]:
         problems = super().check_records(records, split, need_targets, labels)
-        labels = labels or ([str(x) for x in self.labels] if self.labels else None)
-        if problems or not need_targets or labels is None:
+        if problems or not need_targets:
             return problems
-        unknown = sorted({self.label_of(r) for r in records} - set(labels))
-        if unknown:
-            problems.append(
-                f"data.{split}: label value(s) {unknown[:5]} are not in task.labels {list(labels)}"
-            )
-        return problems
+        return unknown_label_problems(self, records, split, labels)
 
 
 class SequenceClassification(LabelClassifier):
