@@ -172,3 +172,43 @@ def test_clear_errors():
     meta = nn.Linear(64, 8, device="meta")
     with pytest.raises(ValueError, match="meta"):
         Linear4bit.from_linear(meta)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(96, 128), (7, 9)])  # (7, 9): odd count, a partial block
+def test_scratch_dequantize_equals_plain_and_reuses_buffers(weight_dtype, shape):
+    from peftkit.quant.nf4 import ScratchPool
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape).to(weight_dtype)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    pool = ScratchPool()
+    plain = dequantize_4bit(packed, state, torch.float32)
+    pooled = dequantize_4bit(packed, state, torch.float32, scratch=pool)
+    assert pooled.dtype == plain.dtype and pooled.shape == plain.shape
+    torch.testing.assert_close(pooled, plain, rtol=0, atol=0)
+    ptr = pooled.data_ptr()
+    # a smaller tensor next reuses the same storage (no new weight-sized allocation)
+    small_packed, small_state = quantize_4bit(torch.randn(1, 32).to(weight_dtype), "nf4", 64)
+    again = dequantize_4bit(small_packed, small_state, torch.float32, scratch=pool)
+    assert again.data_ptr() == ptr
+    torch.testing.assert_close(again, dequantize_4bit(small_packed, small_state, torch.float32))
+
+
+def test_training_step_through_shared_scratch_matches_plain_weights():
+    """Two 4-bit layers share one scratch pool in forward and backward: the gradients must be
+    those of plain linears on each layer's own dequantised weight (a layer reading the other's
+    buffer would show here)."""
+    _, q1 = _layer(128, 128, bias=False)
+    torch.manual_seed(1)
+    q2 = Linear4bit.from_linear(nn.Linear(128, 64, bias=False))
+    w1, w2 = q1.dequantize(), q2.dequantize()
+    x = torch.randn(5, 128, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = q2(torch.tanh(q1(x)))
+    y_ref = F.linear(torch.tanh(F.linear(x_ref, w1)), w2)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)

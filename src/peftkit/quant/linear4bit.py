@@ -8,7 +8,9 @@
 
 The dequantised weight lives only for the duration of one matmul: an autograd function
 re-dequantises it in backward (``grad_x = grad_y @ W_hat``) instead of saving it, so activation
-memory holds no full-precision copy of any base weight. The weight itself gets no gradient
+memory holds no full-precision copy of any base weight. Both dequantisations write into one
+per-thread scratch pool (:class:`~peftkit.quant.nf4.ScratchPool`) reused by every layer, so a step
+allocates no weight-sized temporaries at all. The weight itself gets no gradient
 (QLoRA trains adapters on top); the bias, if present, can.
 
 Every quantisation block must lie inside one output row (``in_features % blocksize == 0``):
@@ -16,6 +18,8 @@ bitsandbytes' kernels index blocks per row and silently misread blocks that stra
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +30,25 @@ from .nf4 import (
     SUPPORTED_BLOCKSIZES,
     SUPPORTED_DTYPES,
     QuantState4bit,
+    ScratchPool,
     dequantize_4bit,
     quantize_4bit,
 )
 
 LINEAR_QUANT_TYPES = ("nf4", "fp4")
 _FLOAT_STATS = ("absmax", "absmax_scales", "absmax_offset")
+
+
+_THREAD = threading.local()
+
+
+def _scratch() -> ScratchPool:
+    """This thread's scratch pool for weights consumed by one matmul (autograd may run the
+    backward of CUDA work on its own threads, hence one pool per thread)."""
+    pool = getattr(_THREAD, "pool", None)
+    if pool is None:
+        pool = _THREAD.pool = ScratchPool()
+    return pool
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -41,13 +58,14 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: Linear4bit, bias: torch.Tensor | None):
         ctx.layer = layer
         ctx.has_bias = bias is not None
-        return F.linear(x, layer.dequantize(), bias)
+        return F.linear(x, layer.dequantize(scratch=_scratch()), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.layer.dequantize()  # (..., out) @ (out, in) -> (..., in)
+            w_hat = ctx.layer.dequantize(scratch=_scratch())  # (out, in), valid until next use
+            grad_x = grad_out @ w_hat  # (..., out) @ (out, in) -> (..., in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias
@@ -213,18 +231,18 @@ class Linear4bit(nn.Module):
                     self._buffers[name] = self._buffers[name].view(torch.float32)
 
     # ------------------------------------------------------------------ the LoRA contract
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, scratch: ScratchPool | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight in ``compute_dtype``.
 
         bitsandbytes' kernel does the work on CUDA when installed (see
         :func:`peftkit.quant.set_dequant_backend`); the result is the same either way.
+        ``scratch``: build the weight in that pool's buffers (the result is then valid only
+        until the pool's next use); ``None`` returns a tensor of its own.
         """
         state = self.quant_state
         if use_bnb_for(self.packed_weight.device):
-            weight = bnb_dequantize(self.packed_weight, state)  # weight_dtype
-        else:
-            weight = dequantize_4bit(self.packed_weight, state)  # weight_dtype
-        return weight.to(self.compute_dtype)
+            return bnb_dequantize(self.packed_weight, state).to(self.compute_dtype)
+        return dequantize_4bit(self.packed_weight, state, self.compute_dtype, scratch)
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
