@@ -100,10 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image", nargs="+", default=[], metavar="FILE", help="image file(s) to classify"
     )
-    p.add_argument("--output", help="write results here (.csv, .jsonl or .txt) instead of stdout")
+    p.add_argument(
+        "--output",
+        help="write results here (.csv, .jsonl or .txt) instead of stdout; text_to_image: the "
+        "folder for the PNGs and grid.png (default <run>/generated)",
+    )
     p.add_argument(
         "--raw", action="store_true", help="use prompts verbatim, not the run's template"
     )
+    p.add_argument("--num-images", type=int, default=4, help="text_to_image: images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="text_to_image: seed of the first image")
     p.add_argument("--max-new-tokens", type=int, help="generation length")
     p.add_argument("--model", help="base model to load instead of the run's / adapter's")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
@@ -324,6 +330,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=args.batch_size)
     loaded.model.to(ctx.device)
     start = time.perf_counter()
+    images = getattr(loaded.task, "generate_images", None)
+    if callable(images):  # text_to_image: PNGs + a grid into a folder
+        folder = Path(args.output or Path(target.run_dir or target.adapter_dir) / "generated")
+        paths = images(ctx, inputs, args.num_images, args.seed, folder)
+        print(f"{len(paths) - 1} image(s) + {paths[-1]} in {time.perf_counter() - start:.1f} s")
+        return 0
     if raw:
         tok = loaded.tokenizer
         outputs = generate_texts(

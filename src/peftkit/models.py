@@ -500,6 +500,17 @@ def load_base_model(
         quantization = None
     if quantization is not None and str(quantization).lower() not in ("nf4", "fp4"):
         raise ValueError(f"unknown quantization {quantization!r}; use 'nf4', 'fp4' or None.")
+    from .tasks import TASK_TYPES
+
+    own_loader = getattr(TASK_TYPES[task].task, "load_base_model", None)
+    if own_loader is not None:  # not a transformers model (text_to_image: a diffusers UNet)
+        return own_loader(
+            name_or_path,
+            dtype=torch_dtype,
+            quantization=quantization,
+            tokenizer_name_or_path=tokenizer_name_or_path,
+            **kw,
+        )
     if task == "image_cls":
         from .vision import freeze_batchnorm, is_vision_model, load_vision_model
 
@@ -530,8 +541,6 @@ def load_base_model(
 
     model_kw: dict[str, Any] = {"local_files_only": local_only, **kw}
     model_kw["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
-    from .tasks import TASK_TYPES
-
     kind = TASK_TYPES[task]
     if num_labels is not None:
         if not kind.has_head:

@@ -17,6 +17,7 @@ seq2seq         source -> target on T5 / BART               ROUGE-L, BLEU
 token_cls       words -> one tag each, trained head (NER)   entity F1, accuracy
 qa              question + context -> answer span (SQuAD)   SQuAD EM, F1
 image_cls       image -> class id, trained head (CIFAR-10)  accuracy, macro-F1
+text_to_image   caption -> image, diffusion UNet (digits)   denoising loss, share recognised
 ==============  ==========================================  ===================
 
 See :mod:`peftkit.tasks.base` for how a task is built (spec, then task) and evaluated.
@@ -36,6 +37,7 @@ from .qa import ExtractiveQA
 from .seq2seq import Seq2Seq
 from .seq_cls import SequenceClassification
 from .template import Template
+from .text_to_image import TextToImage
 from .token_cls import TokenClassification
 
 _CAUSAL, _SEQ2SEQ = "AutoModelForCausalLM", "AutoModelForSeq2SeqLM"
@@ -61,6 +63,9 @@ TASK_TYPES: dict[str, TaskKind] = {
         TaskKind("image_cls",     ImageClassification,      None,
                  "AutoModelForImageClassification", "AutoImageProcessor",
                  aliases=("image_classification",)),
+        # a diffusers UNet + text encoder, loaded by the task itself (TextToImage.load_base_model)
+        TaskKind("text_to_image", TextToImage,              None,
+                 "UNet2DConditionModel", aliases=("text2image", "t2i")),
         # model kinds load_base_model loads that no trainer task uses yet
         TaskKind("feature_extraction", None,                TaskType.FEATURE_EXTRACTION,
                  "AutoModel"),

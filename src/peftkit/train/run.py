@@ -245,6 +245,7 @@ class TrainRecipe:
                 summary.test, path = self._run_test()
                 if path is not None:
                     summary.predictions["test"] = str(path)
+            self._task_files()
         summary.peak_cpu_mb, summary.peak_gpu_mb = _peaks(outcome.memory)
         summary.peak_cpu_anon_mb = _anon_peak(outcome.memory)
         summary.rank_peaks = rank_peaks(outcome.memory)
@@ -350,6 +351,18 @@ class TrainRecipe:
         }
         self.log.info(f"adapter: {adapter_dir} ({chosen})")
         return evaluation
+
+    def _task_files(self) -> None:
+        """What the task itself writes into the run folder after training, when it has
+        something (text_to_image: the adapter in diffusers' layout, sample grids)."""
+        write = getattr(self.task, "write_run_files", None)
+        if not self.main or not callable(write):
+            return
+        rows = self.splits.eval or self.splits.train
+        for line in write(
+            self.output_dir, self.trainer.unwrapped, self.trainer.eval_context(), rows
+        ):
+            self.log.info(line)
 
     def _method_report(self) -> dict[str, Any] | None:
         """The adapter method's own account of the run (AdaLoRA: the ranks it kept), when the
