@@ -80,6 +80,51 @@ def test_fused_equals_plain(monkeypatch, bias, p, shape, train_base):
         assert "base_layer.weight" in plain[2]
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_fused_on_a_4bit_base_equals_plain(monkeypatch, p, compute_dtype):
+    """QLoRA: the fused node reads the 4-bit weight through ``weight_for_matmul`` (scratch,
+    dequantised again in backward); same outputs and gradients as the plain path. A compute
+    dtype other than the input's keeps the plain path (its casts are the layer's own)."""
+    from peftkit.quant import Linear4bit
+
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(nn.Linear(64, 64), compute_dtype=compute_dtype)
+    model = peftkit.get_peft_model(
+        nn.ModuleDict({"t": base, "u": Linear4bit.from_linear(nn.Linear(64, 48))}),
+        peftkit.LoraConfig(
+            target_modules=["t"], r=4, lora_alpha=8, lora_dropout=p, init_lora_weights=False
+        ),
+    )
+    layer, other = model.base_model.model["t"].train(), model.base_model.model["u"]
+    x = torch.randn(3, 5, 64)
+    assert lora_fused.fast_path_ok(layer, "default", x) == (compute_dtype is None)
+    if compute_dtype is not None:
+        return
+
+    def run():  # another 4-bit layer after it reuses the same scratch buffers
+        torch.manual_seed(7)
+        xi = x.clone().requires_grad_(True)
+        y = other(torch.tanh(layer(xi)))
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        grads = {n: q.grad.clone() for n, q in layer.named_parameters() if q.grad is not None}
+        layer.zero_grad(set_to_none=True)
+        return y.detach(), xi.grad, grads
+
+    calls = []
+    real = lora_fused._LoraLinearFn.apply
+    monkeypatch.setattr(lora_fused._LoraLinearFn, "apply", lambda *a: calls.append(1) or real(*a))
+    fused = run()
+    assert calls, "the fused node did not run"
+    monkeypatch.setattr(lora_fused, "fast_path_ok", lambda *a: False)
+    plain = run()
+    torch.testing.assert_close(fused[0], plain[0])
+    torch.testing.assert_close(fused[1], plain[1])
+    assert fused[2].keys() == plain[2].keys() == {"lora_A.default.weight", "lora_B.default.weight"}
+    for name in plain[2]:
+        torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
+
+
 def test_dropout_draws_the_plain_paths_mask(monkeypatch):
     """Same RNG state -> same mask as the plain path; a different seed -> another mask."""
     layer = _layer(False, 0.5).train()

@@ -177,7 +177,7 @@ def test_clear_errors():
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(96, 128), (7, 9)])  # (7, 9): odd count, a partial block
 def test_scratch_dequantize_equals_plain_and_reuses_buffers(weight_dtype, shape):
-    from peftkit.quant.nf4 import ScratchPool
+    from peftkit.quant.scratch import ScratchPool
 
     torch.manual_seed(0)
     w = torch.randn(*shape).to(weight_dtype)

@@ -575,7 +575,7 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """One active plain adapter on an ``nn.Linear``: the fused node of
+        """One active plain adapter on an ``nn.Linear`` or a 4-bit layer: the fused node of
         :mod:`peftkit.methods.lora_fused` (same maths, fewer passes); otherwise the plain path."""
         if not args and not kwargs and self.batch_adapters is None:
             self._prepare_forward()
@@ -584,16 +584,17 @@ class LoraLinear(LoraLayer):
                 name = active[0]
                 if lora_fused.fast_path_ok(self, name, x):
                     base = self.base_layer
+                    weight, weight_fn, _ = lora_fused.base_operands(base)
                     p = self.lora_dropout_p[name] if self.training else 0.0
                     return lora_fused.lora_linear(
                         x,
-                        base.weight,
+                        weight,
                         base.bias,
                         self.lora_A[name].weight,
                         self.lora_B[name].weight,
                         self.scaling[name],
                         p,
-                        lambda: base.weight,
+                        weight_fn,
                     )
         return super().forward(x, *args, **kwargs)
 

@@ -19,7 +19,8 @@ slower in some operand layouts than in others)::
 
 Nothing but ``x`` (saved anyway), ``h`` (N, r) and, with dropout, the keep-mask at one bit per
 element is kept for backward. The base weight is read through ``weight_fn`` in forward and again
-in backward, so a 4-bit base is dequantised twice and never saved (as its own layer does).
+in backward, so a 4-bit base is dequantised twice (into reusable scratch) and never saved, as
+its own layer does (:func:`base_operands`).
 
 :func:`fast_path_ok` says when a layer may take this path; anything unusual (autocast, hooks on
 the base layer such as ZeRO-3's parameter gathering, DTensors, lora_bias, DoRA, several active
@@ -159,10 +160,29 @@ def _plain(t: torch.Tensor | None) -> bool:
     return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
 
+def base_operands(
+    base: nn.Module,
+) -> tuple[torch.Tensor | None, Callable[[], torch.Tensor], torch.dtype] | None:
+    """How the fused node reads ``base``'s weight: ``(trainable weight or None, weight_fn,
+    the dtype it multiplies in)``, or None for a base layer it cannot read.
+
+    An ``nn.Linear`` hands over its weight. A layer that builds its weight per call (a 4-bit
+    layer's ``weight_for_matmul``: dequantised into reusable scratch, valid for one matmul)
+    hands over that function, and the node calls it in forward and again in backward.
+    """
+    if type(base) is nn.Linear:
+        return base.weight, lambda: base.weight, base.weight.dtype
+    weight_for_matmul = getattr(base, "weight_for_matmul", None)
+    if callable(weight_for_matmul):
+        return None, weight_for_matmul, base.compute_dtype
+    return None
+
+
 def fast_path_ok(layer: nn.Module, name: str, x: torch.Tensor) -> bool:
     """May ``layer`` (a LoraLinear) run adapter ``name`` through :func:`lora_linear`?"""
     base = layer.base_layer
-    if type(base) is not nn.Linear or layer.fan_in_fan_out:
+    operands = base_operands(base)
+    if operands is None or layer.fan_in_fan_out:
         return False
     hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks)
     if any(hooks) or base._backward_pre_hooks or _global_hooks():
@@ -170,12 +190,12 @@ def fast_path_ok(layer: nn.Module, name: str, x: torch.Tensor) -> bool:
     if torch.is_autocast_enabled(x.device.type):
         return False
     A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-    W, b = base.weight, base.bias
+    W, b = operands[0], base.bias
     if layer.lora_B[name].bias is not None or not all(_plain(t) for t in (x, A, B, W, b)):
         return False
     if x.dim() < 2 or x.shape[-1] % 8 or not x.is_floating_point():
         return False
-    return x.dtype == W.dtype == A.dtype == B.dtype and (b is None or b.dtype == x.dtype)
+    return x.dtype == operands[2] == A.dtype == B.dtype and (b is None or b.dtype == x.dtype)
 
 
 def _global_hooks() -> bool:

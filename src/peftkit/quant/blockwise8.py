@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .codebooks import LUT_BINS, dynamic_code_8bit, dynamic_lut_8bit
+from .scratch import FreshTensors, ScratchPool
 
 NESTED_BLOCKSIZE = 256
 
@@ -50,10 +51,22 @@ def quantize_blockwise_8bit(
 
 
 def dequantize_blockwise_8bit(
-    codes: torch.Tensor, scales: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    blocksize: int = NESTED_BLOCKSIZE,
+    scratch: ScratchPool | None = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise_8bit`: ``dynamic[codes] * scales[block]`` in float32."""
-    n = codes.numel()
-    values = dynamic_code_8bit(codes.device)[codes.long()]  # (n,)
-    block_of = torch.arange(n, device=codes.device) // blocksize
-    return values * scales[block_of]
+    """Inverse of :func:`quantize_blockwise_8bit`: ``dynamic[codes] * scales[block]`` in float32.
+
+    ``scratch``: build the result in that pool's buffers (valid until the pool's next use).
+    """
+    pool = scratch or FreshTensors()
+    n, dev = codes.numel(), codes.device
+    index = pool.get("absmax_index", n, torch.int32, dev).copy_(codes.reshape(-1))  # (n,)
+    values = pool.get("absmax", n, torch.float32, dev)
+    torch.index_select(dynamic_code_8bit(dev), 0, index, out=values)  # (n,)
+    full = n - n % blocksize
+    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])  # (nb, bs)
+    if full < n:
+        values[full:].mul_(scales[-1])
+    return values

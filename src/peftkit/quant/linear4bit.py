@@ -9,7 +9,7 @@
 The dequantised weight lives only for the duration of one matmul: an autograd function
 re-dequantises it in backward (``grad_x = grad_y @ W_hat``) instead of saving it, so activation
 memory holds no full-precision copy of any base weight. Both dequantisations write into one
-per-thread scratch pool (:class:`~peftkit.quant.nf4.ScratchPool`) reused by every layer, so a step
+per-thread scratch pool (:class:`~peftkit.quant.scratch.ScratchPool`) reused by every layer, so a step
 allocates no weight-sized temporaries at all. The weight itself gets no gradient
 (QLoRA trains adapters on top); the bias, if present, can.
 
@@ -30,10 +30,10 @@ from .nf4 import (
     SUPPORTED_BLOCKSIZES,
     SUPPORTED_DTYPES,
     QuantState4bit,
-    ScratchPool,
     dequantize_4bit,
     quantize_4bit,
 )
+from .scratch import ScratchPool
 
 LINEAR_QUANT_TYPES = ("nf4", "fp4")
 _FLOAT_STATS = ("absmax", "absmax_scales", "absmax_offset")
@@ -243,6 +243,11 @@ class Linear4bit(nn.Module):
         if use_bnb_for(self.packed_weight.device):
             return bnb_dequantize(self.packed_weight, state).to(self.compute_dtype)
         return dequantize_4bit(self.packed_weight, state, self.compute_dtype, scratch)
+
+    def weight_for_matmul(self) -> torch.Tensor:
+        """The weight for one matmul, built in this thread's scratch pool: valid only until the
+        next 4-bit layer's call. What LoRA's fused node reads in forward and again in backward."""
+        return self.dequantize(scratch=_scratch())
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from .blockwise8 import NESTED_BLOCKSIZE, dequantize_blockwise_8bit, quantize_blockwise_8bit
 from .codebooks import QUANT_TYPES_4BIT, code_4bit, rounding_4bit
+from .scratch import FreshTensors, ScratchPool
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_BLOCKSIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -65,12 +66,16 @@ class QuantState4bit:
     @property
     def absmax(self) -> torch.Tensor:
         """Per-block absmax (nb,) float32; dequantised from 8 bits when double-quantised."""
+        return self.absmax_values()
+
+    def absmax_values(self, scratch: ScratchPool | None = None) -> torch.Tensor:
+        """:attr:`absmax`, built in ``scratch``'s buffers when given (valid until its next use)."""
         if not self.double_quant:
             return self.absmax_fp32
         centred = dequantize_blockwise_8bit(
-            self.absmax_codes, self.absmax_scales, self.nested_blocksize
+            self.absmax_codes, self.absmax_scales, self.nested_blocksize, scratch
         )
-        return centred + self.absmax_offset
+        return centred.add_(self.absmax_offset)
 
     @property
     def code(self) -> torch.Tensor:
@@ -244,7 +249,7 @@ def dequantize_4bit(
     pairs = pool.get("pairs", 2 * half, torch.float32, dev).view(half, 2)
     torch.index_select(table, 0, index, out=pairs)  # (n/2, 2): one gather per byte
     unit = pairs.reshape(-1)[:n]  # (n,) values in [-1, 1]
-    absmax = state.absmax
+    absmax = state.absmax_values(scratch)  # (nb,)
     full = n - n % bs
     out = pool.get("values", n, torch.float32, dev)
     torch.mul(unit[:full].view(-1, bs), absmax[: full // bs, None], out=out[:full].view(-1, bs))
@@ -254,34 +259,6 @@ def dequantize_4bit(
         if target is not None and target != out.dtype:
             out = pool.get(f"cast{i}", n, target, dev).copy_(out)
     return out.view(state.shape)
-
-
-class FreshTensors:
-    """The allocation policy of a plain call: every buffer is a new tensor."""
-
-    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device):
-        return torch.empty(numel, dtype=dtype, device=device)
-
-
-class ScratchPool(FreshTensors):
-    """Named buffers reused across calls, grown to the largest request.
-
-    A QLoRA step dequantises every 4-bit layer twice (forward and backward), each time into
-    buffers of a few MB that live for one matmul. Allocated fresh, they interleave with the
-    step's activations in the C allocator's heap; the holes they leave are what made a QLoRA
-    step's resident memory 1.3 GB above its live tensors on SmolLM2 (glibc malloc). Reused,
-    they cost one allocation per buffer per process.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
-
-    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device):
-        key = (name, dtype, torch.device(device))
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel]
 
 
 def quantization_error(
