@@ -13,7 +13,8 @@ compute, each way in a fresh interpreter:
 
 Reported: load time, then RSS, anonymous (RssAnon) and file-backed (RssFile) MB after the load
 and the RSS peak during it (VmHWM), each with and without the interpreter's own baseline
-(torch + transformers imported, before the load), and the bytes of the model's tensors.
+(torch + transformers imported and the tokenizer loaded, before the model's load; the numbers
+with the libraries alone are in the JSON as ``libraries``), and the bytes of the model's tensors.
 
 Part ``trainer``: the twitter_complaints recipe on the bundled SmolLM2-135M through the
 trainer (``peftkit train``), LoRA vs QLoRA on the same targets (q_proj, v_proj), batch 8,
@@ -79,15 +80,17 @@ def load_worker(mode: str, folder: str) -> dict:
     torch.set_num_threads(2)
     import transformers  # noqa: F401  (the baseline includes the libraries)
 
-    from peftkit.models import load_base_model  # noqa: F401
+    from peftkit.models import load_base_model, tokenizer_folder
 
+    # The tokenizer first, in every mode (its library is part of the runtime, ~100 MB of
+    # anonymous memory for SmolLM2's): what follows is the model's load alone.
+    libs = status_mb()
+    tok = tokenizer_folder("smollm2-135m")  # random weights: any Llama tokenizer will do
+    transformers.AutoTokenizer.from_pretrained(tok)
     Path("/proc/self/clear_refs").write_text("5")
     before = status_mb()
     start = time.perf_counter()
     if mode == "peftkit":
-        from peftkit.models import tokenizer_folder
-
-        tok = tokenizer_folder("smollm2-135m")  # random weights: any Llama tokenizer will do
         model, _ = load_base_model(
             folder, dtype="bfloat16", quantization="nf4", tokenizer_name_or_path=tok
         )
@@ -123,6 +126,7 @@ def load_worker(mode: str, folder: str) -> dict:
         "mode": mode,
         "load_s": round(seconds, 1),
         "tensors_mb": round(tensor_bytes / MB),
+        "libraries": {k: round(v) for k, v in libs.items()},
         "before": {k: round(v) for k, v in before.items()},
         "after": {k: round(v) for k, v in after.items()},
         "peak_rss_mb": round(after["VmHWM"]),
