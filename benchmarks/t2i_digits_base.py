@@ -12,6 +12,7 @@ real MNIST, 7s included) counts how many generated images show the prompted digi
       first 8,000 minus the 7s ──> base UNet (prompts "a handwritten {d}", MiniLM token states,
                                    10% empty prompts for classifier-free guidance; DDPM, epsilon)
       7s of the first 8,000 (the first --lora-sevens) ──> data/lora_train/7/*.png (LoRA data)
+        + --prior-per-digit of each other digit (prior preservation) ──> data/lora_train/<d>/
       last 2,000, --eval-per-digit per digit ──> data/eval/<d>/*.png (LoRA run's eval split)
     base: sample --samples per digit (DDIM, --steps) -> share the judge recognises per prompt
 
@@ -182,6 +183,25 @@ def write_pngs(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:
         Image.fromarray(image).save(folder / label / f"{counts[label] - 1:04d}.png")
 
 
+def write_lora_data(train_x, train_y, test_x, test_y, out: Path, args) -> tuple:
+    """data/lora_train: the first --lora-sevens 7s + --prior-per-digit images of each other
+    digit (prior preservation: without them the other prompts drift towards 7);
+    data/eval: --eval-per-digit held-out images per digit."""
+    import shutil
+
+    shutil.rmtree(out / "data", ignore_errors=True)
+    sevens = np.flatnonzero(train_y == HELD_OUT)[: args.lora_sevens]
+    prior = [np.flatnonzero(train_y == d)[: args.prior_per_digit]
+             for d in map(str, range(10)) if d != HELD_OUT]  # fmt: skip
+    chosen = np.concatenate([sevens, *prior])
+    write_pngs(train_x[chosen], train_y[chosen], out / "data" / "lora_train")
+    pick = np.concatenate(
+        [np.flatnonzero(test_y == d)[: args.eval_per_digit] for d in map(str, range(10))]
+    )
+    write_pngs(test_x[pick], test_y[pick], out / "data" / "eval")
+    return sevens, pick
+
+
 def main() -> None:
     from peftkit.diffusion import grid, save_text_to_image
     from peftkit.models import cache_dir
@@ -196,7 +216,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--lora-sevens", type=int, default=200)
+    p.add_argument("--prior-per-digit", type=int, default=25)
     p.add_argument("--eval-per-digit", type=int, default=20)
+    p.add_argument("--data-only", action="store_true", help="rewrite data/ only (base cached)")
     p.add_argument("--threads", type=int, default=1)  # 2 on a busy 2-core box: 6x slower
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -206,6 +228,9 @@ def main() -> None:
     images, labels = load_mnist()
     train_x, train_y = images[:8000], labels[:8000]
     test_x, test_y = images[8000:], labels[8000:]
+    if args.data_only:
+        write_lora_data(train_x, train_y, test_x, test_y, out, args)
+        return
     judge, judge_acc, judge_s = train_judge(
         to_unit(train_x), list(train_y), to_unit(test_x), list(test_y), args
     )
@@ -217,12 +242,7 @@ def main() -> None:
     save_text_to_image(out / "base", unet, unet.noise_scheduler, "minilm-l6")
     shares, samples = share_recognised(unet, judge, args)
 
-    sevens = np.flatnonzero(train_y == HELD_OUT)[: args.lora_sevens]
-    write_pngs(train_x[sevens], train_y[sevens], out / "data" / "lora_train")
-    pick = np.concatenate(
-        [np.flatnonzero(test_y == d)[: args.eval_per_digit] for d in map(str, range(10))]
-    )
-    write_pngs(test_x[pick], test_y[pick], out / "data" / "eval")
+    sevens, pick = write_lora_data(train_x, train_y, test_x, test_y, out, args)
 
     per_row = min(args.samples, 8)
     rows = torch.cat([samples[k * args.samples : k * args.samples + per_row] for k in range(10)])
@@ -254,7 +274,8 @@ def main() -> None:
         "share_recognised": shares,
         "share_recognised_held_out": shares[HELD_OUT],
         "share_recognised_others_mean": float(np.mean(others)),
-        "lora_train_images": len(sevens),
+        "lora_train_sevens": len(sevens),
+        "lora_train_prior_per_digit": args.prior_per_digit,
         "eval_images": len(pick),
         "cache": str(out),
     }
