@@ -378,6 +378,7 @@ def test_bad_inputs_named(assets, capsys):
     assert main(["train", str(path), f"data.train={table}", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "column(s) ['caption']" in err and "data.train" in err
+    assert "no_captions.csv" in err  # the file the rows came from
 
 
 def test_base_folder_errors(assets, tmp_path):

@@ -41,12 +41,18 @@ def check_data(spec: TaskSpec, splits: Splits, source: str | None = None) -> Tas
     """Columns each split needs, then the label set from train, then labels of eval rows;
     returns the spec with its label set (every problem raised as one ConfigError)."""
     problems: list[str] = []
+
+    def check(split: str, need_targets: bool) -> list[str]:
+        found = spec.check_records(getattr(splits, split), split, need_targets)
+        origin = splits.origins.get(split)
+        return [f"{p} [rows read from {origin}]" if origin else p for p in found]
+
     if splits.train:
-        problems += spec.check_records(splits.train, "train", need_targets=True)
+        problems += check("train", True)
     if splits.eval:
-        problems += spec.check_records(splits.eval, "eval", need_targets=True)
+        problems += check("eval", True)
     if splits.test:
-        problems += spec.check_records(splits.test, "test", need_targets=False)
+        problems += check("test", False)
     if problems:
         raise ConfigError(problems, source=source)
     try:
@@ -54,7 +60,7 @@ def check_data(spec: TaskSpec, splits: Splits, source: str | None = None) -> Tas
     except (ValueError, KeyError) as exc:
         raise ConfigError([f"task {spec.name}: {exc}"], source=source) from exc
     if splits.eval:
-        problems += spec.check_records(splits.eval, "eval", need_targets=True)
+        problems += check("eval", True)
     if problems:
         raise ConfigError(problems, source=source)
     return spec

@@ -31,6 +31,7 @@ class Splits:
     test: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     test_total: int = 0
+    origins: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> file / hub id
 
 
 def _reader_kwargs(source: DataSource) -> dict[str, Any]:
@@ -90,12 +91,14 @@ def load_splits(config: RunConfig, need_train: bool = True) -> Splits:
             order = list(range(len(rows)))
             random.Random(seed).shuffle(order)
             out.eval = [rows[i] for i in sorted(order[:n_eval])]
+            out.origins["eval"] = origin
             rows = [rows[i] for i in sorted(order[n_eval:])]
             out.notes.append(f"eval: {n_eval} rows held out of {origin} (split_seed {seed})")
         total = len(rows)
         if data.train.limit is not None:
             rows = rows[: data.train.limit]
         out.train = rows
+        out.origins["train"] = origin
         out.notes.insert(
             0,
             f"train: {len(rows)} rows from {origin}"
@@ -107,6 +110,7 @@ def load_splits(config: RunConfig, need_train: bool = True) -> Splits:
         if data.eval.limit is not None:
             rows = rows[: data.eval.limit]
         out.eval = rows
+        out.origins["eval"] = origin
         out.notes.append(
             f"eval: {len(rows)} rows from {origin}"
             + (f" (first {len(rows)} of {total}; data.eval.limit)" if len(rows) < total else "")
@@ -117,6 +121,7 @@ def load_splits(config: RunConfig, need_train: bool = True) -> Splits:
         if data.test.limit is not None:
             rows = rows[: data.test.limit]
         out.test = rows
+        out.origins["test"] = origin
         note = f"test: {len(rows)} rows from {origin}"
         if len(rows) < out.test_total:
             note += (
