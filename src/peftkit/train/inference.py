@@ -130,6 +130,8 @@ def load_for_inference(
     from .. import PeftModel
     from ..models import load_base_model
 
+    if config is not None and config.num_threads:  # eval/generate run as the training run did
+        torch.set_num_threads(config.num_threads)
     adapter_config = read_config(target.adapter_dir) if target.adapter_dir else None
     name = (
         model_name
