@@ -202,3 +202,39 @@ def test_saved_files_get_the_usual_permissions(tiny_model, tmp_path):
         os.umask(old)
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+
+
+def test_injection_pauses_the_garbage_collector_and_restores_it():
+    """get_peft_model pauses Python's cyclic GC while it builds modules (speed) and leaves it as
+    it found it, also when injection fails."""
+    import gc
+
+    from torch import nn
+
+    import peftkit
+
+    seen = []
+    model = nn.ModuleDict({"t": nn.Linear(8, 8)})
+    original = peftkit.tuner.InjectedAdapterModel.create_layer
+
+    def spy(self, target, config):
+        seen.append(gc.isenabled())
+        return original(self, target, config)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(peftkit.tuner.InjectedAdapterModel, "create_layer", spy)
+        peftkit.get_peft_model(model, peftkit.LoraConfig(target_modules=["t"]))
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(ValueError, match="not found|no module|target"):
+        peftkit.get_peft_model(
+            nn.ModuleDict({"t": nn.Linear(8, 8)}), peftkit.LoraConfig(target_modules=["nope"])
+        )
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        peftkit.get_peft_model(
+            nn.ModuleDict({"t": nn.Linear(8, 8)}), peftkit.LoraConfig(target_modules=["t"])
+        )
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()

@@ -19,6 +19,7 @@ and overriding :meth:`create_layer` (and, for AdaLoRA, the state-dict hooks).
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,6 +86,10 @@ class InjectedAdapterModel(nn.Module):
                 f"an adapter named {adapter_name!r} already exists; pick another name or "
                 f"delete_adapter({adapter_name!r}) first"
             )
+        with _collector_paused():
+            self._inject(adapter_name, config)
+
+    def _inject(self, adapter_name: str, config: LoraConfig) -> None:
         params = getattr(config, "target_parameters", None)
         names = find_targets(self.model, config) if config.target_modules or not params else []
         for name in names:
@@ -386,3 +391,21 @@ class InjectedAdapterModel(nn.Module):
 
     def state_dict_for_load(self, state: dict, adapter_name: str) -> dict:
         return state
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while adapters are injected, back as it was after.
+
+    Injecting LoRA into a 30-layer Llama creates ~1,700 modules; the allocations trigger full
+    collections that walk every object the process holds (~400,000 with transformers loaded),
+    ~200 ms each: profiled, one get_peft_model in three paid for one. Nothing injected is garbage,
+    so there is nothing to collect meanwhile.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
