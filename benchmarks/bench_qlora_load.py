@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -184,9 +185,16 @@ TRAINER_RUNS = {
 }
 
 
-def part_trainer(out_root: Path) -> dict:
+def part_trainer(out_root: Path, names: list[str], malloc_mmap_threshold: int | None) -> dict:
+    """The trainer runs ``names``; with ``malloc_mmap_threshold`` (bytes) each runs with glibc's
+    ``MALLOC_MMAP_THRESHOLD_`` fixed there: blocks above it are mapped on their own and returned
+    on free (no heap fragmentation), paid for with a page fault per page on every allocation."""
     runs = {}
-    for name, (recipe, checkpointing) in TRAINER_RUNS.items():
+    env = dict(os.environ)
+    if malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
+    for name in names:
+        recipe, checkpointing = TRAINER_RUNS[name]
         out = out_root / name
         cmd = [sys.executable, "-m", "peftkit", "train", recipe, "--overwrite"]
         cmd += [
@@ -201,8 +209,9 @@ def part_trainer(out_root: Path) -> dict:
             f"output_dir={out}",
         ]
         print(f"trainer: {name} ...", flush=True)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode:
             runs[name] = {"error": proc.stderr[-3000:]}
             print(proc.stderr[-3000:])
@@ -221,6 +230,9 @@ def part_trainer(out_root: Path) -> dict:
             "train_peak_rss_mb": train["cpu_peak"],
             "train_peak_anon_mb": train.get("cpu_anon_peak"),
             "eval": summary.get("eval"),
+            "train_time_s": summary.get("train_time_s"),
+            "cpu_user_s": round(after.ru_utime - children.ru_utime, 1),
+            "cpu_sys_s": round(after.ru_stime - children.ru_stime, 1),
         }
     print("\nSmolLM2-135M twitter_complaints, q_proj+v_proj r=8, batch 8, 1 epoch (5 steps)")
     print(
@@ -239,6 +251,7 @@ def part_trainer(out_root: Path) -> dict:
     return {
         "setup": "twitter_complaints recipes, epochs=1, eval_before_training=false, "
         "data.test=null, method.target_modules=[q_proj,v_proj], num_threads=2",
+        "malloc_mmap_threshold": malloc_mmap_threshold,
         "runs": runs,
     }
 
@@ -248,6 +261,13 @@ def main() -> None:
     parser.add_argument("--parts", default="load,trainer")
     parser.add_argument("--folder", default="/tmp/peftkit_llama1b_bf16")
     parser.add_argument("--load-modes", default=",".join(LOAD_MODES))
+    parser.add_argument("--trainer-runs", default=",".join(TRAINER_RUNS))
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        help="trainer runs with MALLOC_MMAP_THRESHOLD_ fixed at this many bytes (e.g. 131072); "
+        "stored as trainer_smollm2_mmap<N>",
+    )
     parser.add_argument("--make-checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--load-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -262,7 +282,12 @@ def main() -> None:
         new["load_1b1_bf16"] = part_load(Path(args.folder), args.load_modes.split(","))
     if "trainer" in parts:
         with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
-            new["trainer_smollm2"] = part_trainer(Path(tmp))
+            key = "trainer_smollm2"
+            if args.malloc_mmap_threshold:
+                key += f"_mmap{args.malloc_mmap_threshold}"
+            new[key] = part_trainer(
+                Path(tmp), args.trainer_runs.split(","), args.malloc_mmap_threshold
+            )
     payload = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # other parts kept
     payload["note"] = "memory in MB (2**20); times on a shared 2-core CPU, indicative only"
     payload.update(new)
