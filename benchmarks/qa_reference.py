@@ -213,6 +213,12 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="first N train questions (a quick check)")
     p.add_argument("--dev-limit", type=int, help="first N dev questions (a quick check)")
     p.add_argument("--peftkit-run", help="a peftkit run folder to put beside (summary.json)")
+    p.add_argument(
+        "--keep-token-types",
+        action="store_true",
+        help="lora: call peft's LoraModel (model.base_model) so BERT's segment ids reach the "
+        "model; peft 0.21's QA wrapper drops token_type_ids (every segment 0) otherwise",
+    )
     args = p.parse_args()
     lr = args.lr or (2e-3 if args.method == "lora" else 1e-4)
     torch.set_num_threads(args.threads)
@@ -241,6 +247,9 @@ def main() -> None:
                 target_modules=["query", "key", "value", "dense"],
             ),
         )
+    # What the loop calls: the PEFT wrapper, or (--keep-token-types) the LoRA-injected model
+    # under it, which passes every input through, as transformers' run_qa.py does.
+    forward = model.base_model if args.method == "lora" and args.keep_token_types else model
     params = [q for q in model.parameters() if q.requires_grad]
     trainable = sum(q.numel() for q in params)
     total = sum(q.numel() for q in model.parameters())
@@ -261,7 +270,7 @@ def main() -> None:
         for k in range(0, len(order), args.batch_size):
             batch = collate([feats[i] for i in order[k : k + args.batch_size]], tok.pad_token_id)
             t0 = time.perf_counter()
-            loss = model(**batch).loss
+            loss = forward(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -272,7 +281,7 @@ def main() -> None:
             losses.append(float(loss.detach()))
             if len(losses) % 25 == 0:
                 print(f"step {len(losses)}/{steps} loss {sum(losses[-25:]) / 25:.3f}", flush=True)
-    v1, v2 = evaluate(model, tok, dev, args)
+    v1, v2 = evaluate(forward, tok, dev, args)
     entry = {
         "library": "peft " + __import__("peft").__version__ if args.method == "lora" else "torch",
         "method": args.method,
@@ -290,10 +299,12 @@ def main() -> None:
         "v2_all": v2,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "threads": args.threads,
+        "token_type_ids": args.method == "full" or args.keep_token_types,
     }
     print(json.dumps(entry, indent=1))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[f"reference_{args.method}"] = entry
+    key = f"reference_{args.method}" + ("_token_types" if args.keep_token_types else "")
+    results[key] = entry
     if args.peftkit_run:
         summary = json.loads((Path(args.peftkit_run) / "summary.json").read_text())
         results["peftkit_lora_summary"] = {
