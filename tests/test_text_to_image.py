@@ -251,6 +251,7 @@ def test_train_lora_end_to_end(assets, capsys):
     out = summary(assets, "lora")
     assert out["status"] == "completed" and out["task"] == "text_to_image"
     assert {"eval_loss", "recognised", "recognised/1", "recognised/2"} <= set(out["eval"])
+    assert "eval_ppl" not in out["eval"]  # a denoising MSE has no perplexity
     assert "recognised" in out["before_training"] and out["best"]["metric"] == "recognised"
     for name in ("adapter_config.json", "adapter_model.safetensors",
                  "pytorch_lora_weights.safetensors"):  # fmt: skip

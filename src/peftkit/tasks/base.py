@@ -276,6 +276,9 @@ class Task:
     Options: ClassVar[type[TaskOptions]]
     best_metric: ClassVar[str] = "eval_loss"
     generates: ClassVar[bool] = False  # evaluation generates text instead of decoding outputs
+    # the loss is a mean negative log-likelihood, so exp(loss) is a perplexity worth reporting
+    # (not for a regression loss such as text_to_image's denoising MSE)
+    loss_is_nll: ClassVar[bool] = True
 
     def __init__(self, spec: TaskSpec, tokenizer: Any, model: torch.nn.Module) -> None:
         self.spec = spec
@@ -454,11 +457,10 @@ def run_eval(
     eval_loss = total / max(count, 1)
     predictions = task.predict(ctx, task.scored_rows(records)) if task.generates else decoded
     result = task.score(records, predictions, eval_loss)
-    metrics = {
-        "eval_loss": eval_loss,
-        "eval_ppl": math.exp(eval_loss) if eval_loss < 700 else math.inf,
-        **result.metrics,
-    }
+    metrics = {"eval_loss": eval_loss}
+    if task.loss_is_nll:
+        metrics["eval_ppl"] = math.exp(eval_loss) if eval_loss < 700 else math.inf
+    metrics.update(result.metrics)
     return metrics, result
 
 

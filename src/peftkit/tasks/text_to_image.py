@@ -138,6 +138,7 @@ class TextToImage(Task):
 
     Options = TextToImageOptions
     generates = True  # evaluation samples images (judged), after the denoising loss
+    loss_is_nll = False  # a denoising MSE: no perplexity
     refuse_method = staticmethod(refuse_method)
 
     @staticmethod

@@ -374,10 +374,10 @@ class Trainer:
                     return TrainOutcome(progress, True, last, best, checkpoint, self.memory)
                 epoch_done = progress.batch_in_epoch >= self.plan.batches_per_epoch
                 train_loss = progress.epoch_loss_sum / max(progress.epoch_batches, 1)
-                summary = {
-                    "train_ppl": math.exp(train_loss) if train_loss < 700 else math.inf,
-                    "train_epoch_loss": train_loss,
-                }
+                summary = {"train_epoch_loss": train_loss}
+                if self.task.loss_is_nll:
+                    ppl = math.exp(train_loss) if train_loss < 700 else math.inf
+                    summary = {"train_ppl": ppl, **summary}
                 last_step = progress.global_step >= self.plan.total_steps
                 if self.eval_features and (self.config.eval_every_epoch or last_step):
                     last = self.evaluate(epoch, progress.global_step)
