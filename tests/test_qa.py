@@ -380,7 +380,7 @@ def test_every_method_learns_an_answer_in_the_second_window(tok, method):
     assert metrics["exact"] == 1.0
 
 
-def test_the_run_log_counts_questions_that_needed_several_windows(tmp_path):
+def test_the_run_log_counts_questions_that_needed_several_windows(tmp_path, capsys):
     """`peftkit train`: toy contexts are 8 words, the question 1 (no special tokens in the toy
     tokenizer): max_length 8 leaves 7 context tokens a window, so each question takes 2 windows
     (c0..c6, then c5..c7 with doc_stride 2). 90 questions, 12 held out: 78 train, 12 eval."""
@@ -409,3 +409,8 @@ def test_the_run_log_counts_questions_that_needed_several_windows(tmp_path):
     ) in log
     assert "qa eval: 24 windows of <= 8 tokens (doc_stride 2) for 12 questions; 12 of them" in log
     assert "plan: 156 train examples" in log
+    # the headline and `peftkit eval` put the QA baselines beside the scores
+    assert "| baselines: no_answer_f1=" in log and "sentence_overlap_f1=" in log
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert "  baselines: no_answer_f1=" in capsys.readouterr().out

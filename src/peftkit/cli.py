@@ -272,11 +272,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.split} on {len(rows)} rows with {what} in {evaluation.time_s:.1f} s:")
     print("  " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     base = task.baselines(splits.train, rows) if splits.train and args.split == "eval" else {}
-    if base.get("majority_accuracy") is not None:
-        print(
-            f"  majority-class baseline: accuracy={base['majority_accuracy']:.4f} "
-            f"macro_f1={base['majority_macro_f1']:.4f} (always {base['majority_label']!r})"
-        )
+    if base and task.baseline_line(base):
+        print("  " + task.baseline_line(base))
     default_csv = (target.run_dir or Path.cwd()) / f"eval_{args.split}.csv"
     out = evaluation.write_predictions(Path(args.output) if args.output else default_csv)
     if out is not None:

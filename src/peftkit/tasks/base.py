@@ -358,6 +358,18 @@ class Task:
         return {}
 
     @staticmethod
+    def baseline_line(base: Mapping[str, Any]) -> str | None:
+        """:meth:`baselines` as one line for a log or a terminal; None when there are none."""
+        if base.get("majority_accuracy") is not None:
+            return (
+                f"majority-class baseline accuracy={base['majority_accuracy']:.4f} (always "
+                f"{base.get('majority_label')!r}), macro_f1="
+                f"{base.get('majority_macro_f1', 0.0):.4f}"
+            )
+        scores = {k: v for k, v in base.items() if isinstance(v, float)}
+        return ("baselines: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())) or None
+
+    @staticmethod
     def lower_is_better(metric: str) -> bool:
         return metric.endswith(("loss", "ppl", "perplexity"))
 

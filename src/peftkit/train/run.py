@@ -424,19 +424,15 @@ class TrainRecipe:
 
 
 def _headline(task: Task, metrics: dict[str, float], baselines: dict[str, Any]) -> str:
-    """The one line a user reads first: the best metric, the others, the majority baseline."""
+    """The one line a user reads first: the best metric, the others, the task's baselines."""
     name = getattr(task, "best_metric", "eval_loss")
     parts = [f"eval {name}={metrics.get(name, float('nan')):.4f}"]
     for key in ("accuracy", "macro_f1", "rouge_l", "bleu", "perplexity"):
         if key != name and key in metrics:
             parts.append(f"{key}={metrics[key]:.4f}")
-    base = baselines.get("majority_accuracy")
-    if base is not None:
-        parts.append(
-            f"| majority-class baseline accuracy={base:.4f} (always "
-            f"{baselines.get('majority_label')!r}), macro_f1="
-            f"{baselines.get('majority_macro_f1', 0.0):.4f}"
-        )
+    line = task.baseline_line(baselines) if baselines else None
+    if line:
+        parts.append(f"| {line}")
     return " ".join(parts)
 
 
