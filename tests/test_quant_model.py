@@ -280,3 +280,17 @@ def test_gpt2_conv1d_layers_round_trip(tmp_path):
     assert _rel_err(dequantized, quant) <= 1e-5  # Conv1D's addmm rounds differently from linear
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded, ids), dequantized, rtol=0, atol=0)
+
+
+def test_parameter_count_of_lora_on_a_4bit_model_equals_the_float_models():
+    """print_trainable_parameters on QLoRA counts each 4-bit weight once: a LoRA layer forwards
+    unknown attributes to its base layer, so asking it for ``quantized_param_count`` would count
+    the wrapped 4-bit weight twice (it did: +1/8 of the targeted weights on SmolLM2)."""
+    from peftkit import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    plain = get_peft_model(_llama(), config)
+    qlora = get_peft_model(
+        quantize_model(_llama()), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    assert qlora.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()

@@ -155,9 +155,11 @@ class PeftModel(nn.Module):
             if param.requires_grad:
                 trainable += n
         for module in self.modules():
-            counter = getattr(module, "quantized_param_count", None)
+            # looked up on the class: a LoRA layer forwards unknown attributes to its base
+            # layer, and would count the 4-bit weight a second time
+            counter = getattr(type(module), "quantized_param_count", None)
             if callable(counter):
-                total += counter()
+                total += counter(module)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
