@@ -24,37 +24,11 @@ import time
 import warnings
 
 import torch
+from common import median_time, smollm2_shape
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(2)
 REPEATS = 9  # interleaved repeats per library
-
-
-def smollm2_shape(layers: int = 4):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def saved_bytes(model, batch) -> int:
@@ -83,7 +57,7 @@ def wrap(lib: str, base):
 
 
 def main() -> None:
-    base = smollm2_shape()
+    base = smollm2_shape(4)
     batch_ids = torch.randint(0, 49152, (4, 64))
     batch = {"input_ids": batch_ids, "labels": batch_ids}
     models = {lib: wrap(lib, copy.deepcopy(base)) for lib in ("peft", "peftkit")}

@@ -24,35 +24,9 @@ import time
 import warnings
 
 import torch
+from common import median_time, smollm2_shape
 
 warnings.filterwarnings("ignore")
-
-
-def smollm2_shape(quick: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=8 if quick else 30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def saved_bytes(model, batch) -> int:
@@ -91,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    base = smollm2_shape(args.quick)
+    base = smollm2_shape(8 if args.quick else 30)
     ids = torch.randint(0, 49152, (8, 64), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
     results: dict = {

@@ -32,27 +32,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import smollm2_shape
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).parent / "results" / "lora_step.json"
 LIBS = ("floor", "peftkit", "peft")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def llama(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
 
 
 def sharing_copy(base):
@@ -108,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     libs = tuple(lib for lib in LIBS if not (args.skip_peft and lib == "peft"))
     load_start = os.getloadavg()
-    base = llama(args.layers)
+    base = smollm2_shape(args.layers)
     ids = torch.randint(0, 49152, (8, 128), generator=torch.Generator().manual_seed(0))
     prompt = ids[:1, :32]
 
@@ -264,7 +249,7 @@ def _generate(model, prompt):
 
 def _time_injection(libs, repeats: int) -> dict:
     """get_peft_model on every linear layer of the full 30-layer model (210 layers)."""
-    base = llama(30)
+    base = smollm2_shape(30)
     out = {}
     for lib in libs:
         times = []

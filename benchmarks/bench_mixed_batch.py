@@ -17,27 +17,17 @@ import time
 import warnings
 
 import torch
+from common import smollm2_shape
 
 warnings.filterwarnings("ignore")
 
 
 def main() -> None:
     import peft
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import peftkit
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=8,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-        )
-    ).eval()
+    base = smollm2_shape(8, tie_word_embeddings=False).eval()
     kw = dict(
         r=8,
         lora_alpha=16,

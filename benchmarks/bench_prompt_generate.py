@@ -28,27 +28,16 @@ import time
 import warnings
 
 import torch
+from common import smollm2_shape
 
 warnings.filterwarnings("ignore")
 
 BATCH, PROMPT, NEW, VIRTUAL = 4, 32, 32, 20
 
 
-def smollm2_shape(quick: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=8 if quick else 30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+def generating_model(quick: bool):
+    """SmolLM2's shape, generating exactly NEW tokens (no EOS), padding with id 0."""
+    model = smollm2_shape(8 if quick else 30, pad_token_id=0).eval()
     model.generation_config.eos_token_id = None  # always NEW tokens
     model.generation_config.pad_token_id = 0
     return model
@@ -104,7 +93,7 @@ def main() -> None:
 
     import peftkit
 
-    base = smollm2_shape(args.quick)
+    base = generating_model(args.quick)
     inputs = batch_inputs()
     kwargs = dict(max_new_tokens=NEW, do_sample=False)
     models = {"base": base}
