@@ -388,3 +388,13 @@ def test_one_table_names_task_class_adapter_type_and_auto_class():
         if row.task is not None:  # every task the trainer runs builds from its table row
             spec = task_spec({"type": name, **required.get(name, {})})
             assert spec.kind is row and spec.task_type is row.task_type
+
+
+def test_baseline_line_says_nothing_without_scores():
+    from peftkit.tasks.base import Task
+
+    assert Task.baseline_line({}) is None
+    assert Task.baseline_line({"majority_label": "x"}) is None  # no score to show
+    assert Task.baseline_line({"no_answer_f1": 0.5}) == "baselines: no_answer_f1=0.5000"
+    line = Task.baseline_line({"majority_accuracy": 0.8, "majority_label": "a"})
+    assert line.startswith("majority-class baseline accuracy=0.8000 (always 'a')")

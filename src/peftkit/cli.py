@@ -272,8 +272,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.split} on {len(rows)} rows with {what} in {evaluation.time_s:.1f} s:")
     print("  " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     base = task.baselines(splits.train, rows) if splits.train and args.split == "eval" else {}
-    if base and task.baseline_line(base):
-        print("  " + task.baseline_line(base))
+    line = task.baseline_line(base) if base else None
+    if line:
+        print("  " + line)
     default_csv = (target.run_dir or Path.cwd()) / f"eval_{args.split}.csv"
     out = evaluation.write_predictions(Path(args.output) if args.output else default_csv)
     if out is not None:

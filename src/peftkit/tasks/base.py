@@ -366,8 +366,8 @@ class Task:
                 f"{base.get('majority_label')!r}), macro_f1="
                 f"{base.get('majority_macro_f1', 0.0):.4f}"
             )
-        scores = {k: v for k, v in base.items() if isinstance(v, float)}
-        return ("baselines: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())) or None
+        scores = " ".join(f"{k}={v:.4f}" for k, v in base.items() if isinstance(v, float))
+        return f"baselines: {scores}" if scores else None
 
     @staticmethod
     def lower_is_better(metric: str) -> bool:
