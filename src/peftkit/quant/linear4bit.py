@@ -9,8 +9,8 @@
 The dequantised weight lives only for the duration of one matmul: an autograd function
 re-dequantises it in backward (``grad_x = grad_y @ W_hat``) instead of saving it, so activation
 memory holds no full-precision copy of any base weight. Both dequantisations write into one
-per-thread scratch pool (:class:`~peftkit.quant.scratch.ScratchPool`) reused by every layer, so a step
-allocates no weight-sized temporaries at all. The weight itself gets no gradient
+per-thread scratch pool (:class:`~peftkit.quant.scratch.ScratchPool`) reused by every layer,
+so a step allocates no weight-sized temporaries at all. The weight itself gets no gradient
 (QLoRA trains adapters on top); the bias, if present, can.
 
 Every quantisation block must lie inside one output row (``in_features % blocksize == 0``):
@@ -58,14 +58,14 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: Linear4bit, bias: torch.Tensor | None):
         ctx.layer = layer
         ctx.has_bias = bias is not None
-        return F.linear(x, layer.dequantize(scratch=_scratch()), bias)
+        return F.linear(x, layer.weight_for_matmul(), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w_hat = ctx.layer.dequantize(scratch=_scratch())  # (out, in), valid until next use
-            grad_x = grad_out @ w_hat  # (..., out) @ (out, in) -> (..., in)
+            # (..., out) @ (out, in) -> (..., in)
+            grad_x = grad_out @ ctx.layer.weight_for_matmul()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias
