@@ -156,8 +156,9 @@ class TextToImage(Task):
         self.labels = None
         self.tokenizer = tokenizer
         self.model = model
-        config = base_unet(model).config
-        self.channels, self.side = int(config.in_channels), int(config.sample_size)
+        unet = base_unet(model)
+        self.channels, self.side = int(unet.config.in_channels), int(unet.config.sample_size)
+        self.train_timesteps = int(unet.noise_scheduler.config.num_train_timesteps)
         self.judge = None
         if self.options.classifier:
             from ..diffusion import load_judge
@@ -195,7 +196,7 @@ class TextToImage(Task):
             return batch
         pixels = torch.from_numpy(np.stack([f["image"] for f in features]))  # (B, S, S, C)
         pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (B, C, S, S) in [-1, 1]
-        steps = int(_base(self.model).noise_scheduler.config.num_train_timesteps)
+        steps = self.train_timesteps
         if self.model.training:
             noise = torch.randn(pixels.shape)
             timesteps = torch.randint(0, steps, (len(features),))
@@ -328,12 +329,6 @@ class TextToImage(Task):
         images = self._sample(ctx, every, seeds)
         paths = write_images(images, every, folder, num_images, scale=self.options.grid_scale)
         return [str(p) for p in paths]
-
-
-def _base(model: torch.nn.Module) -> Any:
-    from ..diffusion.sampling import base_unet
-
-    return base_unet(model)
 
 
 def _seed(prompt: str, k: int, base: int) -> int:
