@@ -271,6 +271,11 @@ def test_a_saved_classifier_loads_without_a_newly_initialised_head_report(
     assert "head `classifier` (2 labels) restored from the adapter" in printed
 
 
+def test_generate_image_on_a_text_run_names_the_tasks_that_read_images(classifier_run, capsys):
+    assert main(["generate", str(classifier_run), "--image", "a.png"]) == 2
+    assert "--image needs a run of task.type image_cls" in capsys.readouterr().err
+
+
 def test_training_a_fresh_head_still_says_it_starts_from_random_values(
     assets, tmp_path, capfd, caplog
 ):

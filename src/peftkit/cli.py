@@ -302,8 +302,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     target, config, spec = _load_target(args)
     if args.chat:
         return _chat(args, target, config, spec)
-    if args.image and (spec is None or spec.name != "image_cls"):
-        raise _usage("--image needs a run of task.type image_cls")
+    if args.image and (spec is None or not spec.kind.reads_images):
+        from .tasks import TASK_TYPES
+
+        image_tasks = " / ".join(k for k, row in TASK_TYPES.items() if row.reads_images)
+        raise _usage(f"--image needs a run of task.type {image_tasks}")
     if target.adapter_dir is None and not args.no_adapter:
         raise _usage(
             f"{args.target} has no adapter yet (no adapter/ folder): train first, or "

@@ -502,29 +502,22 @@ def load_base_model(
         raise ValueError(f"unknown quantization {quantization!r}; use 'nf4', 'fp4' or None.")
     from .tasks import TASK_TYPES
 
-    own_loader = getattr(TASK_TYPES[task].task, "load_base_model", None)
-    if own_loader is not None:  # not a transformers model (text_to_image: a diffusers UNet)
-        return own_loader(
+    kind = TASK_TYPES[task]
+    # a task whose models transformers' Auto classes do not (all) load has its own loader:
+    # text_to_image (a diffusers UNet), image_cls (plain PyTorch vision models; None otherwise)
+    own_loader = getattr(kind.task, "load_base_model", None)
+    if own_loader is not None:
+        loaded = own_loader(
             name_or_path,
             dtype=torch_dtype,
             quantization=quantization,
             tokenizer_name_or_path=tokenizer_name_or_path,
+            num_labels=num_labels,
+            restored_modules=restored_modules,
             **kw,
         )
-    if task == "image_cls":
-        from .vision import freeze_batchnorm, is_vision_model, load_vision_model
-
-        if is_vision_model(name_or_path):  # plain PyTorch: a library's network + local weights
-            if quantization is not None:
-                raise ValueError(
-                    f"{name_or_path} is a convolutional network: 4-bit quantisation (QLoRA) "
-                    "replaces Linear layers only; use lora, dora or adalora on it"
-                )
-            model, preprocessing = load_vision_model(
-                name_or_path, num_labels, kw.get("id2label"), torch_dtype, restored_modules
-            )
-            freeze_batchnorm(model)  # adapters save no buffers: keep the pretrained statistics
-            return model, preprocessing
+        if loaded is not None:
+            return loaded
     source = resolve_model(name_or_path, gguf_file)
 
     path, local_only = source.path, True
@@ -541,14 +534,13 @@ def load_base_model(
 
     model_kw: dict[str, Any] = {"local_files_only": local_only, **kw}
     model_kw["dtype"] = torch_dtype if torch_dtype is not None else torch.float32
-    kind = TASK_TYPES[task]
     if num_labels is not None:
         if not kind.has_head:
             heads = "/".join(k for k, row in TASK_TYPES.items() if row.has_head)
             raise ValueError(f"num_labels applies to {heads}, not {task!r}.")
         model_kw["num_labels"] = num_labels
-        if task == "image_cls":  # ImageNet heads (1000 outputs) give way to the data's labels
-            model_kw.setdefault("ignore_mismatched_sizes", True)
+        for key, value in getattr(kind.task, "resized_head_kw", {}).items():
+            model_kw.setdefault(key, value)
     auto_cls = getattr(transformers, kind.auto_class)
     try:
         if quantization is None:
@@ -587,8 +579,7 @@ def load_base_model(
         ) from e
     if texts and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if task == "image_cls":
-        from .vision import freeze_batchnorm
-
-        freeze_batchnorm(model)  # ResNet & co.: adapters save no buffers, keep the statistics
+    prepare = getattr(kind.task, "prepare_loaded", None)
+    if prepare is not None:
+        prepare(model)
     return model, tokenizer

@@ -62,6 +62,11 @@ class TaskKind:
         return self.auto_class.endswith("Classification")
 
     @property
+    def reads_images(self) -> bool:
+        """Whether the model's inputs are images (``generate --image`` applies)."""
+        return self.preprocessor == "AutoImageProcessor"
+
+    @property
     def writes_text(self) -> bool:
         """Whether the model generates text (a causal or sequence-to-sequence LM)."""
         return self.auto_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
