@@ -19,7 +19,7 @@ from tiny_models import tiny_model
 @pytest.fixture
 def plain_only(monkeypatch):
     """Turn the fused path off (the reference)."""
-    monkeypatch.setattr(lora_fused, "fast_path_ok", lambda *a: False)
+    monkeypatch.setattr(lora_fused, "fast_path_operands", lambda *a: None)
 
 
 def test_pack_unpack_every_byte():
@@ -63,13 +63,13 @@ def _run(layer, x, seed=1):
 def test_fused_equals_plain(monkeypatch, bias, p, shape, train_base):
     layer = _layer(bias, p, train_base).train()
     x = torch.randn(shape)
-    assert lora_fused.fast_path_ok(layer, "default", x)
+    assert lora_fused.fast_path_operands(layer, "default", x)
     calls = []
     real = lora_fused._LoraLinearFn.apply
     monkeypatch.setattr(lora_fused._LoraLinearFn, "apply", lambda *a: calls.append(1) or real(*a))
     fused = _run(layer, x)
     assert calls, "the fused node did not run"
-    monkeypatch.setattr(lora_fused, "fast_path_ok", lambda *a: False)
+    monkeypatch.setattr(lora_fused, "fast_path_operands", lambda *a: None)
     plain = _run(layer, x)
     torch.testing.assert_close(fused[0], plain[0])
     torch.testing.assert_close(fused[1], plain[1])
@@ -98,7 +98,9 @@ def test_fused_on_a_4bit_base_equals_plain(monkeypatch, p, compute_dtype):
     )
     layer, other = model.base_model.model["t"].train(), model.base_model.model["u"]
     x = torch.randn(3, 5, 64)
-    assert lora_fused.fast_path_ok(layer, "default", x) == (compute_dtype is None)
+    assert (lora_fused.fast_path_operands(layer, "default", x) is not None) == (
+        compute_dtype is None
+    )
     if compute_dtype is not None:
         return
 
@@ -116,7 +118,7 @@ def test_fused_on_a_4bit_base_equals_plain(monkeypatch, p, compute_dtype):
     monkeypatch.setattr(lora_fused._LoraLinearFn, "apply", lambda *a: calls.append(1) or real(*a))
     fused = run()
     assert calls, "the fused node did not run"
-    monkeypatch.setattr(lora_fused, "fast_path_ok", lambda *a: False)
+    monkeypatch.setattr(lora_fused, "fast_path_operands", lambda *a: None)
     plain = run()
     torch.testing.assert_close(fused[0], plain[0])
     torch.testing.assert_close(fused[1], plain[1])
@@ -130,7 +132,7 @@ def test_dropout_draws_the_plain_paths_mask(monkeypatch):
     layer = _layer(False, 0.5).train()
     x = torch.randn(6, 16)
     fused_1, fused_2 = _run(layer, x, seed=3)[0], _run(layer, x, seed=4)[0]
-    monkeypatch.setattr(lora_fused, "fast_path_ok", lambda *a: False)
+    monkeypatch.setattr(lora_fused, "fast_path_operands", lambda *a: None)
     torch.testing.assert_close(fused_1, _run(layer, x, seed=3)[0])
     assert not torch.allclose(fused_1, fused_2)
 
@@ -140,34 +142,47 @@ def test_inference_no_grad_equals_plain(monkeypatch):
     x = torch.randn(2, 3, 16)
     with torch.no_grad():
         fused = layer(x)
-    monkeypatch.setattr(lora_fused, "fast_path_ok", lambda *a: False)
+    monkeypatch.setattr(lora_fused, "fast_path_operands", lambda *a: None)
     with torch.no_grad():
         torch.testing.assert_close(fused, layer(x))
+
+
+def test_inference_with_grad_enabled_but_nothing_trainable_equals_plain(monkeypatch):
+    """Grad mode on, nothing requiring grad (a frozen model in eval): no node is recorded."""
+    layer = _layer(True, 0.1).eval()
+    layer.requires_grad_(False)
+    x = torch.randn(2, 3, 16)
+    fused = layer(x)
+    assert fused.grad_fn is None
+    monkeypatch.setattr(lora_fused, "fast_path_operands", lambda *a: None)
+    torch.testing.assert_close(fused, layer(x))
 
 
 def test_plain_path_where_the_fused_one_must_not_run():
     x = torch.randn(3, 16)
     layer = _layer(True, 0.0)
     handle = layer.base_layer.register_forward_pre_hook(lambda m, a: None)  # e.g. ZeRO-3
-    assert not lora_fused.fast_path_ok(layer, "default", x)
+    assert not lora_fused.fast_path_operands(layer, "default", x)
     handle.remove()
-    assert lora_fused.fast_path_ok(layer, "default", x)
+    assert lora_fused.fast_path_operands(layer, "default", x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not lora_fused.fast_path_ok(layer, "default", x)
-    assert not lora_fused.fast_path_ok(layer, "default", x.double())
-    assert not lora_fused.fast_path_ok(layer, "default", torch.randn(3, 12)[:, :12].repeat(1, 1))
+        assert not lora_fused.fast_path_operands(layer, "default", x)
+    assert not lora_fused.fast_path_operands(layer, "default", x.double())
+    assert not lora_fused.fast_path_operands(
+        layer, "default", torch.randn(3, 12)[:, :12].repeat(1, 1)
+    )
     for config in (dict(lora_bias=True), dict(use_dora=True)):
         model = peftkit.get_peft_model(
             nn.ModuleDict({"t": nn.Linear(16, 12)}),
             peftkit.LoraConfig(target_modules=["t"], **config),
         )
         t = model.base_model.model["t"]
-        assert not lora_fused.fast_path_ok(t, "default", x) or t.lora_magnitude_vector
+        assert not lora_fused.fast_path_operands(t, "default", x) or t.lora_magnitude_vector
     conv1d = peftkit.get_peft_model(
         nn.ModuleDict({"t": Conv1D(12, 16)}),
         peftkit.LoraConfig(target_modules=["t"], fan_in_fan_out=True),
     )
-    assert not lora_fused.fast_path_ok(conv1d.base_model.model["t"], "default", x)
+    assert not lora_fused.fast_path_operands(conv1d.base_model.model["t"], "default", x)
 
 
 def _llama_step(model, ids, seed=0):
@@ -206,7 +221,7 @@ def test_llama_step_equals_plain(monkeypatch, p, checkpointing):
     monkeypatch.setattr(lora_fused._LoraLinearFn, "apply", lambda *a: calls.append(1) or real(*a))
     fused = _llama_step(model, ids)
     assert len(calls) >= 14  # every adapted linear layer of the 2-layer model took the fused node
-    monkeypatch.setattr(lora_fused, "fast_path_ok", lambda *a: False)
+    monkeypatch.setattr(lora_fused, "fast_path_operands", lambda *a: None)
     plain = _llama_step(model, ids)
     torch.testing.assert_close(fused[0], plain[0])
     assert fused[1].keys() == plain[1].keys() and fused[1]
@@ -232,7 +247,7 @@ def test_trained_through_fused_path_saves_and_loads_as_before(tmp_path, monkeypa
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     loaded = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    monkeypatch.setattr(lora_fused, "fast_path_ok", lambda *a: False)
+    monkeypatch.setattr(lora_fused, "fast_path_operands", lambda *a: None)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
     import peft

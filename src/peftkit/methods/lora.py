@@ -582,18 +582,17 @@ class LoraLinear(LoraLayer):
             active = self._active()
             if len(active) == 1 and active[0] not in self.lora_magnitude_vector:
                 name = active[0]
-                if lora_fused.fast_path_ok(self, name, x):
-                    base = self.base_layer
-                    weight, weight_fn, _ = lora_fused.base_operands(base)
-                    p = self.lora_dropout_p[name] if self.training else 0.0
+                operands = lora_fused.fast_path_operands(self, name, x)
+                if operands is not None:
+                    weight, weight_fn, A, B = operands
                     return lora_fused.lora_linear(
                         x,
                         weight,
-                        base.bias,
-                        self.lora_A[name].weight,
-                        self.lora_B[name].weight,
+                        self._modules["base_layer"].bias,
+                        A,
+                        B,
                         self.scaling[name],
-                        p,
+                        self.lora_dropout_p[name] if self.training else 0.0,
                         weight_fn,
                     )
         return super().forward(x, *args, **kwargs)

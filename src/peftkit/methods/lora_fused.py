@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 # 8 bytes of 0/1 (one int64, little-endian) -> one byte: bit k = byte k. Exact: no two partial
 # products meet in the top byte (checked over all 256 patterns in the tests).
@@ -140,7 +141,9 @@ def lora_linear(
     ``base_weight`` is the base's trainable weight tensor when it has one (so a base weight that
     requires grad gets its gradient); ``weight_fn`` returns the weight (out, in) to multiply by.
     """
-    if not torch.is_grad_enabled() or not (
+    if not torch.is_grad_enabled():
+        return _lora_linear_no_grad(x, bias, A, B, scaling, p, weight_fn)
+    if not (
         x.requires_grad
         or A.requires_grad
         or B.requires_grad
@@ -148,16 +151,28 @@ def lora_linear(
         or (bias is not None and bias.requires_grad)
     ):
         with torch.no_grad():
-            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-            y = F.linear(x2, weight_fn(), bias)  # (N, out)
-            h = (x2 if p == 0 else F.dropout(x2, p)) @ A.T  # (N, r)
-            y.addmm_(h, B.T, alpha=scaling)
-            return y.view(*x.shape[:-1], y.shape[-1])
+            return _lora_linear_no_grad(x, bias, A, B, scaling, p, weight_fn)
     return _LoraLinearFn.apply(x, base_weight, bias, A, B, weight_fn, scaling, p)
 
 
-def _plain(t: torch.Tensor | None) -> bool:
-    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+def _lora_linear_no_grad(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    p: float,
+    weight_fn: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """Inference: three ops (base matmul, down-projection, addmm_ of the up-projection)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    y = F.linear(x2, weight_fn(), bias)  # (N, out)
+    h = F.linear(x2 if p == 0 else F.dropout(x2, p), A)  # (N, r)
+    y.addmm_(h, B.T, alpha=scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
 
 def base_operands(
@@ -171,34 +186,51 @@ def base_operands(
     hands over that function, and the node calls it in forward and again in backward.
     """
     if type(base) is nn.Linear:
-        return base.weight, lambda: base.weight, base.weight.dtype
+        weight = base.weight
+        return weight, lambda: weight, weight.dtype
     weight_for_matmul = getattr(base, "weight_for_matmul", None)
     if callable(weight_for_matmul):
         return None, weight_for_matmul, base.compute_dtype
     return None
 
 
-def fast_path_ok(layer: nn.Module, name: str, x: torch.Tensor) -> bool:
-    """May ``layer`` (a LoraLinear) run adapter ``name`` through :func:`lora_linear`?"""
-    base = layer.base_layer
+def fast_path_operands(
+    layer: nn.Module, name: str, x: torch.Tensor
+) -> tuple[torch.Tensor | None, Callable[[], torch.Tensor], torch.Tensor, torch.Tensor] | None:
+    """``(trainable base weight or None, weight_fn, A, B)`` when ``layer`` (a LoraLinear) may run
+    adapter ``name`` through :func:`lora_linear`, else None.
+
+    Called on every forward of every adapted layer: in greedy decoding (one token, a few
+    microseconds of matmul per layer) these checks are a visible share of the step, so modules
+    are read from ``_modules`` directly rather than through ``nn.Module.__getattr__``.
+    """
+    modules = layer._modules
+    base = modules["base_layer"]
     operands = base_operands(base)
     if operands is None or layer.fan_in_fan_out:
-        return False
-    hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks)
-    if any(hooks) or base._backward_pre_hooks or _global_hooks():
-        return False  # e.g. ZeRO-3 gathers the weight in a pre-forward hook
+        return None
+    if (
+        base._forward_hooks
+        or base._forward_pre_hooks
+        or base._backward_hooks
+        or base._backward_pre_hooks
+        or _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks
+    ):
+        return None  # e.g. ZeRO-3 gathers the weight in a pre-forward hook
+    if type(x) is not torch.Tensor or x.dim() < 2 or x.shape[-1] % 8:
+        return None
     if torch.is_autocast_enabled(x.device.type):
-        return False
-    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        return None
+    down, up = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+    A, B = down.weight, up.weight
     W, b = operands[0], base.bias
-    if layer.lora_B[name].bias is not None or not all(_plain(t) for t in (x, A, B, W, b)):
-        return False
-    if x.dim() < 2 or x.shape[-1] % 8 or not x.is_floating_point():
-        return False
-    return x.dtype == operands[2] == A.dtype == B.dtype and (b is None or b.dtype == x.dtype)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
-
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
+    if up.bias is not None or type(A) not in _PLAIN_TYPES or type(B) not in _PLAIN_TYPES:
+        return None
+    if (W is not None and type(W) not in _PLAIN_TYPES) or (
+        b is not None and (type(b) not in _PLAIN_TYPES or b.dtype != x.dtype)
+    ):
+        return None
+    if not (x.dtype == operands[2] == A.dtype == B.dtype) or not x.is_floating_point():
+        return None
+    return W, operands[1], A, B
