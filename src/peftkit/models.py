@@ -582,4 +582,10 @@ def load_base_model(
     prepare = getattr(kind.task, "prepare_loaded", None)
     if prepare is not None:
         prepare(model)
+    if quantization is not None:
+        # the 4-bit loader trimmed the heap after the weights; the tokenizer's load frees its own
+        # temporaries (~30 MB for SmolLM2's): hand those back too, so RSS shows the model.
+        from .quant.load import release_freed_memory
+
+        release_freed_memory()
     return model, tokenizer

@@ -159,7 +159,7 @@ def _cached_folder(repo_id: str) -> Path | None:
     return None
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise; RSS would not fall).
 
     Cyclic garbage first: a reference cycle can hold a freed tensor's memory until the next
@@ -319,7 +319,7 @@ def load_quantized(
             done += value.numel() * value.element_size()
             del value
             if done > 16 * 2**20:  # every ~16 MB read: give the freed temporaries back
-                _release_freed_memory()
+                release_freed_memory()
                 done = 0
     finally:
         for reader in readers:
@@ -342,7 +342,7 @@ def load_quantized(
             pass
     mark_quantized(model, quant_type, double_quant, blocksize, compute_dtype, sorted(targets))
     model.eval()
-    _release_freed_memory()
+    release_freed_memory()
     return model, info
 
 
