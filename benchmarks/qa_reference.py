@@ -304,10 +304,12 @@ def main() -> None:
     print(json.dumps(entry, indent=1))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     key = f"reference_{args.method}" + ("_token_types" if args.keep_token_types else "")
-    results[key] = entry
+    # A quick check on the first N questions keeps its own section: it never replaces a full run.
+    section = results.setdefault(f"first_{args.limit}_questions", {}) if args.limit else results
+    section[key] = entry
     if args.peftkit_run:
         summary = json.loads((Path(args.peftkit_run) / "summary.json").read_text())
-        results["peftkit_lora_summary"] = {
+        section["peftkit_lora_summary"] = {
             k: summary.get(k)
             for k in ("eval", "baselines", "tokens_per_s", "train_time_s", "peak_cpu_mb")
         }
