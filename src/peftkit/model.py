@@ -27,6 +27,7 @@ from torch import nn
 from . import checkpoint, partitioned
 from .adapter_model import AdapterModel
 from .config import PeftConfig, TaskType, read_config
+from . import head_input
 from .methods import ADAPTER_MODELS
 from .methods.lora import LoraLayer
 
@@ -49,6 +50,7 @@ class PeftModel(nn.Module):
         # Kept out of nn.Module's registry: its modules are registered just above, under PEFT's
         # names (registering it too would list every tensor twice in state_dict()).
         self.__dict__["adapter_model"] = adapter_model
+        head_input.install(model)  # batched prefill: a 10x slower head product otherwise
 
     # --- config --------------------------------------------------------------------------
     def _fill_config(self, model: nn.Module, config: PeftConfig) -> None:
