@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import tiny_model
 
 import peftkit
 from peftkit import head_input
+from tiny_models import tiny_model
 
 
 def _seen_by_head(model, **kw):

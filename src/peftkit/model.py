@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, partitioned
+from . import checkpoint, head_input, partitioned
 from .adapter_model import AdapterModel
 from .config import PeftConfig, TaskType, read_config
-from . import head_input
 from .methods import ADAPTER_MODELS
 from .methods.lora import LoraLayer
 
