@@ -43,6 +43,7 @@ from torch import nn
 from ..config import PeftConfig, PeftType
 from ..inject import check_mixed_batch
 from . import dora, lora_fused
+from .dropout_mask import keep_mask
 
 
 @dataclasses.dataclass
@@ -262,8 +263,7 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 def dropout_then_project(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
     """``dropout(x, p) @ weight.T`` in training, drawing the mask from torch's global RNG."""
-    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-    return _DropoutThenProject.apply(x, weight, p, keep)
+    return _DropoutThenProject.apply(x, weight, p, keep_mask(x.shape, p, x.device))
 
 
 class LoraLayer(nn.Module):

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
+from .dropout_mask import keep_mask
+
 # 8 bytes of 0/1 (one int64, little-endian) -> one byte: bit k = byte k. Exact: no two partial
 # products meet in the top byte (checked over all 256 patterns in the tests).
 _PACK_MAGIC = sum(1 << (56 - 7 * k) for k in range(8))  # 0x0102040810204080
@@ -82,7 +84,7 @@ class _LoraLinearFn(torch.autograd.Function):
         A_p = A if p == 0 else A * (1.0 / (1.0 - p))  # (r, in)
         packed = None
         if p > 0:
-            keep = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+            keep = keep_mask(x2.shape, p, x.device)  # (N, in), the plain path's draw
             xd = torch.where(keep, x2, 0.0)  # (N, in)
             packed = pack_mask(keep)  # (N, in/8)
         else:
