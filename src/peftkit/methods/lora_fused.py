@@ -85,7 +85,7 @@ class _LoraLinearFn(torch.autograd.Function):
         packed = None
         if p > 0:
             keep = keep_mask(x2.shape, p, x.device)  # (N, in), the plain path's draw
-            xd = torch.where(keep, x2, 0.0)  # (N, in)
+            xd = x2 * keep  # (N, in); a dropped inf/nan gives nan, as in nn.Dropout
             packed = pack_mask(keep)  # (N, in/8)
         else:
             xd = x2
@@ -112,14 +112,14 @@ class _LoraLinearFn(torch.autograd.Function):
             if keep is None:
                 grad_x.addmm_(g_h, A_p)  # += g_h A
             else:
-                grad_x += torch.where(keep, g_h @ A_p, 0.0)
+                grad_x.addcmul_(g_h @ A_p, keep)  # += mask * (g_h A_p), one pass
             grad_x = grad_x.view(ctx.x_shape)
         if need_w:  # the base weight itself trains (unusual for LoRA, kept correct)
             grad_w = g.T @ x2  # (out, in)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_A:
-            xd = x2 if keep is None else torch.where(keep, x2, 0.0)  # (N, in)
+            xd = x2 if keep is None else x2 * keep  # (N, in)
             grad_A = g_h.T @ xd  # (r, in), for A_p = A / (1 - p)
             if ctx.p > 0:
                 grad_A = grad_A * (1.0 / (1.0 - ctx.p))
