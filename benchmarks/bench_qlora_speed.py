@@ -31,7 +31,11 @@ from common import smollm2_shape
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).parent / "results" / "qlora_speed.json"
-SHAPES = {"q/o 576->576": (576, 576), "gate/up 576->1536": (576, 1536), "down 1536->576": (1536, 576)}
+SHAPES = {
+    "q/o 576->576": (576, 576),
+    "gate/up 576->1536": (576, 1536),
+    "down 1536->576": (1536, 576),
+}
 
 
 def interleaved(calls: dict, repeats: int) -> dict[str, dict[str, float]]:
@@ -77,7 +81,8 @@ def part_layer(repeats: int) -> dict:
 
         with torch.no_grad():
             rel = ((ours(x) - theirs(x)).abs().max() / theirs(x).abs().max()).item()
-        times = interleaved({"peftkit": lambda: run(ours), "bnb": lambda: run(theirs)}, repeats)
+        calls = {"peftkit": lambda o=ours: run(o), "bnb": lambda t=theirs: run(t)}
+        times = interleaved(calls, repeats)
         out[label] = {
             **times,
             "peftkit_over_bnb_cpu": times["peftkit"]["cpu_ms"] / times["bnb"]["cpu_ms"],
@@ -139,8 +144,10 @@ def main() -> None:
     if "layer" in args.parts:
         result["layer_fwd_bwd_batch_8x128"] = part_layer(args.repeats * 4)
     if "step" in args.parts:
-        result["step"] = {"setup": f"SmolLM2 widths, {args.layers} layers, r=8 all-linear, "
-                          "batch 8x128, AdamW", **part_step(args.layers, args.repeats)}
+        result["step"] = {
+            "setup": f"SmolLM2 widths, {args.layers} layers, r=8 all-linear, batch 8x128, AdamW",
+            **part_step(args.layers, args.repeats),
+        }
     result["loadavg_end"] = os.getloadavg()
     print(json.dumps(result, indent=2))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
