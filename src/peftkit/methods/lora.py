@@ -525,11 +525,15 @@ class LoraLayer(nn.Module):
             )
         downs, ups = zip(*(self.factors(n) for n in present))  # (r_i, ...), (out, r_i)
         r_max = max(d.shape[0] for d in downs)
-        down = downs[0].new_zeros(len(present) + 1, r_max, *downs[0].shape[1:])  # (n+1, r, ...)
-        up = ups[0].new_zeros(len(present) + 1, ups[0].shape[0], r_max)  # (n+1, out, r)
-        for i, (d, u) in enumerate(zip(downs, ups)):
-            down[i, : d.shape[0]] = d
-            up[i, :, : u.shape[1]] = u
+        if all(d.shape[0] == r_max for d in downs):  # one rank: two stacks, no per-adapter copy
+            down = torch.stack([*downs, torch.zeros_like(downs[0])])  # (n+1, r, ...)
+            up = torch.stack([*ups, torch.zeros_like(ups[0])])  # (n+1, out, r)
+        else:
+            down = downs[0].new_zeros(len(present) + 1, r_max, *downs[0].shape[1:])
+            up = ups[0].new_zeros(len(present) + 1, ups[0].shape[0], r_max)
+            for i, (d, u) in enumerate(zip(downs, ups)):
+                down[i, : d.shape[0]] = d
+                up[i, :, : u.shape[1]] = u
         index = {n: i for i, n in enumerate(present)}
         slots = torch.tensor([index.get(n, len(present)) for n in names], device=x.device)  # (B,)
         out = self.rowwise_update(x, down, up, slots)
