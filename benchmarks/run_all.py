@@ -18,8 +18,10 @@ HERE = Path(__file__).resolve().parent
 # script, arguments for a full run, arguments for --quick
 BENCHMARKS = [
     ("bench_lora.py", [], ["--quick"]),
-    ("bench_lora_step.py", ["--layers", "8"], ["--layers", "2", "--repeats", "2"]),
-    ("bench_mixed_batch.py", [], []),
+    ("bench_lora_step.py", ["--layers", "30"], ["--layers", "2", "--repeats", "2"]),
+    ("profile_lora_step.py", [], ["--layers", "2"]),
+    ("bench_mixed_batch.py", [], ["--layers", "2", "--repeats", "2"]),
+    ("bench_qlora_speed.py", [], ["--layers", "2", "--repeats", "2"]),
     ("bench_prompt_generate.py", [], ["--quick", "--repeats", "3"]),
     ("bench_qlora.py", [], ["--steps", "10"]),
     ("adalora_real_run.py", ["--with-peft"], ["--steps", "20", "--tag", "_quick"]),
