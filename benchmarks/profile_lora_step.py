@@ -99,8 +99,10 @@ def main() -> None:
         "loadavg": os.getloadavg(),
         "self_cpu_ms": rows,
     }
+    payload = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    payload[f"dropout_{args.dropout:g}"] = out  # one entry per dropout rate
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":
