@@ -45,6 +45,17 @@ from .methods.trainable_tokens import TrainableTokensWrapper, wrap_trainable_tok
 _MODEL = BASE_MODEL + ".model."  # the prefix of the wrapped model's keys in _peft_state_dict
 
 
+def _unfreeze(item: nn.Module | nn.Parameter) -> None:
+    """``requires_grad_(True)`` on a factor; a leaf module's own parameters directly (the
+    generic Module.requires_grad_ walks submodules: ~20 us a call, 420 calls for 210 layers)."""
+    if isinstance(item, nn.Module) and not item._modules:
+        for param in item._parameters.values():
+            if param is not None:
+                param.requires_grad_(True)
+    else:
+        item.requires_grad_(True)
+
+
 class InjectedAdapterModel(nn.Module):
     """Holds ``.model`` and injects one set of adapter layers per adapter name."""
 
@@ -172,13 +183,15 @@ class InjectedAdapterModel(nn.Module):
         for wrapper in wrappers:
             own = [n for n in names if n in wrapper.modules_to_save]
             wrapper.set_adapter(own[0] if own else names[0])
-        self.mark_trainable()
+        self.mark_trainable((layers, wrappers, token_wrappers))
 
-    def mark_trainable(self) -> None:
-        """Freeze everything except the active adapters' factors, copies and chosen biases."""
+    def mark_trainable(self, modules: tuple | None = None) -> None:
+        """Freeze everything except the active adapters' factors, copies and chosen biases.
+
+        ``modules``: :meth:`_adapter_modules` when the caller has just walked the model."""
         for param in self.model.parameters():
             param.requires_grad_(False)
-        modules = self._adapter_modules()
+        modules = modules or self._adapter_modules()
         for name in self.active_adapters:
             self._unfreeze(name, self.peft_config[name], modules)
 
@@ -188,9 +201,9 @@ class InjectedAdapterModel(nn.Module):
         layers, wrappers, token_wrappers = modules or self._adapter_modules()
         for layer in layers:
             for dict_name in self.saved_dict_names:
-                container = getattr(layer, dict_name, None)
+                container = layer._modules.get(dict_name)
                 if container is not None and name in container:
-                    container[name].requires_grad_(True)
+                    _unfreeze(container[name])
             if config.bias == "lora_only" and name in layer.r:
                 bias = getattr(layer.base_layer, "bias", None)
                 if isinstance(bias, nn.Parameter):
