@@ -6,7 +6,8 @@ shares the same frozen base tensors), batch 8 x 128, LoRA r=16 alpha=32, AdamW.
 Cases, each timed for the floor, peftkit and PEFT in interleaved rounds (warm-up round first,
 then medians of ``--repeats``), wall and process CPU seconds:
 
-* ``train_*``: forward + backward + AdamW step; the floor is the frozen model's forward +
+* ``train_*``: forward + backward + AdamW step (``_fastmask``: peftkit with
+  ``set_dropout_mask("fast")``, no PEFT column); the floor is the frozen model's forward +
   backward with ``requires_grad`` on the input embeddings only (every input gradient computed,
   no weight gradient, no optimizer). The floor computes slightly MORE than LoRA needs: LoRA never
   needs the gradient of layer 0's input (the embeddings are frozen), the floor does.
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import torch
 from common import smollm2_shape
+
+from peftkit.methods.dropout_mask import set_dropout_mask
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).parent / "results" / "lora_step.json"
@@ -97,11 +100,16 @@ def main() -> None:
     ids = torch.randint(0, 49152, (8, 128), generator=torch.Generator().manual_seed(0))
     prompt = ids[:1, :32]
 
-    cases = {  # name -> (targets, dropout)
-        "train_all_linear_dropout0.05": (ALL_LINEAR, 0.05),
-        "train_all_linear_dropout0": (ALL_LINEAR, 0.0),
-        "train_qv_dropout0.05": (["q_proj", "v_proj"], 0.05),
+    cases = {  # name -> (targets, dropout, dropout mask); PEFT draws nn.Dropout's masks
+        "train_all_linear_dropout0.05": (ALL_LINEAR, 0.05, "bernoulli"),
+        "train_all_linear_dropout0.05_fastmask": (ALL_LINEAR, 0.05, "fast"),
+        "train_all_linear_dropout0": (ALL_LINEAR, 0.0, "bernoulli"),
+        "train_qv_dropout0.05": (["q_proj", "v_proj"], 0.05, "bernoulli"),
     }
+    case_libs = {  # the fast mask is peftkit's alone: no PEFT column for it
+        case: libs if mask == "bernoulli" else libs[:2] for case, (_, _, mask) in cases.items()
+    }
+    case_libs["infer"] = case_libs["generate"] = libs
     frozen = sharing_copy(base)
     embed = frozen.get_input_embeddings()
 
@@ -112,20 +120,22 @@ def main() -> None:
     fns: dict[tuple[str, str], object] = {}
     saved: dict[str, dict[str, float]] = {}
     models = {}
-    for case, (targets, p) in cases.items():
+    for case, (targets, p, mask) in cases.items():
         fns[(case, "floor")] = floor_step
         saved.setdefault(case, {})["floor"] = saved_mb(
             lambda: frozen(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids)
         )
-        for lib in libs[1:]:
+        for lib in case_libs[case][1:]:
             model = wrap(lib, sharing_copy(base), targets, p).train()
             opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
             models[(case, lib)] = model
 
-            def step(model=model, opt=opt):
+            def step(model=model, opt=opt, mask=mask):
+                set_dropout_mask(mask)
                 model(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad()
+                set_dropout_mask("bernoulli")
 
             fns[(case, lib)] = step
             saved[case][lib] = saved_mb(lambda model=model: model(input_ids=ids, labels=ids))
@@ -138,8 +148,8 @@ def main() -> None:
 
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for round_ in range(args.repeats + 1):  # round 0 is warm-up
-        order = libs if round_ % 2 == 0 else libs[::-1]
         for case in (*cases, "infer", "generate"):
+            order = case_libs[case] if round_ % 2 == 0 else case_libs[case][::-1]
             for lib in order:
                 if case in cases and lib != "floor":
                     models[(case, lib)].train()
@@ -161,13 +171,13 @@ def main() -> None:
     }
     for case in (*cases, "infer", "generate"):
         row = {}
-        for lib in libs:
+        for lib in case_libs[case]:
             wall = statistics.median(w for w, _ in times[(case, lib)])
             cpu = statistics.median(c for _, c in times[(case, lib)])
             row[lib] = {"wall_ms": wall * 1e3, "cpu_ms": cpu * 1e3}
             if case in saved:
                 row[lib]["saved_mb"] = saved[case][lib]
-        for lib in libs[1:]:
+        for lib in case_libs[case][1:]:
             for key in ("wall_ms", "cpu_ms"):
                 row[lib][f"{key}_over_floor"] = row[lib][key] / row["floor"][key] - 1
         if "peft" in row:

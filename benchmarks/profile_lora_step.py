@@ -27,6 +27,8 @@ from bench_lora_step import ALL_LINEAR, sharing_copy, wrap
 from common import smollm2_shape
 from torch.profiler import profile
 
+from peftkit.methods.dropout_mask import set_dropout_mask
+
 RESULTS = Path(__file__).parent / "results" / "profile_lora_step.json"
 MASK_OPS = ("randint", "random_", "bernoulli", "where", "index", "ge", "bitwise", "__rshift__")
 MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul")
@@ -62,8 +64,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dropout-mask", choices=["bernoulli", "fast"], default="bernoulli")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    set_dropout_mask(args.dropout_mask)
     base = smollm2_shape(args.layers)
     ids = torch.randint(0, 49152, (8, 128), generator=torch.Generator().manual_seed(0))
     frozen = sharing_copy(base)
@@ -85,7 +89,8 @@ def main() -> None:
     groups = ["base matmul", "LoRA matmul", "dropout mask", "optimizer", "other"]
     floor_total = sum(rows["floor"].values())
     print(
-        f"{args.layers} layers, batch 8 x 128, LoRA r=16 all-linear, dropout {args.dropout}, "
+        f"{args.layers} layers, batch 8 x 128, LoRA r=16 all-linear, dropout {args.dropout} "
+        f"({args.dropout_mask} masks), "
         f"{args.threads} threads, load {os.getloadavg()[0]:.1f}; self CPU ms of one step"
     )
     print(f"{'group':14} {'floor':>8} {'peftkit':>8} {'delta':>8} {'of floor':>9}")
@@ -95,12 +100,12 @@ def main() -> None:
         print(f"{g:14} {f:8.0f} {p:8.0f} {p - f:+8.0f} {(p - f) / floor_total:+9.1%}")
     out = {
         "setup": f"SmolLM2 widths, {args.layers} layers, batch 8x128, r=16 all-linear, "
-        f"dropout {args.dropout}, {args.threads} threads",
+        f"dropout {args.dropout} ({args.dropout_mask} masks), {args.threads} threads",
         "loadavg": os.getloadavg(),
         "self_cpu_ms": rows,
     }
     payload = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    payload[f"dropout_{args.dropout:g}"] = out  # one entry per dropout rate
+    payload[f"dropout_{args.dropout:g}_{args.dropout_mask}"] = out  # one entry per setting
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
 

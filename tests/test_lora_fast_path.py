@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftkit
-from peftkit.methods import lora_fused
+from peftkit.methods import dropout_mask, lora_fused
 from tiny_models import tiny_model
 
 
@@ -127,8 +127,10 @@ def test_fused_on_a_4bit_base_equals_plain(monkeypatch, p, compute_dtype):
         torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
 
 
-def test_dropout_draws_the_plain_paths_mask(monkeypatch):
+@pytest.mark.parametrize("kind", ["bernoulli", "fast"])
+def test_dropout_draws_the_plain_paths_mask(monkeypatch, kind):
     """Same RNG state -> same mask as the plain path; a different seed -> another mask."""
+    monkeypatch.setattr(dropout_mask, "_kind", kind)
     layer = _layer(False, 0.5).train()
     x = torch.randn(6, 16)
     fused_1, fused_2 = _run(layer, x, seed=3)[0], _run(layer, x, seed=4)[0]

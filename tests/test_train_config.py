@@ -53,6 +53,14 @@ def test_a_good_config_loads_with_defaults_and_yaml_1_1_floats(tmp_path, data_fi
     assert config.epochs == 3 and config.grad_accum == 1
 
 
+def test_dropout_mask_defaults_to_peft_s_draw_and_names_the_choices(tmp_path, data_file):
+    path = write(tmp_path, GOOD.format(train=data_file))
+    assert load_config(path).dropout_mask == "bernoulli"
+    assert load_config(path, ["dropout_mask=fast"]).dropout_mask == "fast"
+    with pytest.raises(ConfigError, match="dropout_mask: 'coin' is not one of"):
+        load_config(path, ["dropout_mask=coin"])
+
+
 def test_dotted_overrides_reach_into_blocks(tmp_path, data_file):
     path = write(tmp_path, GOOD.format(train=data_file))
     config = load_config(

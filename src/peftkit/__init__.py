@@ -2,6 +2,7 @@
 
 from .config import PeftConfig, PeftType, TaskType
 from .methods.adalora import AdaLoraConfig
+from .methods.dropout_mask import set_dropout_mask
 from .methods.lora import LoraConfig
 from .methods.prompt import (
     PrefixTuningConfig,
@@ -31,6 +32,7 @@ from .quant import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "set_dropout_mask",
     "AdaLoraConfig",
     "Linear4bit",
     "LoraConfig",

@@ -112,6 +112,8 @@ class RunConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
+    # LoRA dropout masks: PEFT's draw (same seed, same masks) or a ~3.5x cheaper one
+    dropout_mask: Literal["bernoulli", "fast"] = "bernoulli"
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None

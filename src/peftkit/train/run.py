@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_write_text
+from ..methods.dropout_mask import set_dropout_mask
 from ..progress import quiet_library_bars
 from ..tasks import Task, TaskSpec
 from .config import RunConfig, config_to_yaml
@@ -141,6 +142,7 @@ class TrainRecipe:
         self.checkpoint = resolve_resume(self.output_dir, resume)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        set_dropout_mask(config.dropout_mask)
         self.splits: Splits = load_splits(config)
         self.spec: TaskSpec = check_data(build_spec(config), self.splits, config.source)
 
