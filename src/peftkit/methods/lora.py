@@ -365,12 +365,11 @@ class LoraLayer(nn.Module):
         ref = _reference_tensor(self.base_layer)
         dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
         for container in (self.lora_A, self.lora_B):
-            module = container[name] if name in container else None
-            if module is not None and (module.weight.device, module.weight.dtype) != (
-                ref.device,
-                dtype,
-            ):  # Module.to walks and rebuilds even when nothing moves: ~40 us a factor
-                module.to(device=ref.device, dtype=dtype)
+            if name not in container:
+                continue
+            weight = container[name].weight
+            if weight.device != ref.device or weight.dtype != dtype:  # Module.to walks and
+                container[name].to(device=ref.device, dtype=dtype)  # rebuilds even for no move
         for container in (self.lora_embedding_A, self.lora_embedding_B):
             if name in container:
                 container[name].data = container[name].data.to(device=ref.device, dtype=dtype)
@@ -525,15 +524,11 @@ class LoraLayer(nn.Module):
             )
         downs, ups = zip(*(self.factors(n) for n in present))  # (r_i, ...), (out, r_i)
         r_max = max(d.shape[0] for d in downs)
-        if all(d.shape[0] == r_max for d in downs):  # one rank: two stacks, no per-adapter copy
-            down = torch.stack([*downs, torch.zeros_like(downs[0])])  # (n+1, r, ...)
-            up = torch.stack([*ups, torch.zeros_like(ups[0])])  # (n+1, out, r)
-        else:
-            down = downs[0].new_zeros(len(present) + 1, r_max, *downs[0].shape[1:])
-            up = ups[0].new_zeros(len(present) + 1, ups[0].shape[0], r_max)
-            for i, (d, u) in enumerate(zip(downs, ups)):
-                down[i, : d.shape[0]] = d
-                up[i, :, : u.shape[1]] = u
+        down = downs[0].new_zeros(len(present) + 1, r_max, *downs[0].shape[1:])  # (n+1, r, ...)
+        up = ups[0].new_zeros(len(present) + 1, ups[0].shape[0], r_max)  # (n+1, out, r)
+        for i, (d, u) in enumerate(zip(downs, ups)):
+            down[i, : d.shape[0]] = d
+            up[i, :, : u.shape[1]] = u
         index = {n: i for i, n in enumerate(present)}
         slots = torch.tensor([index.get(n, len(present)) for n in names], device=x.device)  # (B,)
         out = self.rowwise_update(x, down, up, slots)
