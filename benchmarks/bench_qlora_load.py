@@ -19,9 +19,10 @@ as ``libraries``), and the bytes of the model's tensors.
 
 Part ``trainer``: the twitter_complaints recipe on the bundled SmolLM2-135M through the
 trainer (``peftkit train``), LoRA vs QLoRA on the same targets (q_proj, v_proj), batch 8,
-one epoch (5 steps), no zero-shot eval and no test split, with and without gradient
-checkpointing; the peaks (RSS and anonymous) and the memory held before training, from each
-run's summary.json / memory report.
+``--epochs`` epochs (default 3: 15 steps, as the issue measured), no zero-shot eval and no
+test split, with and without gradient checkpointing, the trainer's ``trim_heap`` set to
+``--trim-heap`` (default head); the peaks (RSS and anonymous) and the memory held before
+training, from each run's summary.json / memory report, and each run's training time.
 
 Run: ``.venv/bin/python benchmarks/bench_qlora_load.py [--parts load,trainer]``; prints tables
 and writes ``benchmarks/results/qlora_load.json``. Times depend on what else the CPU runs;
@@ -195,10 +196,18 @@ TRAINER_RUNS = {
 }
 
 
-def part_trainer(out_root: Path, names: list[str], malloc_mmap_threshold: int | None) -> dict:
+def part_trainer(
+    out_root: Path,
+    names: list[str],
+    malloc_mmap_threshold: int | None,
+    trim_heap: str = "head",
+    epochs: int = 3,
+) -> dict:
     """The trainer runs ``names``; with ``malloc_mmap_threshold`` (bytes) each runs with glibc's
     ``MALLOC_MMAP_THRESHOLD_`` fixed there: blocks above it are mapped on their own and returned
-    on free (no heap fragmentation), paid for with a page fault per page on every allocation."""
+    on free (no heap fragmentation), paid for with a page fault per page on every allocation.
+    ``trim_heap``: the trainer key of that name (head | blocks | none: where free heap pages are
+    given back each training forward; see peftkit.heap)."""
     runs = {}
     env = dict(os.environ)
     if malloc_mmap_threshold:
@@ -208,11 +217,12 @@ def part_trainer(out_root: Path, names: list[str], malloc_mmap_threshold: int | 
         out = out_root / name
         cmd = [sys.executable, "-m", "peftkit", "train", recipe, "--overwrite"]
         cmd += [
-            "epochs=1",
+            f"epochs={epochs}",
             "eval_before_training=false",
             "data.test=null",
             "method.target_modules=[q_proj,v_proj]",
             f"gradient_checkpointing={str(checkpointing).lower()}",
+            f"trim_heap={trim_heap}",
             "num_threads=2",
             "progress=false",
             "tensorboard=false",
@@ -244,7 +254,7 @@ def part_trainer(out_root: Path, names: list[str], malloc_mmap_threshold: int | 
             "cpu_user_s": round(after.ru_utime - children.ru_utime, 1),
             "cpu_sys_s": round(after.ru_stime - children.ru_stime, 1),
         }
-    print("\nSmolLM2-135M twitter_complaints, q_proj+v_proj r=8, batch 8, 1 epoch (5 steps)")
+    print(f"\nSmolLM2-135M twitter_complaints, q_proj+v_proj r=8, batch 8, {epochs} epochs")
     print(
         f"{'run':9} {'GC':>3} {'before RSS':>10} {'before anon':>11} {'peak RSS':>9} "
         f"{'peak anon':>9} {'wall s':>7}"
@@ -259,9 +269,10 @@ def part_trainer(out_root: Path, names: list[str], malloc_mmap_threshold: int | 
             f"{r['peak_rss_mb']:9} {r['peak_anon_mb']:9} {r['wall_s']:7.1f}"
         )
     return {
-        "setup": "twitter_complaints recipes, epochs=1, eval_before_training=false, "
+        "setup": f"twitter_complaints recipes, epochs={epochs}, eval_before_training=false, "
         "data.test=null, method.target_modules=[q_proj,v_proj], num_threads=2",
         "malloc_mmap_threshold": malloc_mmap_threshold,
+        "trim_heap": trim_heap,
         "runs": runs,
     }
 
@@ -277,6 +288,13 @@ def main() -> None:
         type=int,
         help="trainer runs with MALLOC_MMAP_THRESHOLD_ fixed at this many bytes (e.g. 131072); "
         "stored as trainer_smollm2_mmap<N>",
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="trainer runs' epochs")
+    parser.add_argument(
+        "--trim-heap",
+        default="head",
+        choices=("head", "blocks", "none"),
+        help="the trainer's trim_heap; other than head, stored as trainer_smollm2[...]_trim<VALUE>",
     )
     parser.add_argument("--make-checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--load-worker", nargs=2, help=argparse.SUPPRESS)
@@ -295,8 +313,14 @@ def main() -> None:
             key = "trainer_smollm2"
             if args.malloc_mmap_threshold:
                 key += f"_mmap{args.malloc_mmap_threshold}"
+            if args.trim_heap != "head":
+                key += f"_trim{args.trim_heap}"
             new[key] = part_trainer(
-                Path(tmp), args.trainer_runs.split(","), args.malloc_mmap_threshold
+                Path(tmp),
+                args.trainer_runs.split(","),
+                args.malloc_mmap_threshold,
+                trim_heap=args.trim_heap,
+                epochs=args.epochs,
             )
     payload = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # other parts kept
     payload["note"] = "memory in MB (2**20); times on a shared 2-core CPU, indicative only"

@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("profile_lora_step.py", [], ["--layers", "2"]),
     ("bench_mixed_batch.py", [], ["--layers", "2", "--repeats", "2"]),
     ("bench_qlora_speed.py", [], ["--layers", "2", "--repeats", "2"]),
+    ("bench_trim_heap.py", ["--reps", "3"], ["--reps", "1"]),
     ("bench_prompt_generate.py", [], ["--quick", "--repeats", "3"]),
     ("bench_qlora.py", [], ["--steps", "10"]),
     ("adalora_real_run.py", ["--with-peft"], ["--steps", "20", "--tag", "_quick"]),

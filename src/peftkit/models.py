@@ -585,7 +585,7 @@ def load_base_model(
     if quantization is not None:
         # the 4-bit loader trimmed the heap after the weights; the tokenizer's load frees its own
         # temporaries (~30 MB for SmolLM2's): hand those back too, so RSS shows the model.
-        from .quant.load import release_freed_memory
+        from .heap import release_freed_memory
 
         release_freed_memory()
     return model, tokenizer

@@ -30,8 +30,6 @@ file, a renamed or reshaped tensor, config options it does not handle) raises
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import logging
 import math
@@ -46,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..heap import release_freed_memory, trim_heap
 from .linear4bit import Linear4bit, check_layer_args
 from .model_quant import (
     DEFAULT_SKIP_NAMES,
@@ -157,21 +156,6 @@ def _cached_folder(repo_id: str) -> Path | None:
             if files and all(f.is_file() for f in files):
                 return folder
     return None
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise; RSS would not fall)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def release_freed_memory() -> None:
-    """:func:`_trim_heap` after collecting cyclic garbage: a reference cycle can hold a freed
-    tensor's memory until the next collection (~30 MB after loading SmolLM2)."""
-    gc.collect()
-    _trim_heap()
 
 
 def _model_key(key: str, model_keys: set[str], prefix: str) -> str | None:
@@ -322,7 +306,7 @@ def load_quantized(
             done += value.numel() * value.element_size()
             del value
             if done > 16 * 2**20:  # every ~16 MB read: give the freed temporaries back
-                _trim_heap()  # no cycles form per tensor: the full collection runs once, at the end
+                trim_heap()  # no cycles form per tensor: the full collection runs once, at the end
                 done = 0
     finally:
         for reader in readers:

@@ -10,6 +10,11 @@ One epoch::
                                                       -> log, checkpoint every save_steps, Ctrl-C?
     then: memory report, eval (loss + task metrics + memory report), best?, epoch checkpoint
 
+Memory: only the loss outlives the forward (the logits are freed before backward allocates
+their gradient), and on the CPU the heap's free pages go back to the kernel just before the
+output head (``trim_heap: head``; ``blocks`` also before every repeated block; see
+:mod:`peftkit.heap`), where a language model's step peaks.
+
 Gradient accumulation is done here rather than by ``accelerator.accumulate``: each window's loss is
 divided by the window's *actual* size (the last window of an epoch may be short), and windows
 never straddle epochs, so a checkpoint between steps is always a clean cut.
@@ -32,6 +37,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import atomic_write_text, save_tensors
+from ..heap import trimming_heap
 from ..progress import progress_bar
 from ..tasks.base import EvalContext, Task
 from .config import RunConfig
@@ -436,7 +442,8 @@ class Trainer:
         window_losses: list[float] = []
         window_tokens = 0
         step_start = time.perf_counter()
-        with MemoryTracker("train", acc.device) as mem:
+        trim = trimming_heap(self.unwrapped, config.trim_heap)
+        with MemoryTracker("train", acc.device) as mem, trim:
             for index, batch in enumerate(self.loader, start=progress.batch_in_epoch):
                 window_start = (index // ga) * ga
                 window = min(ga, nb - window_start)
@@ -447,9 +454,12 @@ class Trainer:
                 acc.gradient_state._set_sync_gradients(last_in_window)
                 with sync:
                     with acc.autocast():
-                        out = self.model(**batch)
-                    acc.backward(out.loss / window, **self._backward_kwargs)
-                loss = float(out.loss.detach().float())
+                        # only the loss: the logits (batch x seq x vocab) go before backward
+                        # allocates their gradients, instead of living through it
+                        loss_t = self.model(**batch).loss
+                    acc.backward(loss_t / window, **self._backward_kwargs)
+                loss = float(loss_t.detach().float())
+                del loss_t
                 window_losses.append(loss)
                 progress.epoch_loss_sum += loss
                 progress.epoch_batches += 1
