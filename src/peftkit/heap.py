@@ -3,8 +3,8 @@
 Tensors on the CPU live in glibc's heap. A freed block stays resident until the heap's top
 shrinks past it, and a training step frees and re-allocates activations of many sizes, so the
 heap keeps holes: pages the process no longer uses but still holds. The allocation pattern
-decides how many, which is why two runs with the same live memory can peak hundreds of MB
-apart (measured on SmolLM2, README "QLoRA memory"). ``malloc_trim(0)`` returns every free
+decides how many, which is why two runs with the same live tensors can peak ~100-200 MB
+apart (LoRA and QLoRA steps on SmolLM2, README "QLoRA memory"). ``malloc_trim(0)`` returns every free
 page to the kernel (``madvise``), interior holes included; a later allocation that reuses the
 hole takes a page fault instead.
 
@@ -17,8 +17,12 @@ output head::
              logits, log-softmax, loss  <- the step's peak
     backward: logits' gradients (the same size again), then the layers in reverse
 
-One trim per step costs a few ms plus the page faults of reused holes (~1-3% of a CPU step,
-measured in README). Elsewhere than glibc (macOS, musl) these functions do nothing.
+The trainer's ``trim_heap``: ``head`` (default) trims there; ``blocks`` also before every
+repeated block (decoder layer), so one block's holes are given back before the next allocates;
+``none`` never. A trim costs a few ms plus a page fault per reused page: on SmolLM2 on the
+CPU, ``head`` took 290-510 MB off the peak RSS for +2-6% of step time, ``blocks`` reached the
+peak of a fragmentation-free heap for +5-15% (``benchmarks/bench_trim_heap.py``; README, "QLoRA
+memory"). Elsewhere than glibc (macOS, musl) these functions do nothing.
 """
 
 from __future__ import annotations
