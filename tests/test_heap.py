@@ -67,6 +67,12 @@ def test_output_head_is_found_through_wrappers_and_absent_without_one():
     assert heap.output_head(wrapped) is model.lm_head
     assert heap.output_head(nn.Sequential(nn.Linear(4, 4))) is None
 
+    class Undeclared(nn.Linear):
+        def get_output_embeddings(self):
+            raise NotImplementedError
+
+    assert heap.output_head(Undeclared(4, 4)) is None
+
 
 @glibc_only
 def test_the_hooks_trim_only_training_forwards_and_go_away(monkeypatch):

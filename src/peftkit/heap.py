@@ -83,10 +83,14 @@ def output_head(model: nn.Module) -> nn.Module | None:
     ``get_output_embeddings``) of the first model inside ``model`` that has one, else None."""
     for module in model.modules():
         get = getattr(module, "get_output_embeddings", None)
-        if callable(get):
+        if not callable(get):
+            continue
+        try:
             head = get()
-            if isinstance(head, nn.Module):
-                return head
+        except (NotImplementedError, AttributeError):  # a model class that declares none
+            continue
+        if isinstance(head, nn.Module):
+            return head
     return None
 
 

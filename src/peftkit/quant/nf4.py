@@ -246,15 +246,16 @@ def dequantize_4bit(
     dev, half = packed.device, packed.numel()
     table = _pair_table(state.quant_type, dev)  # (256, 2)
     index = pool.get("index", half, torch.int32, dev).copy_(packed.reshape(-1))  # (n/2,)
-    pairs = pool.get("pairs", 2 * half, torch.float32, dev).view(half, 2)
-    torch.index_select(table, 0, index, out=pairs)  # (n/2, 2): one gather per byte
-    unit = pairs.reshape(-1)[:n]  # (n,) values in [-1, 1]
+    # the unit values are gathered straight into the result's buffer and scaled in place there:
+    # no second weight-sized buffer (2*half = n, or n + 1 for an odd n)
+    values = pool.get("values", 2 * half, torch.float32, dev)
+    torch.index_select(table, 0, index, out=values.view(half, 2))  # one gather per byte
+    out = values[:n]  # (n,) unit values in [-1, 1], then the weights
     absmax = state.absmax_values(scratch)  # (nb,)
     full = n - n % bs
-    out = pool.get("values", n, torch.float32, dev)
-    torch.mul(unit[:full].view(-1, bs), absmax[: full // bs, None], out=out[:full].view(-1, bs))
+    out[:full].view(-1, bs).mul_(absmax[: full // bs, None])
     if full < n:
-        torch.mul(unit[full:], absmax[-1], out=out[full:])
+        out[full:].mul_(absmax[-1])
     for i, target in enumerate((state.dtype, dtype)):
         if target is not None and target != out.dtype:
             out = pool.get(f"cast{i}", n, target, dev).copy_(out)
