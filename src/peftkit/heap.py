@@ -20,8 +20,8 @@ output head::
 The trainer's ``trim_heap``: ``head`` (default) trims there; ``blocks`` also before every
 repeated block (decoder layer), so one block's holes are given back before the next allocates;
 ``none`` never. A trim costs a few ms plus a page fault per reused page: on SmolLM2 on the
-CPU, ``head`` took 115-510 MB off the peak RSS for +2-6% of step time, ``blocks`` reached
-the peak of a fragmentation-free heap for +5-15% (``benchmarks/bench_trim_heap.py``; README,
+CPU, ``head`` took 115-515 MB off the peak RSS for +0.4-3.4% of step time, ``blocks`` reached
+the peak of a fragmentation-free heap for +6-10% (``benchmarks/bench_trim_heap.py``; README,
 "QLoRA memory"). Elsewhere than glibc (macOS, musl) these functions do nothing.
 """
 
