@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from peftkit.checkpoint import atomic_write_text
+
 warnings.filterwarnings("ignore")
 MODES = ("lora", "lora_gc", "qlora")
 RESULTS = Path(__file__).parent / "results" / "qlora.json"
@@ -279,9 +281,7 @@ def main() -> None:
         "normal_mse_blockwise64": mse,
         "runs": runs,
     }
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    atomic_write_text(str(RESULTS), json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
 
 

@@ -325,10 +325,11 @@ def main() -> None:
     payload = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # other parts kept
     payload["note"] = "memory in MB (2**20); times on a shared 2-core CPU, indicative only"
     payload.update(new)
+    # imported here, not at the top: the load workers' runtime baseline stays as it was
+    from peftkit.checkpoint import atomic_write_text
+
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = RESULTS.with_suffix(".json.tmp")
-    tmp_file.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp_file, RESULTS)
+    atomic_write_text(str(RESULTS), json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
 
 

@@ -131,10 +131,10 @@ def main() -> None:
         "runs": runs,
         "medians": summary,
     }
+    from peftkit.checkpoint import atomic_write_text
+
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    atomic_write_text(str(RESULTS), json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {RESULTS}")
 
 

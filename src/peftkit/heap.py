@@ -4,9 +4,9 @@ Tensors on the CPU live in glibc's heap. A freed block stays resident until the 
 shrinks past it, and a training step frees and re-allocates activations of many sizes, so the
 heap keeps holes: pages the process no longer uses but still holds. The allocation pattern
 decides how many, which is why two runs with the same live tensors can peak ~100-200 MB
-apart (LoRA and QLoRA steps on SmolLM2, README "QLoRA memory"). ``malloc_trim(0)`` returns every free
-page to the kernel (``madvise``), interior holes included; a later allocation that reuses the
-hole takes a page fault instead.
+apart (LoRA and QLoRA steps on SmolLM2, README "QLoRA memory"). ``malloc_trim(0)`` returns
+every free page to the kernel (``madvise``), interior holes included; a later allocation that
+reuses the hole takes a page fault instead.
 
 When it pays to trim: just before a step allocates its largest blocks, so they land in memory
 that was given back instead of on top of resident holes. In a language model that is the

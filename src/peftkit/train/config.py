@@ -7,7 +7,7 @@
     data:   {train: FILE, eval: FILE, test: FILE, ...}     files (or hub names) to read
     method: {type: lora, r: 8, lora_alpha: 16, ...}        the adapter; fields are the config class's
     epochs: 3, lr: 3e-3, batch_size: 8, ...                the loop (top level, so `epochs=5` works)
-    distributed: {strategy: zero3, noneload: cpu}           ddp (default) | zero2 | zero3 | fsdp
+    distributed: {strategy: zero3, offload: cpu}           ddp (default) | zero2 | zero3 | fsdp
 
 :func:`load_config` reads the YAML, applies dotted overrides (``method.r=16``), and checks the
 whole thing before anything heavy happens: unknown keys, wrong types and missing files come back
