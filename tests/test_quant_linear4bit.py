@@ -56,6 +56,41 @@ def test_backward_matches_autograd_reference_and_saves_no_weight():
     assert not any(t.requires_grad for t in q.buffers())
 
 
+@pytest.mark.parametrize("wrap", ["checkpoint", "save_on_cpu"])
+def test_backward_through_checkpointing_and_outer_saved_tensor_hooks(wrap):
+    """The layer's own saved-tensor hook (the weight saved as a reference to the layer) sits
+    inside whatever hooks the caller set: non-reentrant checkpointing recomputes the forward
+    in backward, ``save_on_cpu`` packs every saved tensor. Two 4-bit layers share the scratch,
+    so a weight that was saved as a tensor would be the second layer's by backward time."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, q1 = _layer(128, 128)
+    q2 = Linear4bit.from_linear(nn.Linear(128, 96))
+    for q in (q1, q2):
+        q.bias.requires_grad_(True)
+    w1, w2 = q1.dequantize(), q2.dequantize()
+    b1, b2 = (q.bias.detach().clone().requires_grad_(True) for q in (q1, q2))
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+
+    def block(t):
+        return q2(torch.tanh(q1(t)))
+
+    if wrap == "checkpoint":
+        y = checkpoint(block, x, use_reentrant=False)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            y = block(x)
+    y_ref = F.linear(torch.tanh(F.linear(x_ref, w1, b1)), w2, b2)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q1.bias.grad, b1.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q2.bias.grad, b2.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_compute_dtype_returns_input_dtype():
     linear, q = _layer(compute_dtype=torch.bfloat16)
     x = torch.randn(2, 128)
@@ -193,6 +228,26 @@ def test_scratch_dequantize_equals_plain_and_reuses_buffers(weight_dtype, shape)
     again = dequantize_4bit(small_packed, small_state, torch.float32, scratch=pool)
     assert again.data_ptr() == ptr
     torch.testing.assert_close(again, dequantize_4bit(small_packed, small_state, torch.float32))
+
+
+def test_scratch_gathers_in_chunks_bounded_index(monkeypatch):
+    """On the CPU the bytes are widened to int32 a chunk at a time: a weight over several
+    chunks (and a last partial one) dequantises to the same bits as the unpacked reference,
+    and the pool's index buffer is one chunk, not two bytes per weight."""
+    from peftkit.quant import nf4
+    from peftkit.quant.scratch import ScratchPool
+
+    monkeypatch.setattr(nf4, "INDEX_CHUNK", 1000)
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)  # 6144 bytes: 6 full chunks and one of 144
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    codes = nf4.unpack_nibbles(packed.reshape(-1), w.numel()).long()
+    reference = nf4.code_4bit("nf4")[codes].view(-1, 64) * state.absmax[:, None]
+    pool = ScratchPool()
+    out = dequantize_4bit(packed, state, torch.float32, scratch=pool)
+    torch.testing.assert_close(out, reference.view(96, 128), rtol=0, atol=0)
+    index = [b for (name, *_), b in pool._buffers.items() if name == "index"]
+    assert [b.numel() for b in index] == [1000]
 
 
 def test_training_step_through_shared_scratch_matches_plain_weights():
