@@ -140,3 +140,26 @@ def test_the_trainer_trims_per_training_forward_and_changes_nothing(tmp_path, mo
         assert trimmed.keys() == plain.keys()
         for key in plain:
             assert torch.equal(trimmed[key], plain[key]), (where, key)
+
+
+@glibc_only
+def test_a_trim_drops_the_4bit_scratch_and_backward_rebuilds_it():
+    """Trimming drops the 4-bit layers' dequantisation scratch (registered with
+    ``register_cache``), also between a forward and its backward, which dequantises again into
+    a new pool: the same gradient, bit for bit."""
+    from peftkit.quant import Linear4bit, linear4bit
+
+    torch.manual_seed(0)
+    q = Linear4bit.from_linear(nn.Linear(128, 64))
+    x = torch.randn(3, 128, requires_grad=True)
+    q(x).pow(2).sum().backward()
+    expected, x.grad = x.grad.clone(), None
+    pool = linear4bit._scratch()
+    assert pool._buffers  # the weight was built there
+    assert heap.trim_heap()
+    assert linear4bit._THREAD.pool is None
+    y = q(x)
+    heap.trim_heap()
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+    assert linear4bit._scratch() is not pool and linear4bit._scratch()._buffers

@@ -13,7 +13,8 @@ that was given back instead of on top of resident holes. In a language model tha
 output head::
 
     forward: embeddings -> decoder layers (activations kept for backward, temporaries freed:
-             resident holes) --[trim: holes given back]--> output head: (batch, seq, vocab)
+             resident holes) --[trim: holes given back, caches dropped]--> output head:
+             (batch, seq, vocab)
              logits, log-softmax, loss  <- the step's peak
     backward: logits' gradients (the same size again), then the layers in reverse
 
@@ -31,7 +32,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 
 import torch
@@ -41,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "TRIM_POINTS",
     "output_head",
+    "register_cache",
     "release_freed_memory",
     "repeated_blocks",
     "trim_before",
@@ -62,11 +64,25 @@ def _malloc_trim():
     return trim
 
 
+_CACHES: list[Callable[[], None]] = []
+
+
+def register_cache(release: Callable[[], None]) -> None:
+    """Have every :func:`trim_heap` first call ``release``, which drops a cache of reusable
+    buffers that is rebuilt on its next use (the 4-bit layers' dequantisation scratch). Where
+    the trainer trims, before the output head, the scratch is not needed again until backward
+    reaches the decoder layers: dropped there, it is not part of the step's peak."""
+    _CACHES.append(release)
+
+
 def trim_heap() -> bool:
-    """Give the heap's free pages back to the kernel; False where that is not possible."""
+    """Drop the registered caches, then give the heap's free pages back to the kernel; False
+    (and nothing dropped) where that is not possible."""
     trim = _malloc_trim()
     if trim is None:
         return False
+    for release in _CACHES:
+        release()
     trim(0)
     return True
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..heap import register_cache
 from .bnb_compat import bnb_dequantize, use_bnb_for
 from .nf4 import (
     SUPPORTED_BLOCKSIZES,
@@ -55,6 +56,14 @@ def _scratch() -> ScratchPool:
     if pool is None:
         pool = _THREAD.pool = ScratchPool()
     return pool
+
+
+def _drop_scratch() -> None:
+    """Drop this thread's scratch pool; the next 4-bit call builds a new one."""
+    _THREAD.pool = None
+
+
+register_cache(_drop_scratch)  # dropped where the trainer trims the heap (before the head)
 
 
 class _RedequantisedInBackward(torch.autograd.graph.saved_tensors_hooks):
