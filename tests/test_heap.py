@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,12 @@ def test_the_hooks_trim_only_training_forwards_and_go_away(monkeypatch):
         heap.trim_points(model, "always")
 
 
+def evaluations_in(run: Path) -> int:
+    """How many evaluations a run logged (its metrics.jsonl's evaluation records)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return sum(json.loads(line)["kind"] in ("eval", "test") for line in lines)
+
+
 @glibc_only
 def test_the_trainer_trims_per_training_forward_and_changes_nothing(tmp_path, monkeypatch):
     calls = []
@@ -130,10 +137,13 @@ def test_the_trainer_trims_per_training_forward_and_changes_nothing(tmp_path, mo
     run_train(config(tmp_path / "none", "none"))
     assert not calls
     run_train(config(tmp_path / "head", "head"))
-    assert len(calls) == 4  # 2 steps x 2 micro-batches; evaluation runs without gradients
+    evaluations = evaluations_in(tmp_path / "head")
+    assert evaluations >= 1
+    # 2 steps x 2 micro-batches, and one trim before each evaluation (none inside it)
+    assert len(calls) == 4 + evaluations
     run_train(config(tmp_path / "blocks", "blocks"))
     layers = json.loads((llama / "config.json").read_text())["num_hidden_layers"]
-    assert len(calls) == 4 + 4 * (layers + 1)
+    assert len(calls) == 4 + evaluations + 4 * (layers + 1) + evaluations
     plain = load_file(str(tmp_path / "none" / "adapter" / "adapter_model.safetensors"))
     for where in ("head", "blocks"):
         trimmed = load_file(str(tmp_path / where / "adapter" / "adapter_model.safetensors"))

@@ -14,8 +14,7 @@ output head::
 
     forward: embeddings -> decoder layers (activations kept for backward, temporaries freed:
              resident holes) --[trim: holes given back, caches dropped]--> output head:
-             (batch, seq, vocab)
-             logits, log-softmax, loss  <- the step's peak
+             (batch, seq, vocab) logits, log-softmax, loss  <- the step's peak
     backward: logits' gradients (the same size again), then the layers in reverse
 
 The trainer's ``trim_heap``: ``head`` (default) trims there; ``blocks`` also before every
@@ -47,6 +46,7 @@ __all__ = [
     "repeated_blocks",
     "trim_before",
     "trim_heap",
+    "trim_now",
     "trim_points",
     "trimming_heap",
 ]
@@ -160,6 +160,13 @@ def trim_points(model: nn.Module, where: str = "head") -> list[nn.Module]:
     if where == "blocks":
         points = repeated_blocks(model) + points
     return [m for m in points if _on_cpu(m)]
+
+
+def trim_now(model: nn.Module, where: str = "head") -> bool:
+    """One trim now where :func:`trimming_heap` would trim at all (``where`` other than
+    ``"none"``, a model on the CPU): the trainer's evaluation calls it first, so inference
+    starts on a heap without training's holes and without the 4-bit scratch. True if it did."""
+    return bool(trim_points(model, where)) and trim_heap()
 
 
 @contextlib.contextmanager

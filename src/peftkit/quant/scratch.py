@@ -1,11 +1,12 @@
 """Where dequantisation writes: fresh tensors, or named buffers reused across calls.
 
-A QLoRA step dequantises every 4-bit layer twice (forward and backward), each time into two
-weight-sized buffers (the byte indices and the weight itself) and a few block-statistics
-temporaries that live for one matmul.
+A QLoRA step dequantises every 4-bit layer twice (forward and backward), each time into a
+weight-sized buffer, the byte indices it gathers from (a weight's worth on a GPU, one chunk on
+the CPU) and a few block-statistics temporaries that live for one matmul.
 Allocated fresh, they interleave with the step's activations in the C allocator's heap
 (glibc malloc), and the holes they leave keep the process's resident memory far above its live
-tensors. Reused, each buffer costs one allocation per thread for the whole run.
+tensors. Reused, each buffer costs one allocation per thread until the pool is dropped (the
+trainer drops it where it trims the heap: :func:`peftkit.heap.register_cache`).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 
 from ..checkpoint import atomic_write_text, save_tensors
-from ..heap import trimming_heap
+from ..heap import trim_now, trimming_heap
 from ..progress import progress_bar
 from ..tasks.base import EvalContext, Task
 from .config import RunConfig
@@ -278,6 +278,7 @@ class Trainer:
         features = self.eval_features if features is None else list(features)
         if not features:
             return None
+        trim_now(self.unwrapped, self.config.trim_heap)  # training's heap holes, given back
         evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
         self._memory_report(evaluation.memory, epoch)
         self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
