@@ -19,10 +19,11 @@ output head::
 
 The trainer's ``trim_heap``: ``head`` (default) trims there; ``blocks`` also before every
 repeated block (decoder layer), so one block's holes are given back before the next allocates;
-``none`` never. A trim costs a few ms plus a page fault per reused page: on SmolLM2 on the
-CPU, ``head`` took 115-515 MB off the peak RSS for +0.4-3.4% of step time, ``blocks`` reached
-the peak of a fragmentation-free heap for +6-10% (``benchmarks/bench_trim_heap.py``; README,
-"QLoRA memory"). Elsewhere than glibc (macOS, musl) these functions do nothing.
+``none`` never; with either of the first two the trainer also trims once before each
+evaluation (:func:`trim_now`). A trim costs a few ms plus a page fault per reused page: on
+SmolLM2 on the CPU, ``head`` took 120-430 MB off the peak RSS for at most ~2% of step time and
+``blocks`` nothing more for +5-15% (``benchmarks/bench_trim_heap.py``; README, "QLoRA
+memory"). Elsewhere than glibc (macOS, musl) these functions do nothing.
 """
 
 from __future__ import annotations
