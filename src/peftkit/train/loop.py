@@ -13,7 +13,7 @@ One epoch::
 Memory: only the loss outlives the forward (the logits are freed before backward allocates
 their gradient), and on the CPU the heap's free pages go back to the kernel just before the
 output head (``trim_heap: head``; ``blocks`` also before every repeated block; see
-:mod:`peftkit.heap`), where a language model's step peaks.
+:mod:`peftkit.heap`), where a language model's step peaks, and once before each evaluation.
 
 Gradient accumulation is done here rather than by ``accelerator.accumulate``: each window's loss is
 divided by the window's *actual* size (the last window of an epoch may be short), and windows
