@@ -43,6 +43,9 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    IA3 = "IA3"
 
 
 # PEFT fields peftkit does not implement, with the value that means "feature off". Any other value

@@ -8,6 +8,9 @@
     PROMPT_TUNING   prompt.PromptTuningConfig            prompt.PromptAdapterModel
     P_TUNING        prompt.PromptEncoderConfig           prompt.PromptAdapterModel
     PREFIX_TUNING   prompt.PrefixTuningConfig            prompt.PromptAdapterModel
+    LOHA            loha.LoHaConfig                      loha.LoHaModel
+    LOKR            lokr.LoKrConfig                      lokr.LoKrModel
+    IA3             ia3.IA3Config                        ia3.IA3Model
 
 A new method adds one row to each table. ``config.config_class`` reads ``CONFIGS``;
 ``model.PeftModel`` reads ``ADAPTER_MODELS``.
@@ -16,6 +19,9 @@ A new method adds one row to each table. ``config.config_class`` reads ``CONFIGS
 from ..config import PeftConfig, PeftType
 from ..tuner import InjectedAdapterModel
 from .adalora import AdaLoraConfig, AdaLoraModel
+from .ia3 import IA3Config, IA3Model
+from .loha import LoHaConfig, LoHaModel
+from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig
 from .prompt import (
     PrefixTuningConfig,
@@ -30,6 +36,9 @@ CONFIGS: dict[PeftType, type[PeftConfig]] = {
     PeftType.PROMPT_TUNING: PromptTuningConfig,
     PeftType.P_TUNING: PromptEncoderConfig,
     PeftType.PREFIX_TUNING: PrefixTuningConfig,
+    PeftType.LOHA: LoHaConfig,
+    PeftType.LOKR: LoKrConfig,
+    PeftType.IA3: IA3Config,
 }
 
 ADAPTER_MODELS: dict[PeftType, type] = {
@@ -38,12 +47,18 @@ ADAPTER_MODELS: dict[PeftType, type] = {
     PeftType.PROMPT_TUNING: PromptAdapterModel,
     PeftType.P_TUNING: PromptAdapterModel,
     PeftType.PREFIX_TUNING: PromptAdapterModel,
+    PeftType.LOHA: LoHaModel,
+    PeftType.LOKR: LoKrModel,
+    PeftType.IA3: IA3Model,
 }
 
 __all__ = [
     "ADAPTER_MODELS",
     "CONFIGS",
     "AdaLoraConfig",
+    "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
