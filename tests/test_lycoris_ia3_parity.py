@@ -23,9 +23,10 @@ TARGETS = {
     "t5": ("SEQ_2_SEQ_LM", ["q", "v", "wo"], ["k", "v", "wo"], ["wo"], None),
     "bert": ("SEQ_CLS", ["query", "value"], ["key", "value", "output.dense"], ["output.dense"], None),
     "gpt2": ("CAUSAL_LM", None, ["c_attn", "mlp.c_proj"], ["mlp.c_proj"], None),
-    "vit": (None, ["query", "value"], ["key", "value", "output.dense"], ["output.dense"], ["classifier"]),
+    "vit": (None, ["q_proj", "v_proj", "projection"], ["k_proj", "projection", "fc2"], ["fc2"], ["classifier"]),
 }  # fmt: skip
-# gpt2 keeps its projections in transformers' Conv1D, which PEFT's LoHa/LoKr do not adapt
+# gpt2 keeps its projections in transformers' Conv1D, which PEFT's LoHa/LoKr do not adapt;
+# vit's "projection" is the patch embedding's Conv2d
 CASES = [
     (arch, method)
     for arch in TARGETS
