@@ -296,9 +296,16 @@ class IA3Model(InjectedAdapterModel):
         return create_ia3_layer(target, config)
 
     def add_weighted_adapter(
-        self, adapters: list[str], weights: list[float], adapter_name: str
+        self, adapters: list[str], weights: list[float], adapter_name: str, **options: Any
     ) -> None:
-        """A new adapter whose vectors are ``Σ_i weights[i] · l_i`` (PEFT's IA3 arithmetic)."""
+        """A new adapter whose vectors are ``Σ_i weights[i] · l_i`` (PEFT's IA3 arithmetic);
+        LoRA's options (``combination_type``, ``density``, ...) do not apply and are refused."""
         from .add_weighted import add_weighted_ia3
 
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise ValueError(
+                f"IA3 adapters combine as a weighted sum of their vectors; {', '.join(given)} "
+                f"(LoRA's combination options) do not apply"
+            )
         add_weighted_ia3(self, adapters, weights, adapter_name)
