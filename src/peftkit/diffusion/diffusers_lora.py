@@ -12,8 +12,12 @@
 The UNet's modules sit at the root of :class:`~peftkit.diffusion.TextToImageUNet`, so the
 conversion is a rename. Without metadata (older files) the rank is read off the tensors and
 alpha = rank (diffusers' convention: scale 1); ``lora.down`` / ``lora.up`` names (the older
-diffusers / kohya layout) read as ``lora_A`` / ``lora_B``. AdaLoRA's P·diag(E)·Q factors have
-no diffusers layout and are refused by name.
+diffusers / kohya layout) read as ``lora_A`` / ``lora_B``.
+
+LoKr goes the same way (``unet.<path>.lokr_w1`` ..., the LoKrConfig fields in the metadata):
+diffusers (0.42) detects ``.lokr_`` keys in ``load_lora_adapter`` and builds PEFT's LoKrConfig
+from the metadata. LoHa has no diffusers reader, and AdaLoRA's P·diag(E)·Q factors no diffusers
+layout: both are refused by name (the PEFT-format ``adapter/`` folder holds them).
 """
 
 from __future__ import annotations
@@ -34,24 +38,38 @@ TEXT = "text_encoder."
 _CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_dora",
                   "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "lora_bias",
                   "init_lora_weights")  # fmt: skip
+# LoKrConfig fields written for diffusers (it passes them to peft.LoKrConfig)
+_LOKR_FIELDS = ("r", "alpha", "target_modules", "rank_dropout", "module_dropout",
+                "use_effective_conv2d", "decompose_both", "decompose_factor", "rank_dropout_scale",
+                "rank_pattern", "alpha_pattern", "init_weights")  # fmt: skip
+_FILE_FIELDS = {"LORA": (".lora_", _CONFIG_FIELDS), "LOKR": (".lokr_", _LOKR_FIELDS)}
 
 
 def to_diffusers(tensors: dict[str, torch.Tensor], config: Any) -> tuple[dict, dict]:
     """PEFT on-disk tensors + LoraConfig -> (diffusers tensors, diffusers metadata dict)."""
     peft_type = getattr(config.peft_type, "value", config.peft_type)
-    if peft_type != "LORA":
+    if peft_type == "LOHA":
         raise ValueError(
-            f"{peft_type}: diffusers' LoRA files hold LoRA / DoRA factors only; the PEFT-format "
-            "adapter folder holds this adapter"
+            "LOHA: diffusers has no reader for LoHa weights (its load_lora_weights takes LoRA and "
+            "LoKr); the PEFT-format adapter folder holds this adapter "
+            "(peft.PeftModel.from_pretrained(unet, folder) loads it)"
         )
+    if peft_type not in _FILE_FIELDS:
+        raise ValueError(
+            f"{peft_type}: diffusers' LoRA files hold LoRA / DoRA (and LoKr) factors only; the "
+            "PEFT-format adapter folder holds this adapter"
+        )
+    marker, names = _FILE_FIELDS[peft_type]
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX) or ".lora_" not in key:
-            raise ValueError(f"{key}: not a LoRA tensor; diffusers' LoRA files hold only those")
+        if not key.startswith(PEFT_PREFIX) or marker not in key:
+            raise ValueError(
+                f"{key}: not a {peft_type} factor; diffusers' files hold only the adapter's factors"
+            )
         rest = key[len(PEFT_PREFIX) :]
         out[rest if rest.startswith(TEXT) else "unet." + rest] = value.contiguous()
     fields = config.to_dict()
-    settings = {k: fields[k] for k in _CONFIG_FIELDS if k in fields}
+    settings = {k: fields[k] for k in names if k in fields}
     metadata: dict[str, Any] = {}
     for prefix in ("unet", "text_encoder"):
         if any(k.startswith(prefix + ".") for k in out):
@@ -99,6 +117,15 @@ def read_diffusers_lora(path: str | os.PathLike) -> tuple[Any, dict[str, torch.T
         raise ValueError(f"{path}: no LoRA tensors")
     stored = json.loads(header[METADATA_KEY]) if header.get(METADATA_KEY) else {}
     settings = {k.partition(".")[2]: v for k, v in stored.items() if k.startswith("unet.")}
+    if any(".lokr_" in k for k in tensors):
+        from ..methods.lokr import LoKrConfig
+
+        if not settings:
+            raise ValueError(
+                f"{path}: a LoKr file without its config in the header ({METADATA_KEY}); "
+                "peftkit reads LoKr files that carry it (as peftkit and diffusers write them)"
+            )
+        return LoKrConfig(**{k: v for k, v in settings.items() if k in _LOKR_FIELDS}), tensors
     if not settings:
         settings = _inferred_settings(tensors, alphas)
     fields = {k: v for k, v in settings.items() if k in _CONFIG_FIELDS}
@@ -130,8 +157,8 @@ def _inferred_settings(tensors: dict[str, torch.Tensor], alphas: dict[str, float
 def load_diffusers_lora(
     model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default"
 ) -> Any:
-    """A PeftModel: ``model`` (a TextToImageUNet or a plain UNet) with the diffusers LoRA file
-    ``path`` loaded into a fresh adapter."""
+    """A PeftModel: ``model`` (a TextToImageUNet or a plain UNet) with the diffusers LoRA (or
+    LoKr) file ``path`` loaded into a fresh adapter."""
     from .. import get_peft_model
 
     config, tensors = read_diffusers_lora(path)
