@@ -260,3 +260,22 @@ def test_ia3_on_a_4bit_layer_runs_and_refuses_to_merge():
         torch.testing.assert_close(model(x), expected, **TOL)
     with pytest.raises(ValueError, match="4-bit layer"):
         model.merge_and_unload()
+
+
+def test_a_base_with_hooks_is_run_as_a_module():
+    """ZeRO-3 gathers a partitioned weight in the base layer's pre-forward hook: with a hook on
+    the base, the layer calls it (the plain path) instead of reading the weight directly."""
+    torch.manual_seed(0)
+    model = peftkit.get_peft_model(
+        nn.Sequential(nn.Linear(6, 4)), peftkit.LoKrConfig(target_modules=["0"], init_weights=False)
+    ).eval()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        folded = model(x)
+    calls = []
+    base = model.base_model.model[0].base_layer
+    handle = base.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), folded, **TOL)
+    handle.remove()
+    assert calls == [1]

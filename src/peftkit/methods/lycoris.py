@@ -8,8 +8,9 @@ a Hadamard product of two low-rank matrices, LoKr: a Kronecker product) and add 
 One product with the summed weight, not ``op(x, W) + op(x, ΔW)`` as PEFT runs it: the same
 output (the convolution/matmul is linear in the weight) for one matmul instead of two forward and
 two instead of three backward; autograd keeps ``W + ΔW`` for backward where PEFT keeps ``ΔW``.
-:meth:`LycorisLayer.plain_forward` is the two-product form, kept for tests and for base layers
-called with extra arguments.
+:meth:`LycorisLayer.plain_forward` is the two-product form (tested equal), taken where the base
+weight cannot be read directly (a base with hooks, e.g. ZeRO-3's gathering; a DTensor) or the
+base is called with extra arguments.
 
 Training-time regularisers, as PEFT draws them (same generator, same order, so one seed gives
 both libraries one run):
@@ -30,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from ..config import PeftConfig
 from ..tuner import InjectedAdapterModel
@@ -228,7 +230,7 @@ class LycorisLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``op(x, W + Σ s ΔW) + b``: one product for the base and every active update."""
         self._prepare_forward()
-        if args or kwargs or self.batch_adapters is not None:
+        if args or kwargs or self.batch_adapters is not None or not _plain_base(self.base_layer):
             return self.plain_forward(x, *args, **kwargs)
         delta = self.summed_delta()
         base = self.base_layer
@@ -271,6 +273,24 @@ class LycorisLayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, scaling={self.scaling[n]:g}" for n in self.r)
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _plain_base(base: nn.Module) -> bool:
+    """The base weight may be read directly: no hooks that prepare it when the base runs (ZeRO-3
+    gathers partitioned weights in a pre-forward hook) and a plain tensor (not a DTensor)."""
+    hooks = (
+        base._forward_hooks
+        or base._forward_pre_hooks
+        or base._backward_hooks
+        or base._backward_pre_hooks
+        or _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks
+    )
+    bias = base.bias
+    return not hooks and type(base.weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
 
 
 def check_supported(target: nn.Module, method: str) -> None:
