@@ -8,9 +8,10 @@ enabled, from the same seeds, and lets the judge label them::
       with model.disable_adapter(): sample ──judge──> share recognised per digit (before)
       sample ──judge──> share recognised per digit (after)
 
-Writes ``benchmarks/results/t2i_digits_lora.json`` (the shares, the run's training numbers from
-its summary.json) and copies the run's sample grids, loss curve and share-recognised curve into
-``docs/`` (small PNGs).
+Writes ``benchmarks/results/t2i_digits_<method>.json`` (the shares, the run's training numbers
+from its summary.json; ``<method>``: the run folder's name before ``_t2i``, e.g. ``lora``,
+``loha``, ``lokr``) and copies the run's sample grids, loss curve and share-recognised curve into
+``docs/t2i_digits_<method>_*.png`` (small PNGs).
 Usage: ``python benchmarks/t2i_digits_judge.py [RUN]``.
 """
 
@@ -85,14 +86,15 @@ def main() -> None:
         "run_eval_before": summary.get("before_training"),
         "run_eval_best": summary.get("eval"),
     }
-    path = ROOT / "benchmarks" / "results" / "t2i_digits_lora.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    for name, out in (("samples_before.png", "t2i_digits_lora_before.png"),
-                      ("samples_after.png", "t2i_digits_lora_after.png"),
-                      ("loss.png", "t2i_digits_lora_loss.png"),
-                      ("metrics.png", "t2i_digits_lora_recognised.png")):  # fmt: skip
+    from peftkit.checkpoint import atomic_write_text
+
+    tag = run.resolve().name.partition("_t2i")[0] or "lora"
+    path = ROOT / "benchmarks" / "results" / f"t2i_digits_{tag}.json"
+    atomic_write_text(str(path), json.dumps(result, indent=2) + "\n")
+    for name, out in (("samples_before.png", "before"), ("samples_after.png", "after"),
+                      ("loss.png", "loss"), ("metrics.png", "recognised")):  # fmt: skip
         if (run / name).is_file():
-            shutil.copyfile(run / name, ROOT / "docs" / out)
+            shutil.copyfile(run / name, ROOT / "docs" / f"t2i_digits_{tag}_{out}.png")
     print(json.dumps({k: result[k] for k in ("before", "after", "training")}, indent=2))
 
 

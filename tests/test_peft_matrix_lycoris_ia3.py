@@ -290,7 +290,8 @@ def test_row_matches_peft(tmp_path, monkeypatch, row, model_name, cls, kwargs):
 
     # training mode: module / rank dropout drawn from the same generator in the same order
     theirs.train(), ours.train()
-    for seed in (5, 6, 7):
+    dropout = kwargs.get("rank_dropout") or kwargs.get("module_dropout")
+    for seed in (5, 6, 7) if dropout else (5,):  # several draws where there is dropout
         torch.manual_seed(seed)
         expected_train = _run(theirs, x)
         torch.manual_seed(seed)
