@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import peftkit
+from peftkit.cli import main
 from peftkit.diffusion import load_diffusers_lora, save_diffusers_lora
-from test_text_to_image import noise_pred, rel_err, tiny_unet
+from test_text_to_image import assets, noise_pred, rel_err, summary, tiny_unet  # noqa: F401
+from test_text_to_image import write_config as write_t2i_config
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]  # conv1/2: the ResNets' 3x3
 METHODS = {
@@ -61,3 +63,25 @@ def test_loha_has_no_diffusers_file():
     model = peftkit.get_peft_model(tiny_unet(), peftkit.LoHaConfig(target_modules=["to_q"]))
     with pytest.raises(ValueError, match="diffusers has no reader for LoHa"):
         save_diffusers_lora(model, "unused")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_train_text_to_image(assets, method):  # noqa: F811 (the fixture)
+    block = {"type": method, "r": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v"]}
+    path = write_t2i_config(assets, method, block, epochs=1)
+    assert main(["train", str(path)]) == 0
+    run = assets["root"] / "runs" / method
+    out = summary(assets, method)
+    assert out["status"] == "completed" and out["method"] == method
+    diffusers_file = run / "adapter" / "pytorch_lora_weights.safetensors"
+    assert diffusers_file.is_file() == (method == "lokr")
+    log = (run / "train.log").read_text()
+    if method == "loha":
+        assert "no diffusers LoRA file: LOHA: diffusers has no reader for LoHa" in log
+    theirs = peft.PeftModel.from_pretrained(
+        tiny_unet(), run / "adapter"
+    )  # the base folder's UNet is tiny_unet()
+    mine = peftkit.PeftModel.from_pretrained(tiny_unet(), run / "adapter")
+    assert rel_err(noise_pred(mine), noise_pred(theirs)) <= 1e-5
+    assert rel_err(noise_pred(mine), noise_pred(tiny_unet())) > 1e-5  # it trained

@@ -183,6 +183,9 @@ def test_every_method_type_finds_its_config_class_in_the_registry():
         "prompt_tuning": "PromptTuningConfig",
         "p_tuning": "PromptEncoderConfig",
         "prefix_tuning": "PrefixTuningConfig",
+        "loha": "LoHaConfig",
+        "lokr": "LoKrConfig",
+        "ia3": "IA3Config",
     }
 
 

@@ -27,7 +27,7 @@ from .base import TaskOptions, TaskSpec
 from .classifier import LabelClassifier, learn_label_set, unknown_label_problems
 
 # method.type values that put an adapter into a vision model's layers
-IMAGE_METHODS = ("lora", "adalora", "qlora")  # DoRA: lora with use_dora: true
+IMAGE_METHODS = ("lora", "adalora", "qlora", "loha", "lokr", "ia3")  # DoRA: lora, use_dora
 MAX_CLASS_METRICS = 30  # per-class accuracy goes into the metrics up to this many classes
 
 

@@ -35,7 +35,7 @@ import torch
 
 from .base import EvalContext, EvalResult, Task, TaskOptions, TaskSpec
 
-T2I_METHODS = ("lora", "adalora")  # DoRA: lora with use_dora: true
+T2I_METHODS = ("lora", "adalora", "loha", "lokr", "ia3")  # DoRA: lora with use_dora: true
 EVAL_SEED = 1234  # the noise and timesteps of eval row i come from seed EVAL_SEED + i
 
 

@@ -38,6 +38,9 @@ METHOD_TYPES: dict[str, str] = {
     "prompt_tuning": "PROMPT_TUNING",
     "p_tuning": "P_TUNING",
     "prefix_tuning": "PREFIX_TUNING",
+    "loha": "LOHA",
+    "lokr": "LOKR",
+    "ia3": "IA3",
 }
 # method.type -> the base model's quantisation when model.quantization is not set.
 METHOD_DEFAULT_QUANTIZATION: dict[str, str] = {"qlora": "nf4"}
