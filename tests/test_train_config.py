@@ -134,14 +134,14 @@ def test_unknown_task_and_method_types_list_the_choices(tmp_path, data_file):
         model: {{name: m}}
         task: {{type: classify}}
         data: {{train: {data_file}}}
-        method: {{type: loha}}
+        method: {{type: boft}}
         """,
     )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     task_problem, method_problem = info.value.problems
     assert "task.type: 'classify' is unknown; use one of causal_lm" in task_problem
-    assert "method.type: 'loha' is unknown; use one of lora, qlora, adalora" in method_problem
+    assert "method.type: 'boft' is unknown; use one of lora, qlora, adalora" in method_problem
 
 
 def test_missing_blocks_and_train_split(tmp_path):
