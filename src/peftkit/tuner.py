@@ -1,10 +1,11 @@
-"""The adapter model of injected methods, LoRA and AdaLoRA (HF PEFT's ``LoraModel``).
+"""The adapter model of injected methods (HF PEFT's ``LoraModel``; LoHa, LoKr, IA3, AdaLoRA
+subclass it).
 
 ::
 
     PeftModel.base_model = InjectedAdapterModel        (PeftModel's adapter model, registered
         .model = the transformers model, with            under HF PEFT's name ``base_model``)
-                 target layers replaced by LoraLayer wrappers
+                 target layers replaced by AdapterLayer wrappers (LoraLayer, LoHaLayer, ...)
                  and modules_to_save replaced by ModulesToSaveWrapper
 
     in memory  base_model.model.<path>.lora_A.<name>.weight
@@ -12,8 +13,11 @@
 
 It owns everything that walks the model: adding/removing named adapters, switching the active one,
 disabling, merging, unloading, and the adapter's tensors under PEFT's names
-(:class:`peftkit.adapter_model.AdapterModel` is the interface). A method plugs in by subclassing
-and overriding :meth:`create_layer` (and, for AdaLoRA, the state-dict hooks).
+(:class:`peftkit.adapter_model.AdapterModel` is the interface), and LoRA's adapter arithmetic
+(``add_weighted_adapter``, :mod:`peftkit.methods.add_weighted`). A method plugs in by subclassing:
+``create_layer``, ``layer_cls``, ``saved_dict_names`` (its containers, PEFT's on-disk names),
+``mixed_batches`` (False: ``adapter_names=`` refused by name), and for AdaLoRA the state-dict
+hooks.
 """
 
 from __future__ import annotations
