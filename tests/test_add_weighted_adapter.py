@@ -299,3 +299,17 @@ def test_combiners_on_hand_worked_values():
     )
     with pytest.raises(ValueError, match="density"):
         combine([a, b], w, "dare_linear")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_ia3_refuses_vectors_of_different_sides_and_loras_options(tmp_path):
+    first = {"target_modules": ["lin0"], "feedforward_modules": ["lin0"], "init_ia3_weights": False}
+    second = {"target_modules": ["lin0"], "feedforward_modules": [], "init_ia3_weights": False}
+    # (PEFT cannot even hold these two: a layer's side is fixed by its first adapter there)
+    ours = peftkit.get_peft_model(MLP(), peftkit.IA3Config(**first), adapter_name="a")
+    ours.add_adapter("b", peftkit.IA3Config(**second))
+    with pytest.raises(ValueError, match="scale different sides of this layer"):
+        ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix")
+    with pytest.raises(ValueError, match="combination_type, density .* do not apply"):
+        ours.add_weighted_adapter(["a"], [1.0], "mix", combination_type="ties", density=0.5)
+    assert list(ours.peft_config) == ["a", "b"]
