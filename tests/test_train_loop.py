@@ -241,3 +241,38 @@ def test_memory_report_sees_a_phase_peak_and_uses_peft_wording():
     gpu = PhaseMemory("train", 0, 0, 0, gpu_begin=1916, gpu_end=1982, gpu_peak=9404).lines()
     assert gpu[0] == "GPU Memory before entering the train : 1916"
     assert "GPU Peak Memory consumed during the train (max-begin): 7488" in gpu
+
+
+_NESTED_PEAK_PROBE = """
+import json, torch
+from peftkit.train.memory import MemoryTracker, StepParts
+parts = StepParts()
+with MemoryTracker("train") as outer:
+    with parts.part("forward"):
+        block = torch.ones(96 * 2**20 // 4)  # 96 MB, touched, then freed
+        del block
+    with parts.part("backward"):  # resets the high-water mark: the outer peak must survive
+        small = torch.ones(8 * 2**20 // 4)
+        del small
+r = parts.add_to(outer.result)
+print(json.dumps({"begin": r.cpu_begin, "peak": r.cpu_peak, "parts": r.cpu_parts,
+                  "lines": r.lines()}))
+"""
+
+
+def test_step_parts_peaks_and_an_outer_phase_keeps_its_own():
+    proc = subprocess.run(
+        [sys.executable, "-c", _NESTED_PEAK_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = result["parts"]
+    assert list(parts) == ["forward", "backward"]
+    assert parts["forward"] - result["begin"] >= 90  # the forward's block is its peak
+    assert parts["backward"] < parts["forward"] - 60  # the backward's reset forgot it
+    assert result["peak"] >= parts["forward"]  # the phase did not: folded before the reset
+    line = f"CPU Total Peak Memory in the train's forward / backward (max): {parts['forward']}"
+    assert any(s.startswith(line) for s in result["lines"])
+    ranks = [{"cpu_parts": {"forward": 5, "backward": 9}}, {"cpu_parts": {"forward": 7}}]
+    merged = PhaseMemory.max_over("train", ranks)
+    assert merged.cpu_parts == {"forward": 7, "backward": 9}

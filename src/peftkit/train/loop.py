@@ -45,7 +45,7 @@ from .distributed import SHARDING, check_prepared, full_weights, plan_of, prepar
 from .distributed import make_accelerator as make_accelerator  # re-exported for train/__init__
 from .evaluate import SplitEvaluation, evaluate_split
 from .logger import RunLog
-from .memory import MemoryTracker, PhaseMemory
+from .memory import MemoryTracker, PhaseMemory, StepParts
 from .schedule import make_scheduler, warmup_steps
 from .state import (
     Progress,
@@ -180,6 +180,7 @@ class Trainer:
         eval_records: Sequence[dict] | None = None,
         eval_features: Sequence[dict] | None = None,
         on_step: Callable[[Progress], None] | None = None,
+        setup_memory: Sequence[PhaseMemory] = (),
     ) -> None:
         self.config, self.task, self.log, self.accelerator = config, task, log, accelerator
         self.output_dir = Path(output_dir)
@@ -193,9 +194,15 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         warm = warmup_steps(self.plan.total_steps, config.warmup_steps, config.warmup_ratio)
         self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, self.plan.total_steps)
-        prepare_for_strategy(model, accelerator)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        check_prepared(self.model, accelerator)
+        self.memory: list[dict[str, Any]] = []
+        for phase in setup_memory:  # load, adapter: measured before the trainer existed
+            self.report_memory(phase, 0)
+        with MemoryTracker("prepare", accelerator.device) as prepared:
+            for note in prepare_for_strategy(model, accelerator, config):
+                log.info(note)
+            self.model, self.optimizer = accelerator.prepare(model, optimizer)
+            check_prepared(self.model, accelerator)
+        self.report_memory(prepared.result, 0)
         # FSDP2 replaces the parameters with sharded ones: clip (and gather) what now trains
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sharded = plan_of(accelerator).strategy != "ddp"
@@ -217,7 +224,6 @@ class Trainer:
         self.best_metric_name = config.metric_for_best or task.best_metric
         self.lower_is_better = task.lower_is_better(self.best_metric_name)
         self.best_snapshot: dict[str, torch.Tensor] | None = None
-        self.memory: list[dict[str, Any]] = []
 
     # --- helpers ---------------------------------------------------------------------------
     @property
@@ -250,7 +256,7 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def _memory_report(self, memory: PhaseMemory, epoch: int) -> None:
+    def report_memory(self, memory: PhaseMemory, epoch: int) -> None:
         """This rank's report, then (several processes; every rank calls) the max over ranks."""
         entry: dict[str, Any] = {"epoch": epoch, "phase": memory.phase, **memory.as_dict()}
         for line in memory.lines():
@@ -280,7 +286,7 @@ class Trainer:
             return None
         trim_now(self.unwrapped, self.config.trim_heap)  # training's heap holes, given back
         evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
-        self._memory_report(evaluation.memory, epoch)
+        self.report_memory(evaluation.memory, epoch)
         self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
         return evaluation
 
@@ -444,6 +450,7 @@ class Trainer:
         window_tokens = 0
         step_start = time.perf_counter()
         trim = trimming_heap(self.unwrapped, config.trim_heap)
+        parts = StepParts(acc.device)  # where a step peaks: forward, backward, optimizer
         with MemoryTracker("train", acc.device) as mem, trim:
             for index, batch in enumerate(self.loader, start=progress.batch_in_epoch):
                 window_start = (index // ga) * ga
@@ -454,11 +461,12 @@ class Trainer:
                 # DeepSpeed steps inside backward at a window's end; our windows, our scaling
                 acc.gradient_state._set_sync_gradients(last_in_window)
                 with sync:
-                    with acc.autocast():
+                    with acc.autocast(), parts.part("forward"):
                         # only the loss: the logits (batch x seq x vocab) go before backward
                         # allocates their gradients, instead of living through it
                         loss_t = self.model(**batch).loss
-                    acc.backward(loss_t / window, **self._backward_kwargs)
+                    with parts.part("backward"):
+                        acc.backward(loss_t / window, **self._backward_kwargs)
                 loss = float(loss_t.detach().float())
                 del loss_t
                 window_losses.append(loss)
@@ -476,19 +484,7 @@ class Trainer:
                 window_tokens += tokens
                 if not last_in_window:
                     continue
-                grad_norm = None
-                if config.max_grad_norm is not None:
-                    grad_norm = float(acc.clip_grad_norm_(self.params, config.max_grad_norm))
-                self.optimizer.step()
-                if not acc.optimizer_step_was_skipped:
-                    self.scheduler.step()
-                allocate = getattr(
-                    getattr(self.unwrapped, "base_model", None), "update_and_allocate", None
-                )
-                if callable(allocate):  # AdaLoRA: re-budget ranks from these gradients
-                    with full_weights(self.unwrapped, modify=True):  # sharded: whole, then back
-                        allocate(progress.global_step)
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = self._optimizer_step(progress, parts)
                 progress.global_step += 1
                 progress.batch_in_epoch = index + 1
                 elapsed = time.perf_counter() - step_start
@@ -522,8 +518,27 @@ class Trainer:
                     break
                 step_start = time.perf_counter()
         bar.close()
-        self._memory_report(mem.result, progress.epoch + 1)
+        self.report_memory(parts.add_to(mem.result), progress.epoch + 1)
         return status
+
+    def _optimizer_step(self, progress: Progress, parts: StepParts) -> float | None:
+        """Clip, step, schedule, AdaLoRA's allocation, zero the gradients; the clipped norm."""
+        config, acc = self.config, self.accelerator
+        with parts.part("optimizer"):
+            grad_norm = None
+            if config.max_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(self.params, config.max_grad_norm))
+            self.optimizer.step()
+            if not acc.optimizer_step_was_skipped:
+                self.scheduler.step()
+            allocate = getattr(
+                getattr(self.unwrapped, "base_model", None), "update_and_allocate", None
+            )
+            if callable(allocate):  # AdaLoRA: re-budget ranks from these gradients
+                with full_weights(self.unwrapped, modify=True):  # sharded: whole, then back
+                    allocate(progress.global_step)
+            self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
