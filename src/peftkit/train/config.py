@@ -117,8 +117,10 @@ class RunConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
-    # CPU: give freed heap pages back before the output head (+ every block) each step
-    trim_heap: Literal["head", "blocks", "none"] = "head"
+    # CPU: give freed heap pages back before the output head (+ every block) each step;
+    # auto: blocks where parameters are sharded (ZeRO-3, FSDP2 gather and free a block's
+    # weights every step), else head
+    trim_heap: Literal["auto", "head", "blocks", "none"] = "auto"
     eval_before_training: bool = False
     eval_every_epoch: bool = True
     save_steps: int | None = None

@@ -237,6 +237,14 @@ class Trainer:
         )
 
     @property
+    def trim_heap(self) -> str:
+        """Where the heap is trimmed (``trim_heap``; ``auto``: before every block where the
+        strategy gathers and frees each block's weights every step, else before the head)."""
+        if self.config.trim_heap != "auto":
+            return self.config.trim_heap
+        return "blocks" if plan_of(self.accelerator).strategy in SHARDING else "head"
+
+    @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
@@ -284,7 +292,7 @@ class Trainer:
         features = self.eval_features if features is None else list(features)
         if not features:
             return None
-        trim_now(self.unwrapped, self.config.trim_heap)  # training's heap holes, given back
+        trim_now(self.unwrapped, self.trim_heap)  # training's heap holes, given back
         evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
         self.report_memory(evaluation.memory, epoch)
         self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
@@ -449,7 +457,7 @@ class Trainer:
         window_losses: list[float] = []
         window_tokens = 0
         step_start = time.perf_counter()
-        trim = trimming_heap(self.unwrapped, config.trim_heap)
+        trim = trimming_heap(self.unwrapped, self.trim_heap)
         parts = StepParts(acc.device)  # where a step peaks: forward, backward, optimizer
         with MemoryTracker("train", acc.device) as mem, trim:
             for index, batch in enumerate(self.loader, start=progress.batch_in_epoch):
