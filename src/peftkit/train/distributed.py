@@ -371,6 +371,56 @@ def block_classes(model: torch.nn.Module) -> list[str]:
     return sorted(set(names) & present)
 
 
+def fsdp_unit_classes(model: torch.nn.Module) -> list[str]:
+    """The block classes FSDP2 wraps one unit each: :func:`block_classes` less those holding
+    the input or output embedding (BERT names ``BertEmbeddings``). accelerate gives those
+    embeddings units of their own, and sharding a module inside an already sharded one
+    fails (its weight is a DTensor already, taken for tensor parallelism)."""
+    embeddings = set()
+    for module in model.modules():
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                found = getattr(module, getter)() if hasattr(module, getter) else None
+            except (NotImplementedError, AttributeError):
+                found = None
+            if isinstance(found, torch.nn.Module):
+                embeddings.add(id(found))
+    holding = {
+        type(m).__name__
+        for m in model.modules()
+        if any(id(sub) in embeddings for sub in m.modules())
+    }
+    return [name for name in block_classes(model) if name not in holding]
+
+
+def _shard_tied_modules_together(model: torch.nn.Module, plugin: Any) -> list[str]:
+    """FSDP2: the modules that share one parameter (a seq2seq model's ``shared``,
+    ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``) as one unit, before
+    accelerate carves the input embedding into a unit of its own: a parameter may belong to
+    one unit only, and accelerate knows only of input/output embedding ties. accelerate then
+    leaves the already sharded modules alone."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    groups = [mods for mods in owners.values() if len(mods) > 1]
+    notes = []
+    for mods in groups:
+        if any(isinstance(m, FSDPModule) for m in mods):
+            continue
+        fully_shard(
+            mods,
+            reshard_after_forward=plugin.reshard_after_forward,
+            offload_policy=plugin.cpu_offload,
+            mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        )
+        names = [n for n, m in model.named_modules() if any(m is g for g in mods)]
+        notes.append(f"FSDP2: {', '.join(names)} share a weight: one unit")
+    return notes
+
+
 def _numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", 0) or param.numel())
 
@@ -419,7 +469,9 @@ def prepare_for_strategy(model: torch.nn.Module, accelerator: Any, config: Any =
         )
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None and not plugin.transformer_cls_names_to_wrap:
-        plugin.transformer_cls_names_to_wrap = block_classes(model) or None
+        plugin.transformer_cls_names_to_wrap = fsdp_unit_classes(model) or None
+    if plugin is not None:
+        notes += _shard_tied_modules_together(model, plugin)
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds_plugin is None:
         return notes
