@@ -200,7 +200,17 @@ class Trainer:
         with MemoryTracker("prepare", accelerator.device) as prepared:
             for note in prepare_for_strategy(model, accelerator, config):
                 log.info(note)
-            self.model, self.optimizer = accelerator.prepare(model, optimizer)
+            # on the CPU the model stays where it is: accelerate's device there is `cpu:0`,
+            # which `Module.to` takes for another device and copies every weight to (2.1 GB
+            # of bloomz-560m out of its memory map, twice that at the peak)
+            placement = None  # DeepSpeed places its own (and refuses a placement list)
+            if accelerator.device.type == "cpu" and not plan_of(accelerator).strategy.startswith(
+                "zero"
+            ):
+                placement = [False, False]
+            self.model, self.optimizer = accelerator.prepare(
+                model, optimizer, device_placement=placement
+            )
             check_prepared(self.model, accelerator)
         self.report_memory(prepared.result, 0)
         # FSDP2 replaces the parameters with sharded ones: clip (and gather) what now trains
@@ -293,7 +303,14 @@ class Trainer:
         if not features:
             return None
         trim_now(self.unwrapped, self.trim_heap)  # training's heap holes, given back
-        evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
+        # sharded: every forward gathers and frees each block's weights; trimmed as in training
+        gathers = plan_of(self.accelerator).strategy in SHARDING
+        with trimming_heap(self.unwrapped, self.trim_heap, inference=gathers):
+            evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
+        release = getattr(self.model, "empty_partition_cache", None)
+        if callable(release):  # ZeRO-3: nothing evaluation gathered stays gathered
+            release()
+            trim_now(self.unwrapped, self.trim_heap)
         self.report_memory(evaluation.memory, epoch)
         self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
         return evaluation
