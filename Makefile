@@ -39,11 +39,16 @@ t2i-digits: $(STAMP)
 	$(PY) benchmarks/t2i_digits_base.py --prepare --out ~/.cache/peftkit/t2i_digits
 
 # JupyterLab on the project's .venv (notebooks/): the `notebooks` extra when missing, the kernel
-# "peftkit (.venv)", bound to localhost with JupyterLab's own token authentication.
+# "peftkit (.venv)", bound to localhost with JupyterLab's own token authentication (a fixed one
+# with JUPYTER_TOKEN=...). As root (containers, CI machines) JupyterLab refuses to start unless
+# told --allow-root: the target passes it there and says so. LAB_PORT picks the port.
+LAB_PORT ?= 8888
+LAB_AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e '.[notebooks]'
 	$(PY) -m ipykernel install --sys-prefix --name peftkit --display-name "peftkit (.venv)"
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks
+	$(if $(LAB_AS_ROOT),@echo "make lab: running as root so JupyterLab starts with --allow-root (listening on 127.0.0.1 only and behind its token)")
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --notebook-dir=notebooks $(LAB_AS_ROOT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
