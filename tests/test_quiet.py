@@ -67,3 +67,41 @@ def test_only_the_dependencies_lines_are_dropped(caplog, monkeypatch):
     quiet_dependencies()
     if not torch.cuda.is_available():
         assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+# peftkit's own calls into transformers: no deprecated name (the test log's FutureWarnings came
+# from peft, the oracle; pyproject.toml filters exactly those, and this keeps peftkit clear of them)
+@pytest.mark.filterwarnings("error::FutureWarning")
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+@pytest.mark.parametrize(
+    "arch, task", [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS")]
+)
+def test_prompt_methods_call_no_deprecated_transformers_names(arch, task, method):
+    from peftkit import get_peft_model
+    from test_prompt_common import ours_config, task_labels, tiny_inputs
+    from tiny_models import tiny_model
+
+    extra = {"num_labels": 3} if task == "SEQ_CLS" else {}
+    model = get_peft_model(tiny_model(arch, task, **extra), ours_config(method, task))
+    inputs = tiny_inputs(task)
+    model.train()
+    model(**inputs, **task_labels(task, inputs)).loss.backward()  # training forward + backward
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+        if task != "SEQ_CLS":
+            gen = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+            model.generate(**gen, max_new_tokens=3, do_sample=False)
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_kbit_preparation_with_checkpointing_calls_no_deprecated_name():
+    from peftkit import LoraConfig, get_peft_model, prepare_model_for_kbit_training, quantize_model
+    from tiny_models import tiny_model
+
+    base = quantize_model(tiny_model("llama", "CAUSAL_LM", hidden=64, ffn=128))
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    ids = torch.randint(3, 90, (2, 6))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
