@@ -49,6 +49,7 @@ def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as before
 
+
 # architecture -> the head its parity tests use (and how many labels it has)
 _HEADS = {
     "bloom": ("CAUSAL_LM", {}),
