@@ -22,8 +22,10 @@ demo: $(STAMP)
 
 # Two workers on the two cores (pytest-xdist, one torch thread each, a file stays on one worker
 # so module fixtures are built once; tests/conftest.py starts the longest files first).
+# `make test TEST_WORKERS=0` runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
