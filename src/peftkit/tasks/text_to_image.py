@@ -28,7 +28,7 @@ import string
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,6 +71,8 @@ class TextToImageOptions(TaskOptions):
     guidance_scale: float = 1.0
     sample_seed: int = 0
     grid_scale: int = 2
+
+    local_paths: ClassVar[tuple[str, ...]] = ("classifier",)
 
     def __post_init__(self) -> None:
         for name in ("samples_per_prompt", "sample_steps", "grid_scale"):

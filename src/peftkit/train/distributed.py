@@ -32,10 +32,6 @@ from typing import Any, Literal
 
 import torch
 
-if not torch.cuda.is_available():
-    # DeepSpeed guesses its accelerator with a warning on every rank unless told
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 Strategy = Literal["ddp", "zero2", "zero3", "fsdp"]
 Offload = Literal["none", "cpu"]
 STRATEGIES: tuple[str, ...] = ("ddp", "zero2", "zero3", "fsdp")
