@@ -267,14 +267,14 @@ class TextToImage(Task):
         try:
             image = read_image(value, self.channels, self.options.image_root)
         except ImageReadError as exc:
-            if self.latent and "channel(s)" in str(exc):
-                raise ImageReadError(
-                    str(exc).partition(":")[0],
-                    str(exc).partition(": ")[2].split(";")[0]
-                    + " (vae/config.json in_channels); convert the images to that many "
-                    "channels or use a VAE made for them",
-                ) from None
-            raise
+            if not self.latent or "channel(s)" not in str(exc):
+                raise
+            found = str(exc)[len(exc.where) + 2 :].split(" but ")[0]  # "image has 3 channel(s)"
+            raise ImageReadError(
+                exc.where,
+                f"{found} but the VAE reads {self.channels} (vae/config.json in_channels); "
+                f"convert the images to {self.channels} channel(s) or use a VAE made for them",
+            ) from None
         return {
             "caption": caption,
             "prompt_ids": self.unet.tokenize_one(caption),
