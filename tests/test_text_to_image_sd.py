@@ -388,6 +388,7 @@ def test_dreambooth_run_samples_class_images_then_trains(sd, tmp_path):
         "class_00000.png", "class_00001.png", "class_00002.png"]  # fmt: skip
     log = (sd["root"] / "runs" / "dreambooth" / "train.log").read_text()
     assert "DreamBooth: 3 pairs of 2 instance and 3 class image(s)" in log
+    assert f"3 class image(s) sampled from the base model into {classes} first" in log
     assert "(cached)" in log
     out = json.loads((sd["root"] / "runs" / "dreambooth" / "summary.json").read_text())
     assert out["status"] == "completed"

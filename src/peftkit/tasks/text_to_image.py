@@ -250,6 +250,7 @@ class TextToImage(Task):
                 "to cache; remove the option or use a Stable Diffusion folder"
             )
         self._class_features: list[dict[str, Any]] | None = None
+        self._sampled_class_images: list[Path] = []
         self.judge = None
         if self.options.classifier:
             from ..diffusion import load_judge
@@ -320,8 +321,9 @@ class TextToImage(Task):
         from .t2i_dreambooth import class_image_files, sample_missing_class_images
 
         options = self.options
+        self._sampled_class_images = []
         if options.num_class_images:
-            sample_missing_class_images(
+            self._sampled_class_images = sample_missing_class_images(
                 self.model, options.class_data, options.class_prompt,
                 int(options.num_class_images), CLASS_SEED + options.sample_seed,
                 lambda prompts, seeds: self._sample_with(None, prompts, seeds),
@@ -442,6 +444,10 @@ class TextToImage(Task):
             notes.append(f"{split}: DreamBooth: {len(features)} pairs of {len(records)} instance "
                          f"and {n_class} class image(s) ({self.options.class_prompt!r}), "
                          f"prior_loss_weight {self.options.prior_loss_weight}")  # fmt: skip
+            sampled = self._sampled_class_images
+            if sampled:
+                notes.append(f"{split}: DreamBooth: {len(sampled)} class image(s) sampled from the "
+                             f"base model into {Path(sampled[0]).parent} first")  # fmt: skip
         return notes
 
     # --- evaluation: denoising loss, then judged samples -------------------------------------
