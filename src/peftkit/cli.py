@@ -322,7 +322,9 @@ def _is_image_base(target: str) -> bool:
     return is_text_to_image_folder(p)
 
 
-def _write_images(args, task, ctx, inputs, folder: Path, start: float) -> int:
+def _write_images(
+    args: argparse.Namespace, task: Any, ctx: Any, inputs: list[dict], folder: Path, start: float
+) -> int:
     """PNGs + grid.png into ``folder`` with the command line's sampling settings."""
     sampling = task.sampling(
         steps=args.steps,
