@@ -117,7 +117,7 @@ def train_base(x: torch.Tensor, y: list[str], args):
     from diffusers import DDPMScheduler
 
     from peftkit.diffusion import TextToImageUNet
-    from peftkit.diffusion.model import load_text_encoder
+    from peftkit.diffusion.folders import load_text_encoder
 
     text_encoder, tokenizer = load_text_encoder("minilm-l6")
     text_encoder.eval()
