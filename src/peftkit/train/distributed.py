@@ -349,6 +349,19 @@ def quiet_distributed_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated")
 
 
+def offload_note(accelerator: Any) -> str | None:
+    """What ``offload: cpu`` does on this machine, when it does nothing: on a CPU-only run the
+    parameters and optimizer state already live in CPU memory, so there is nothing to move and
+    no memory to save (the run log and summary.json say so instead of implying a saving)."""
+    plan = plan_of(accelerator)
+    if plan.offload != "cpu" or accelerator.device.type != "cpu":
+        return None
+    return (
+        "offload: cpu moves nothing on this CPU-only run (parameters and optimizer state are "
+        "in CPU memory already); it saves accelerator memory on a GPU machine"
+    )
+
+
 def plan_of(accelerator: Any) -> Plan:
     return getattr(accelerator, "peftkit_plan", Plan("ddp", "none", "single"))
 

@@ -31,7 +31,13 @@ from ..methods.dropout_mask import set_dropout_mask
 from ..progress import quiet_library_bars
 from ..tasks import Task, TaskSpec
 from .config import RunConfig, config_to_yaml
-from .distributed import full_weights, make_accelerator, plan_of, zero3_load_config
+from .distributed import (
+    full_weights,
+    make_accelerator,
+    offload_note,
+    plan_of,
+    zero3_load_config,
+)
 from .evaluate import SplitEvaluation, evaluate_split, write_predictions
 from .logger import RunLog, read_metrics
 from .loop import Trainer, TrainOutcome, plan_steps
@@ -82,6 +88,7 @@ class RunSummary:
     world_size: int = 1
     strategy: str = "ddp"  # ddp | zero2 | zero3 | fsdp (distributed.strategy, resolved)
     offload: str = "none"
+    offload_note: str | None = None  # set where offload: cpu can move nothing (a CPU-only run)
     rank_peaks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # MB, per rank
     memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     wall_time_s: float | None = None
@@ -201,6 +208,8 @@ class TrainRecipe:
             f"strategy {plan_of(self.accelerator).strategy}, offload "
             f"{plan_of(self.accelerator).offload}"
         )
+        if note := offload_note(self.accelerator):
+            log.info(note)
         if self.main:
             atomic_write_text(str(self.output_dir / "config.yaml"), config_to_yaml(config))
             state = json.dumps(self.spec.state()) + "\n"
@@ -310,6 +319,7 @@ class TrainRecipe:
             world_size=self.accelerator.num_processes,
             strategy=plan_of(self.accelerator).strategy,
             offload=plan_of(self.accelerator).offload,
+            offload_note=offload_note(self.accelerator),
         )
         records = read_metrics(self.output_dir / "metrics.jsonl") if self.main else []
         before = [r for r in records if r.get("kind") == "eval" and r.get("epoch") == 0]
