@@ -257,8 +257,7 @@ def main() -> None:
     shares, samples = sample_shares(base, judge, args, "base")
     sevens, pick = pixel.write_lora_data(train_x, train_y, test_x, test_y, out, args)
     ready.write_text(
-        "base, judge and data for examples/*_t2i_digits_latent_minilm.yaml "
-        f"(seed {args.seed})\n"
+        f"base, judge and data for examples/*_t2i_digits_latent_minilm.yaml (seed {args.seed})\n"
     )
     if args.prepare:
         print(f"prepared {out}: base/, judge/, data/ (judge held-out accuracy {judge_acc:.3f})")
