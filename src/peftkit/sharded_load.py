@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heap import release_freed_memory
+from .heap import release_freed_memory, trim_heap
 from .partitioned import is_partitioned
 from .quant.load import (
     NotStreamable,
@@ -96,7 +96,18 @@ def _build_partitioned(
         model = auto_cls.from_config(config, dtype=dtype)  # buffers (RoPE tables) are real
     model.tie_weights()
     _parameters_to_empty(model)
-    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    # module by module, the heap trimmed every ~64 MB partitioned: the ranks that receive a
+    # broadcast leave holes behind it that would otherwise add up to a GB on a 0.5B model
+    done = 0
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if not hasattr(p, "ds_id")]
+        if not params:
+            continue
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+        done += sum(p.ds_numel * p.element_size() for p in params)
+        if done > 64 * 2**20:
+            trim_heap()
+            done = 0
     return model
 
 

@@ -48,8 +48,8 @@ class Zero3Window:
     """``distributed.zero3``: how much of the model ZeRO-3 keeps gathered at once, in
     parameters (elements). Each key left out is sized from the model (:func:`zero3_window`):
     one decoder block (the largest module of the model's ``_no_split_modules``) for the reuse
-    distance and the prefetch bucket, two for the live limit, DeepSpeed's 100,000 for
-    persistence. DeepSpeed's own defaults (1e9 live / reuse) keep a sub-1B model gathered
+    distance and (on CUDA; none on the CPU) the prefetch bucket, two for the live limit,
+    DeepSpeed's 100,000 for persistence. DeepSpeed's own defaults (1e9 live / reuse) keep a sub-1B model gathered
     whole after its first step, which costs more than one process holding all of it."""
 
     max_live_parameters: int | None = None
@@ -434,9 +434,13 @@ def _numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", 0) or param.numel())
 
 
-def zero3_window(model: torch.nn.Module, window: Zero3Window | None = None) -> dict[str, int]:
+def zero3_window(
+    model: torch.nn.Module, window: Zero3Window | None = None, cuda: bool = True
+) -> dict[str, int]:
     """DeepSpeed stage-3 keys for ``model`` (see :class:`Zero3Window`): the user's values,
-    the rest from the size of one block (without blocks: a tenth of the model)."""
+    the rest from the size of one block (without blocks: a tenth of the model). Without CUDA
+    nothing is prefetched: gloo's gathers do not overlap compute on the CPU, so a prefetched
+    block would only be held longer."""
     window = window or Zero3Window()
     classes = set(block_classes(model))
     blocks = [m for m in model.modules() if type(m).__name__ in classes]
@@ -444,10 +448,13 @@ def zero3_window(model: torch.nn.Module, window: Zero3Window | None = None) -> d
         block = max(sum(_numel(p) for p in b.parameters()) for b in blocks)
     else:
         block = max(1, sum(_numel(p) for p in model.parameters()) // 10)
+    prefetch = window.prefetch_bucket_size
+    if prefetch is None:
+        prefetch = block if cuda else 0
     sized = {
         "stage3_max_live_parameters": window.max_live_parameters or 2 * block,
         "stage3_max_reuse_distance": window.max_reuse_distance or block,
-        "stage3_prefetch_bucket_size": window.prefetch_bucket_size or block,
+        "stage3_prefetch_bucket_size": prefetch,
         "stage3_param_persistence_threshold": window.param_persistence_threshold or 100_000,
     }
     return {k: int(v) for k, v in sized.items()}
@@ -490,7 +497,7 @@ def prepare_for_strategy(model: torch.nn.Module, accelerator: Any, config: Any =
     bucket = int(min(5e8, max(trainable, 2**20)))
     zero.setdefault("reduce_bucket_size", bucket)
     if zero.get("stage") == 3:
-        window = zero3_window(model, section.zero3)
+        window = zero3_window(model, section.zero3, cuda=accelerator.device.type == "cuda")
         zero.update(window)
         notes.append(
             "ZeRO-3 window: "

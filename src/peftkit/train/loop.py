@@ -474,7 +474,8 @@ class Trainer:
         window_losses: list[float] = []
         window_tokens = 0
         step_start = time.perf_counter()
-        trim = trimming_heap(self.unwrapped, self.trim_heap)
+        gathers = plan_of(acc).strategy in SHARDING  # a block's weights gathered in backward too
+        trim = trimming_heap(self.unwrapped, self.trim_heap, backward=gathers)
         parts = StepParts(acc.device)  # where a step peaks: forward, backward, optimizer
         with MemoryTracker("train", acc.device) as mem, trim:
             for index, batch in enumerate(self.loader, start=progress.batch_in_epoch):
