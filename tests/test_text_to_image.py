@@ -358,7 +358,10 @@ def test_prompt_methods_refused(assets, capsys):
     path = write_config(assets, "prompt", {"type": "prefix_tuning", "num_virtual_tokens": 4})
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "prefix_tuning" in err and "lora, adalora" in err and "use_dora" in err
+    why, _, choices = err.partition("Use one of ")
+    assert "prefix_tuning" in why and "use_dora" in choices
+    assert {"lora", "adalora"} <= set(choices.replace(",", " ").split())
+    assert "qlora" not in choices and "tuning" not in choices  # no 4-bit UNet, no prompts
 
 
 def test_bad_inputs_named(assets, capsys):

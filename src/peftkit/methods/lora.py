@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType
+from ..config import Adapts, ModelFamily, PeftConfig, PeftType
 from ..inject import check_mixed_batch
 from . import dora, lora_fused
 from .dropout_mask import keep_mask
@@ -76,6 +76,8 @@ class LoraConfig(PeftConfig):
     """
 
     peft_type = PeftType.LORA
+    adapts = Adapts.LAYERS
+    model_families = frozenset(ModelFamily)  # any model with Linear / Conv / Embedding layers
 
     r: int = 8
     lora_alpha: float = 8

@@ -26,7 +26,7 @@ See :mod:`peftkit.tasks.base` for how a task is built (spec, then task) and eval
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import TaskType
+from ..config import ModelFamily, TaskType
 from .base import EvalContext, EvalResult, Task, TaskKind, TaskSpec, forward_batches, run_eval
 from .causal_lm import CausalLM
 from .causal_lm_cls import CausalLMClassification
@@ -62,10 +62,11 @@ TASK_TYPES: dict[str, TaskKind] = {
         # no PEFT TaskType: the head goes into modules_to_save by name (as PEFT's example does)
         TaskKind("image_cls",     ImageClassification,      None,
                  "AutoModelForImageClassification", "AutoImageProcessor",
-                 aliases=("image_classification",)),
+                 aliases=("image_classification",), family=ModelFamily.VISION),
         # a diffusers UNet + text encoder, loaded by the task itself (TextToImage.load_base_model)
         TaskKind("text_to_image", TextToImage,              None,
-                 "UNet2DConditionModel", aliases=("text2image", "t2i")),
+                 "UNet2DConditionModel", aliases=("text2image", "t2i"),
+                 family=ModelFamily.DIFFUSION),
         # model kinds load_base_model loads that no trainer task uses yet
         TaskKind("feature_extraction", None,                TaskType.FEATURE_EXTRACTION,
                  "AutoModel"),

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import TaskType
+from ..config import ModelFamily, TaskType
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
 
@@ -47,6 +47,7 @@ class TaskKind:
         auto_class: the transformers Auto class that loads the model.
         preprocessor: the transformers Auto class that loads its tokenizer / image processor.
         aliases: other spellings ``load_base_model`` accepts.
+        family: the kind of base model (a method applies when it serves this family).
     """
 
     name: str
@@ -55,6 +56,7 @@ class TaskKind:
     auto_class: str
     preprocessor: str = "AutoTokenizer"
     aliases: tuple[str, ...] = ()
+    family: ModelFamily = ModelFamily.TEXT
 
     @property
     def has_head(self) -> bool:

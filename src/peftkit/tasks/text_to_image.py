@@ -17,8 +17,9 @@
       samples_before.png (adapter disabled = the base model) and samples_after.png
     generate: --prompt ... --num-images N --seed S -> PNGs + grid.png
 
-Only adapters that go into the UNet's (or text encoder's) layers apply: LoRA (DoRA with
-``use_dora``) and AdaLoRA; prompt-learning methods are refused.
+Only adapters that go into the UNet's (or text encoder's) layers apply: the task's row is a
+``diffusion`` model, and the method table refuses methods that do not serve that family
+(prompt-learning methods, and QLoRA's 4-bit base).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import torch
 
 from .base import EvalContext, EvalResult, Task, TaskOptions, TaskSpec
 
-T2I_METHODS = ("lora", "adalora")  # DoRA: lora with use_dora: true
 EVAL_SEED = 1234  # the noise and timesteps of eval row i come from seed EVAL_SEED + i
 
 
@@ -122,24 +122,12 @@ class TextToImageOptions(TaskOptions):
         return str(row.get("caption", ""))
 
 
-def refuse_method(method_type: str) -> None:
-    """ValueError for adapter methods that cannot adapt a diffusion UNet."""
-    if method_type not in T2I_METHODS:
-        raise ValueError(
-            f"method {method_type!r} does not apply to text_to_image: prompt tuning, P-tuning "
-            "and prefix tuning add virtual tokens to a language model's embeddings or "
-            f"attention cache. Use one of {', '.join(T2I_METHODS)} (DoRA: lora with "
-            "use_dora: true) on the UNet's attention projections (to_q, to_k, to_v, to_out.0)"
-        )
-
-
 class TextToImage(Task):
     """``task.type: text_to_image``."""
 
     Options = TextToImageOptions
     generates = True  # evaluation samples images (judged), after the denoising loss
     loss_is_nll = False  # a denoising MSE: no perplexity
-    refuse_method = staticmethod(refuse_method)
 
     @staticmethod
     def load_base_model(name_or_path: str, **kw: Any) -> tuple[torch.nn.Module, Any]:
