@@ -55,7 +55,7 @@ def kernel_env(tmp_path_factory):
     return {
         "JUPYTER_PATH": str(jupyter),
         "PEFTKIT_NOTEBOOK_SIZE": "small",
-        "PEFTKIT_DATA": str(DATA),
+        "PEFTKIT_SHARED_DATA": str(DATA),
         "MPLBACKEND": "agg",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

@@ -11,7 +11,7 @@ from .methods.prompt import (
     PromptTuningConfig,
     PromptTuningInit,
 )
-from .model import (
+from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,

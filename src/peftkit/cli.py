@@ -360,8 +360,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     """``generate --chat``: an interactive conversation with the (adapted) model on stdin."""
-    from .tasks import TASK_TYPES, EvalContext, TaskSpec
-    from .tasks.chat import ChatOptions, ChatTask, chat_loop
+    from .tasks import EvalContext, task_spec
+    from .tasks.chat import ChatTask, chat_loop
     from .train.inference import load_for_inference
 
     if spec is not None and not spec.kind.writes_text:
@@ -373,7 +373,7 @@ def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     )
     task = loaded.task
     if not isinstance(task, ChatTask):  # any causal LM run: the tokenizer's own template
-        task = TaskSpec(TASK_TYPES["chat"], ChatOptions()).build(loaded.tokenizer, loaded.model)
+        task = task_spec({"type": "chat"}).build(loaded.tokenizer, loaded.model)
     ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=1)
     loaded.model.to(ctx.device)
     interactive = sys.stdin.isatty()

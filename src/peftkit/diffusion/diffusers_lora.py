@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import save_tensors
+from ..methods.lora import LoraConfig
+from ..peft_model import get_peft_model
+
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
 PEFT_PREFIX = "base_model.model."
@@ -61,8 +65,6 @@ def to_diffusers(tensors: dict[str, torch.Tensor], config: Any) -> tuple[dict, d
 
 def save_diffusers_lora(model: Any, folder: str | os.PathLike) -> Path:
     """Write ``<folder>/pytorch_lora_weights.safetensors`` from a PeftModel's active adapter."""
-    from ..checkpoint import save_tensors
-
     tensors, metadata = to_diffusers(model.adapter_state_dict(), model.active_peft_config)
     path = Path(folder) / DIFFUSERS_WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +77,6 @@ def read_diffusers_lora(path: str | os.PathLike) -> tuple[Any, dict[str, torch.T
     """(LoraConfig, PEFT on-disk tensors) from a diffusers LoRA file (or a folder holding
     ``pytorch_lora_weights.safetensors``); ValueError names the file for what it cannot read."""
     from safetensors import safe_open
-
-    from ..methods.lora import LoraConfig
 
     path = Path(path)
     if path.is_dir():
@@ -132,8 +132,6 @@ def load_diffusers_lora(
 ) -> Any:
     """A PeftModel: ``model`` (a TextToImageUNet or a plain UNet) with the diffusers LoRA file
     ``path`` loaded into a fresh adapter."""
-    from .. import get_peft_model
-
     config, tensors = read_diffusers_lora(path)
     peft_model = get_peft_model(model, config, adapter_name)
     peft_model.load_adapter_state_dict(tensors, adapter_name)

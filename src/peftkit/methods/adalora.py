@@ -39,6 +39,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..checkpoint import atomic_write_text
 from ..config import PeftType
 from ..tuner import InjectedAdapterModel
+from .adalora_report import final_ranks, plot_rank_heatmap, rank_report
 from .lora import (
     LoraConfig,
     LoraLayer,
@@ -494,8 +495,6 @@ class AdaLoraModel(InjectedAdapterModel):
             "kept": total rank, "mean_rank": rounded to 3 places}`` plus ``"heatmap"``: the PNG's
             path when plotted.
         """
-        from .adalora_report import final_ranks, plot_rank_heatmap, rank_report
-
         folder = pathlib.Path(folder)
         table = rank_report(self)
         atomic_write_text(str(folder / "adalora_ranks.txt"), table + "\n")

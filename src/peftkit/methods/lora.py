@@ -816,38 +816,3 @@ class LoraConv(LoraLayer):
         # h: (1, B*r, *S')
         h = h.view(n_rows, r, *h.shape[2:])  # (B, r, *S')
         return torch.einsum("br...,bor->bo...", h, up[slots])  # (B, out, *S')
-
-
-def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
-    """Wrap ``target`` in the LoRA layer class for its type, or raise naming what is supported."""
-    from transformers.pytorch_utils import Conv1D
-
-    from ..inject import is_quantized_linear
-
-    if isinstance(target, nn.Embedding):
-        return LoraEmbedding(target)
-    if isinstance(target, nn.MultiheadAttention):
-        from .lora_mha import LoraMultiheadAttention
-
-        return LoraMultiheadAttention(target)
-    if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return LoraConv(target)
-    if isinstance(target, Conv1D):
-        if not config.fan_in_fan_out:
-            warnings.warn(
-                "target is a Conv1D (weight stored as in x out): setting fan_in_fan_out=True",
-                stacklevel=3,
-            )
-            config.fan_in_fan_out = True
-        return LoraLinear(target, fan_in_fan_out=True)
-    if isinstance(target, nn.Linear) or is_quantized_linear(target):
-        if config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out=True but the target is nn.Linear: setting it to False", stacklevel=3
-            )
-            config.fan_in_fan_out = False
-        return LoraLinear(target)
-    raise ValueError(
-        f"LoRA cannot adapt a {type(target).__name__}; supported: nn.Linear, nn.Embedding, "
-        f"nn.Conv1d/2d/3d, nn.MultiheadAttention, transformers Conv1D and peftkit Linear4bit"
-    )

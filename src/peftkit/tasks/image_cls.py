@@ -109,45 +109,6 @@ class ImageClassification(LabelClassifier):
     """``task.type: image_cls``."""
 
     Options = ImageClsOptions
-    # transformers' models given num_labels: an ImageNet head (1000 outputs) gives way to the
-    # data's labels instead of failing to load
-    resized_head_kw: ClassVar[dict[str, Any]] = {"ignore_mismatched_sizes": True}
-
-    @staticmethod
-    def load_base_model(
-        name_or_path: str,
-        *,
-        dtype: torch.dtype | None = None,
-        quantization: str | None = None,
-        num_labels: int | None = None,
-        restored_modules: Sequence[str] = (),
-        **kw: Any,
-    ) -> tuple[torch.nn.Module, Any] | None:
-        """A plain PyTorch vision model (a maintained library's network + local weights) and
-        its preprocessing; None for anything else, which transformers loads
-        (models.load_base_model asks this first)."""
-        from ..vision import freeze_batchnorm, is_vision_model, load_vision_model
-
-        if not is_vision_model(name_or_path):
-            return None
-        if quantization is not None:
-            raise ValueError(
-                f"{name_or_path} is a convolutional network: 4-bit quantisation (QLoRA) "
-                "replaces Linear layers only; use lora, dora or adalora on it"
-            )
-        model, preprocessing = load_vision_model(
-            name_or_path, num_labels, kw.get("id2label"), dtype, restored_modules
-        )
-        freeze_batchnorm(model)  # adapters save no buffers: keep the pretrained statistics
-        return model, preprocessing
-
-    @staticmethod
-    def prepare_loaded(model: torch.nn.Module) -> None:
-        """After transformers loaded the model: ResNet & co. keep their BatchNorm statistics
-        (adapters save no buffers)."""
-        from ..vision import freeze_batchnorm
-
-        freeze_batchnorm(model)
 
     @staticmethod
     def trained_heads(model: torch.nn.Module) -> list[str]:

@@ -129,13 +129,6 @@ class TextToImage(Task):
     generates = True  # evaluation samples images (judged), after the denoising loss
     loss_is_nll = False  # a denoising MSE: no perplexity
 
-    @staticmethod
-    def load_base_model(name_or_path: str, **kw: Any) -> tuple[torch.nn.Module, Any]:
-        """The model loader of this task (models.load_base_model hands over to it)."""
-        from ..diffusion import load_text_to_image
-
-        return load_text_to_image(name_or_path, **kw)
-
     def __init__(self, spec: TaskSpec, tokenizer: Any, model: torch.nn.Module) -> None:
         from ..diffusion.sampling import base_unet
 

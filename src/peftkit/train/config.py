@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from ..methods.table import METHODS
+from ..model_sources import looks_like_path
 from .distributed import QUANTIZED_REFUSAL, SHARDING, DistributedSection
 from .schema import ConfigError, build, check_block, field_hints, join, unknown_key
 
@@ -362,11 +363,6 @@ def resolve_path(value: str, config_dir: str | None) -> Path | None:
     return None
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``org/name``; anything starting like a path, ending in .gguf or deeper is a path."""
-    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
-
-
 def missing_files(values: Mapping[str, Any], config_dir: str | None) -> list[str]:
     """Problems for data files and local model paths that do not exist (hub fallbacks excepted)."""
     problems = []
@@ -383,7 +379,7 @@ def missing_files(values: Mapping[str, Any], config_dir: str | None) -> list[str
             )
     model = values.get("model") if isinstance(values.get("model"), Mapping) else {}
     name = model.get("name")
-    if isinstance(name, str) and _looks_like_path(name) and resolve_path(name, config_dir) is None:
+    if isinstance(name, str) and looks_like_path(name) and resolve_path(name, config_dir) is None:
         problems.append(
             f"model.name: {name!r} looks like a local path but does not exist; give a bundled "
             "short name (smollm2-135m, minilm-l6), a hub id, a model folder or a .gguf file"

@@ -120,7 +120,7 @@ def attach_adapter(
 
         enable_gradient_checkpointing(model)
     peft_config = build_peft_config(config, spec, total_steps)
-    heads = getattr(spec.kind.task, "trained_heads", None)  # a head PEFT has no TaskType for
+    heads = getattr(spec.task, "trained_heads", None)  # a head PEFT has no TaskType for
     if heads is not None and not getattr(peft_config, "modules_to_save", True):
         peft_config.modules_to_save = heads(model)
     return get_peft_model(model, peft_config)

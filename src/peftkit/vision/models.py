@@ -257,6 +257,32 @@ def load_vision_model(
     return model.eval(), preprocessing
 
 
+def load_plain_classifier(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    quantization: str | None = None,
+    num_labels: int | None = None,
+    restored_modules: tuple[str, ...] | list[str] = (),
+    **kw: Any,
+) -> tuple[nn.Module, ImagePreprocessing] | None:
+    """A plain PyTorch vision model (a maintained library's network + local weights) and its
+    preprocessing, BatchNorm statistics frozen; None for anything else, which transformers
+    loads (``models.load_base_model`` asks this first for the vision family)."""
+    if not is_vision_model(name_or_path):
+        return None
+    if quantization is not None:
+        raise ValueError(
+            f"{name_or_path} is a convolutional network: 4-bit quantisation (QLoRA) "
+            "replaces Linear layers only; use lora, dora or adalora on it"
+        )
+    model, preprocessing = load_vision_model(
+        name_or_path, num_labels, kw.get("id2label"), dtype, restored_modules
+    )
+    freeze_batchnorm(model)  # adapters save no buffers: keep the pretrained statistics
+    return model, preprocessing
+
+
 class _Namespace:
     def __init__(self, values: dict[str, Any]) -> None:
         self.__dict__.update(values)
@@ -297,5 +323,6 @@ __all__ = [
     "freeze_batchnorm",
     "head_name",
     "is_vision_model",
+    "load_plain_classifier",
     "load_vision_model",
 ]
