@@ -430,7 +430,6 @@ def _write_generations(
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import shutil
 
     from .train.inference import load_for_inference, restore_task_state
 
@@ -468,14 +467,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"merged {target.adapter_dir} -> {path} (GGUF {args.gguf_dtype}, for llama.cpp)")
     if out is None:
         return 0
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    merged.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    from .checkpoint import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     print(
         f"merged {target.adapter_dir} into {type(merged).__name__} -> {out} "
         f"(load with transformers' from_pretrained)"

@@ -28,13 +28,14 @@ import hashlib
 import importlib.metadata as md
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .checkpoint import atomic_folder
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -235,7 +236,9 @@ def _gguf_cache_folder(source: ModelSource) -> Path:
 
 
 def _convert_gguf(source: ModelSource, out: Path) -> Path:
-    """Load a GGUF causal LM + tokenizer and save them as a plain HF folder at ``out`` (atomic)."""
+    """Load a GGUF causal LM + tokenizer and save them as a plain HF folder at ``out``
+    (``checkpoint.atomic_folder``: readers see no folder or a complete one; two processes that
+    convert at once each write their own and the last one stays, the same files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting GGUF %s/%s to %s (once)", source.path, source.gguf_file, out)
@@ -244,19 +247,14 @@ def _convert_gguf(source: ModelSource, out: Path) -> Path:
     model = plain_copy(AutoModelForCausalLM.from_pretrained(source.path, **kw))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    except OSError:  # cache not writable: convert into a private temp folder instead
-        tmp = Path(tempfile.mkdtemp(prefix="peftkit-gguf-"))
-        out = tmp.with_name(tmp.name + "-done")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-    try:
-        os.replace(tmp, out)  # atomic: readers see no folder or a complete one
+        writable = os.access(out.parent, os.W_OK)
     except OSError:
-        if not (out / "config.json").is_file():  # not a lost race with another process
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        writable = False
+    if not writable:  # cache not writable: convert into a private temp folder instead
+        out = Path(tempfile.mkdtemp(prefix="peftkit-gguf-")) / out.name
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

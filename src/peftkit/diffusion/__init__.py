@@ -15,7 +15,7 @@ from .diffusers_lora import (
 )
 from .judge import ImageJudge, load_judge
 from .model import TextToImageUNet, load_text_to_image, save_text_to_image
-from .sampling import grid, sample_images, write_images
+from .sampling import grid, sample_images, save_png, write_images
 
 __all__ = [
     "DIFFUSERS_WEIGHTS",
@@ -27,6 +27,7 @@ __all__ = [
     "load_text_to_image",
     "read_diffusers_lora",
     "sample_images",
+    "save_png",
     "save_diffusers_lora",
     "save_text_to_image",
     "write_images",

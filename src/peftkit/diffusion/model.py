@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
+from ..checkpoint import atomic_write_text
+
 TEXT_ENCODER_FILE = "text_encoder.json"  # {"text_encoder": name or path}: no copy of it needed
 
 
@@ -228,7 +230,7 @@ def save_text_to_image(
     )
     plain.save_pretrained(out / "unet")
     scheduler.save_pretrained(out / "scheduler")
-    (out / TEXT_ENCODER_FILE).write_text(json.dumps({"text_encoder": text_encoder}) + "\n")
+    atomic_write_text(out / TEXT_ENCODER_FILE, json.dumps({"text_encoder": text_encoder}) + "\n")
     return out
 
 

@@ -157,11 +157,19 @@ def write_images(
         name = slug(prompt)
         counts[name] = counts.get(name, 0) + 1
         path = folder / f"{name}_{counts[name] - 1}.png"
-        to_pil(image, scale).save(path)
+        save_png(to_pil(image, scale), path)
         paths.append(path)
-    grid_path = folder / "grid.png"
-    grid(images, columns, scale=scale).save(grid_path)
+    grid_path = save_png(grid(images, columns, scale=scale), folder / "grid.png")
     return [*paths, grid_path]
+
+
+def save_png(image: Any, path: str | Path) -> Path:
+    """A PIL image as a PNG file, written atomically (``checkpoint.atomic_file``)."""
+    from ..checkpoint import atomic_file
+
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def as_uint8(images: torch.Tensor) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_file
 from ..config import PeftType
 from .rank_allocator import module_path_of
 
@@ -157,5 +157,6 @@ def plot_ranks(ranks: dict[str, int], path: str | os.PathLike, init_r: int, targ
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
     out = os.fspath(path)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png")
     return out

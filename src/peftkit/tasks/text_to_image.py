@@ -264,13 +264,13 @@ class TextToImage(Task):
 
     def sample_grid(self, ctx: EvalContext, prompts: Sequence[str], path: Path) -> Path:
         """One row per prompt, ``samples_per_prompt`` images each (fixed seeds), as a PNG."""
-        from ..diffusion import grid
+        from ..diffusion import grid, save_png
 
         n = self.options.samples_per_prompt
         rows = [p for p in prompts for _ in range(n)]
         seeds = [_seed(p, k, self.options.sample_seed) for p in prompts for k in range(n)]
-        grid(self._sample(ctx, rows, seeds), n, scale=self.options.grid_scale).save(path)
-        return path
+        images = self._sample(ctx, rows, seeds)
+        return save_png(grid(images, n, scale=self.options.grid_scale), path)
 
     def write_run_files(
         self, folder: Path, model: torch.nn.Module, ctx: EvalContext, records: Sequence[dict]

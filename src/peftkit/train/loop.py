@@ -36,7 +36,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 
-from ..checkpoint import atomic_write_text, save_tensors
+from ..checkpoint import atomic_folder, atomic_write_text, save_tensors
 from ..heap import trim_now, trimming_heap
 from ..progress import progress_bar
 from ..tasks.base import EvalContext, Task
@@ -310,30 +310,20 @@ class Trainer:
         return True
 
     def _save_best(self, progress: Progress) -> None:
-        """``<run>/best/``: the adapter (HF PEFT format) + exact trainable tensors + which epoch."""
-        import shutil
+        """``<run>/best/``: the adapter (HF PEFT format) + exact trainable tensors + which epoch,
+        swapped in whole (``checkpoint.atomic_folder``)."""
+        import json
 
-        final = self.output_dir / "best"
-        tmp = self.output_dir / ".tmp-best"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.unwrapped.save_pretrained(tmp)
-        save_tensors(str(tmp / "trainable.safetensors"), self.best_snapshot or {})
         info = {
             "metric": self.best_metric_name,
             "value": progress.best_metric,
             "epoch": progress.best_epoch,
             "step": progress.best_step,
         }
-        import json
-
-        atomic_write_text(str(tmp / "best.json"), json.dumps(info, indent=2) + "\n")
-        old = self.output_dir / ".old-best"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
+        with atomic_folder(self.output_dir / "best") as tmp:
+            self.unwrapped.save_pretrained(tmp)
+            save_tensors(str(tmp / "trainable.safetensors"), self.best_snapshot or {})
+            atomic_write_text(str(tmp / "best.json"), json.dumps(info, indent=2) + "\n")
 
     def restore_best(self) -> bool:
         """Put the best epoch's trainable tensors back into the model (False: none recorded)."""

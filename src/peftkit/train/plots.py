@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import metrics as M
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_file
 
 _SKIP = {"kind", "step", "epoch", "eval_loss", "eval_ppl", "time_s", "rows"}
 
@@ -31,7 +31,8 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> None:
-    atomic_write(str(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _running_mean(values: list[float], window: int) -> list[float]:

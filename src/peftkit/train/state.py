@@ -36,7 +36,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import atomic_write_text, save_tensors
+from ..checkpoint import (
+    atomic_file,
+    atomic_write_text,
+    replace_folder,
+    save_tensors,
+    temp_folder_for,
+)
 from .distributed import full_weights, plan_of
 
 CHECKPOINTS = "checkpoints"
@@ -133,9 +139,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(".tmp-" + path.name)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -165,11 +170,7 @@ def save_checkpoint(
     main = accelerator is None or accelerator.is_main_process
     strategy = plan_of(accelerator).strategy if accelerator is not None else "ddp"
     final = checkpoint_dir(output_dir, progress.global_step)
-    tmp = final.with_name(".tmp-" + final.name)
-    if main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = temp_folder_for(final, shared=True, create=main)  # every rank writes its part here
     _barrier(accelerator)
     tensors = full_trainable_tensors(model)
     with full_weights(model):
@@ -201,9 +202,7 @@ def save_checkpoint(
     save_tensors(str(tmp / "rng.safetensors"), rng_tensors)
     state = {"progress": dataclasses.asdict(progress), "rng": rng_plain}
     atomic_write_text(str(tmp / "trainer_state.json"), json.dumps(state) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)  # the whole checkpoint appears at once (checkpoint.atomic_folder)
     if keep is not None:
         prune_checkpoints(output_dir, keep)
     _barrier(accelerator)

@@ -120,14 +120,12 @@ def _lite_class() -> type[nn.Module]:
 
         def save_pretrained(self, folder: str | Path, **_: Any) -> None:
             """config.json (architecture, labels) + model.safetensors, loadable by
-            :func:`load_vision_model` (e.g. after ``peftkit merge``)."""
-            from safetensors.torch import save_file
+            :func:`load_vision_model` (e.g. after ``peftkit merge``), each written atomically."""
+            from ..checkpoint import atomic_write_text, save_tensors
 
             out = Path(folder)
-            out.mkdir(parents=True, exist_ok=True)
-            state = {k: v.contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(out / "model.safetensors"))
-            (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            save_tensors(out / "model.safetensors", self.state_dict())
+            atomic_write_text(out / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
     EfficientNetLite.config_class = PretrainedConfig
     return EfficientNetLite
