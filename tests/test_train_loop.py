@@ -241,3 +241,25 @@ def test_memory_report_sees_a_phase_peak_and_uses_peft_wording():
     gpu = PhaseMemory("train", 0, 0, 0, gpu_begin=1916, gpu_end=1982, gpu_peak=9404).lines()
     assert gpu[0] == "GPU Memory before entering the train : 1916"
     assert "GPU Peak Memory consumed during the train (max-begin): 7488" in gpu
+
+
+def test_the_run_folder_map_names_what_a_run_writes(tmp_path):
+    # one map of the run folder: what prepare_output clears on --overwrite is what RunFolder
+    # names, and checkpoints are complete only once their state file is in them
+    from peftkit.train.run_folder import RunFolder, prepare_output
+
+    run = RunFolder(tmp_path / "run")
+    assert run.checkpoint(8) == run.root / "checkpoints" / "step-00000008"
+    assert run.best_tensors.parent == run.best and run.plot("memory").name == "memory.png"
+    with pytest.raises(ValueError, match="loss, metrics"):
+        run.plot("nope")
+    for path in (run.config, run.summary, run.predictions("eval"), run.plot("loss")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    run.checkpoint(2).mkdir(parents=True)  # an interrupted save: no trainer_state.json
+    (run.checkpoint(4)).mkdir()
+    (run.checkpoint(4) / "trainer_state.json").write_text("{}")
+    assert run.complete_checkpoints() == [run.checkpoint(4)] == [run.latest_checkpoint()]
+    (run.root / "notes.txt").write_text("mine")
+    prepare_output(run.root, resuming=False, overwrite=True)
+    assert [p.name for p in run.root.iterdir()] == ["notes.txt"]

@@ -46,6 +46,7 @@ from .distributed import make_accelerator as make_accelerator  # re-exported for
 from .evaluate import SplitEvaluation, evaluate_split
 from .logger import RunLog
 from .memory import MemoryTracker, PhaseMemory
+from .run_folder import RunFolder
 from .schedule import make_scheduler, warmup_steps
 from .state import (
     Progress,
@@ -320,15 +321,16 @@ class Trainer:
             "epoch": progress.best_epoch,
             "step": progress.best_step,
         }
-        with atomic_folder(self.output_dir / "best") as tmp:
+        run = RunFolder(self.output_dir)
+        with atomic_folder(run.best) as tmp:  # the same names as run.best_tensors / .best_info
             self.unwrapped.save_pretrained(tmp)
-            save_tensors(str(tmp / "trainable.safetensors"), self.best_snapshot or {})
-            atomic_write_text(str(tmp / "best.json"), json.dumps(info, indent=2) + "\n")
+            save_tensors(str(tmp / run.best_tensors.name), self.best_snapshot or {})
+            atomic_write_text(str(tmp / run.best_info.name), json.dumps(info, indent=2) + "\n")
 
     def restore_best(self) -> bool:
         """Put the best epoch's trainable tensors back into the model (False: none recorded)."""
         if self.best_snapshot is None:
-            path = self.output_dir / "best" / "trainable.safetensors"
+            path = RunFolder(self.output_dir).best_tensors
             if not path.exists():
                 return False
             from safetensors.torch import load_file

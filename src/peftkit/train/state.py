@@ -2,7 +2,7 @@
 
 ::
 
-    <run>/checkpoints/step-00000050/
+    <run>/checkpoints/step-00000050/          (run_folder.RunFolder.checkpoint(50))
         adapter/                  the adapter at this step, HF PEFT format (usable on its own)
         trainable.safetensors     every trainable tensor by its in-memory name (exact bits)
         optimizer.pt              optimizer state (moments, step counts); FSDP2: gathered whole
@@ -44,9 +44,7 @@ from ..checkpoint import (
     temp_folder_for,
 )
 from .distributed import full_weights, plan_of
-
-CHECKPOINTS = "checkpoints"
-PREFIX = "step-"
+from .run_folder import CHECKPOINT_STATE, RunFolder
 
 
 @dataclasses.dataclass
@@ -144,7 +142,7 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+    return RunFolder(output_dir).checkpoint(step)
 
 
 def _barrier(accelerator: Any) -> None:
@@ -201,7 +199,7 @@ def save_checkpoint(
     rng_tensors, rng_plain = _rng_state()
     save_tensors(str(tmp / "rng.safetensors"), rng_tensors)
     state = {"progress": dataclasses.asdict(progress), "rng": rng_plain}
-    atomic_write_text(str(tmp / "trainer_state.json"), json.dumps(state) + "\n")
+    atomic_write_text(str(tmp / CHECKPOINT_STATE), json.dumps(state) + "\n")  # written last
     replace_folder(tmp, final)  # the whole checkpoint appears at once (checkpoint.atomic_folder)
     if keep is not None:
         prune_checkpoints(output_dir, keep)
@@ -217,20 +215,11 @@ def _is_fsdp2(module: torch.nn.Module) -> bool:
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").exists()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return RunFolder(output_dir).complete_checkpoints()
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    return RunFolder(output_dir).latest_checkpoint()
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
@@ -251,11 +240,11 @@ def load_checkpoint(
     With several processes every rank calls; ``engine`` is what ``accelerator.prepare`` made.
     """
     folder = Path(folder)
-    state_file = folder / "trainer_state.json"
+    state_file = folder / CHECKPOINT_STATE
     if not state_file.exists():
         raise FileNotFoundError(
-            f"{folder} is not a training checkpoint (no trainer_state.json); pass a "
-            f"{CHECKPOINTS}/{PREFIX}N folder or the run folder"
+            f"{folder} is not a training checkpoint (no {CHECKPOINT_STATE}); pass a "
+            "checkpoints/step-N folder or the run folder"
         )
     state = json.loads(state_file.read_text(encoding="utf-8"))
     deepspeed_dir = folder / "deepspeed"
