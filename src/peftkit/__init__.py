@@ -3,7 +3,7 @@
 from .config import PeftConfig, PeftType, TaskType
 from .methods.adalora import AdaLoraConfig
 from .methods.dropout_mask import set_dropout_mask
-from .methods.lora import LoraConfig
+from .methods.lora_config import LoraConfig
 from .methods.prompt import (
     PrefixTuningConfig,
     PromptEncoderConfig,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import save_tensors
-from ..methods.lora import LoraConfig
+from ..methods.lora_config import LoraConfig
 from ..peft_model import get_peft_model
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"

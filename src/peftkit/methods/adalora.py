@@ -40,13 +40,8 @@ from ..checkpoint import atomic_write_text
 from ..config import PeftType
 from ..tuner import InjectedAdapterModel
 from .adalora_report import final_ranks, plot_rank_heatmap, rank_report
-from .lora import (
-    LoraConfig,
-    LoraLayer,
-    _linear_features,
-    _reference_tensor,
-    dropout_then_project,
-)
+from .lora import LoraLayer, _linear_features, _reference_tensor, dropout_then_project
+from .lora_config import LoraConfig
 from .rank_allocator import RankAllocator, Triplets, module_path_of, saved_rank_pattern
 
 RANKNUM_EPS = 1e-5  # added to ranknum in the divisor, as PEFT does

@@ -19,7 +19,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..inject import is_quantized_linear
-from .lora import LoraConfig, LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .lora import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .lora_config import LoraConfig
 from .lora_mha import LoraMultiheadAttention
 
 

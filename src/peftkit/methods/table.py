@@ -25,7 +25,7 @@ import dataclasses
 from ..config import ModelFamily, PeftConfig, PeftType
 from ..tuner import InjectedAdapterModel
 from .adalora import AdaLoraConfig, AdaLoraModel
-from .lora import LoraConfig
+from .lora_config import LoraConfig
 from .prompt import PrefixTuningConfig, PromptAdapterModel, PromptEncoderConfig, PromptTuningConfig
 
 
