@@ -541,3 +541,18 @@ def test_bf16_mixed_precision_trains_close_to_fp32(assets, tmp_path, capsys):
         losses[precision] = json.loads((out / "summary.json").read_text())["eval"]["eval_loss"]
     assert losses["bf16"] != losses["no"]  # autocast really ran in bf16
     assert losses["bf16"] == pytest.approx(losses["no"], rel=0.02)
+
+
+def test_one_device_rule_for_every_command(monkeypatch):
+    # eval, generate and chat run where the run config says: "cpu" keeps the model on the CPU
+    # even with a GPU present, "auto" takes the GPU when there is one
+    from types import SimpleNamespace
+
+    from peftkit.cli import torch_device
+
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        expected = "cuda" if gpu else "cpu"
+        assert torch_device(SimpleNamespace(device="cpu")).type == "cpu"
+        assert torch_device(SimpleNamespace(device="auto")).type == expected
+        assert torch_device(None).type == expected  # a bare adapter folder: no config

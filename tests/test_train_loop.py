@@ -263,3 +263,18 @@ def test_the_run_folder_map_names_what_a_run_writes(tmp_path):
     (run.root / "notes.txt").write_text("mine")
     prepare_output(run.root, resuming=False, overwrite=True)
     assert [p.name for p in run.root.iterdir()] == ["notes.txt"]
+
+
+def test_a_window_reads_its_numbers_once_per_optimizer_step():
+    # micro-batch losses and token counts stay on the device until the step ends; then they
+    # come back as the same host numbers the per-batch reads gave, in order
+    from peftkit.train.loop import _Window
+
+    window = _Window()
+    losses = [torch.tensor(2.5), torch.tensor(1.25, dtype=torch.bfloat16), torch.tensor(0.1)]
+    for loss, tokens in zip(losses, (torch.tensor(7), 3, torch.tensor(5)), strict=True):
+        window.add(loss, tokens)
+    got, tokens, elapsed = window.close()
+    assert got == [float(x.float()) for x in losses] and tokens == 15 and elapsed >= 0
+    window.reset()
+    assert window.losses == [] and window.tokens == []

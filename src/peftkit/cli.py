@@ -254,9 +254,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
     )
     task = loaded.task
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+    device = torch_device(config)
     loaded.model.to(device)
     ctx = EvalContext(
         model=loaded.model,
@@ -293,8 +291,10 @@ def _read_inputs(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .tasks import EvalContext
-    from .tasks.generation import generate_texts, is_encoder_decoder
+    """``peftkit generate``, one of three flows: ``--chat`` (:func:`_chat`, a conversation on
+    stdin); a run whose task writes images (:func:`_generate_images`: PNGs and a grid); anything
+    else (:func:`_generate_texts`: one text per ``--prompt`` / ``--input`` row, or the label an
+    image classifier gives each ``--image``)."""
     from .train.inference import load_for_inference, restore_task_state
 
     if not args.prompt and not args.input and not args.image and not args.chat:
@@ -302,8 +302,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     target, config, spec = _load_target(args)
     if args.chat:
         return _chat(args, target, config, spec)
+    _check_generate_target(args, target, spec)
+    if spec is not None:
+        spec = restore_task_state(spec, target) or spec
+    rows, inputs, prompts, raw = _generation_inputs(args, spec)
+    loaded = load_for_inference(
+        target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
+    )
+    from .tasks import EvalContext
+
+    ctx = EvalContext(model=loaded.model, device=torch_device(config), batch_size=args.batch_size)
+    loaded.model.to(ctx.device)
+    if spec is not None and spec.kind.writes_images:
+        return _generate_images(args, target, loaded, ctx, inputs)
+    return _generate_texts(args, loaded, ctx, rows, inputs, prompts, raw)
+
+
+def _check_generate_target(args: argparse.Namespace, target: Any, spec: Any) -> None:
+    """--image needs a run whose task reads images; an adapter is needed unless --no-adapter."""
     if args.image and (spec is None or not spec.kind.reads_images):
-        from .tasks import TASK_TYPES
+        from .task_types import TASK_TYPES
 
         image_tasks = " / ".join(k for k, row in TASK_TYPES.items() if row.reads_images)
         raise _usage(f"--image needs a run of task.type {image_tasks}")
@@ -312,31 +330,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{args.target} has no adapter yet (no adapter/ folder): train first, or "
             "pass --no-adapter to use the base model"
         )
-    if spec is not None:
-        spec = restore_task_state(spec, target) or spec
+
+
+def _generation_inputs(
+    args: argparse.Namespace, spec: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], bool]:
+    """``(rows as given, the task's input rows, what to print for each, raw)``: the task reads
+    its own inputs; without one (or with --raw on a text model) prompts are plain text."""
     rows: list[dict[str, Any]] = [{"text": p} for p in args.prompt]
     if args.input:
         rows += _read_inputs(args.input)
     rows += [{"image": path} for path in args.image]
-    # the task reads its own inputs; without one (or with --raw on a text model) prompts are text
     raw = spec is None or (args.raw and spec.kind.writes_text)
     try:
         inputs = [_raw_row(r) if raw else spec.input_row(r) for r in rows]
     except ValueError as exc:
         raise _usage(str(exc)) from None
     prompts = [r["text"] if raw else spec.describe(r) for r in inputs]
-    loaded = load_for_inference(
-        target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
-    )
-    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=args.batch_size)
-    loaded.model.to(ctx.device)
+    return rows, inputs, prompts, raw
+
+
+def _generate_images(
+    args: argparse.Namespace, target: Any, loaded: Any, ctx: Any, inputs: list[dict[str, Any]]
+) -> int:
+    """A text-to-image run: ``--num-images`` PNGs per prompt and a grid into a folder."""
     start = time.perf_counter()
-    images = getattr(loaded.task, "generate_images", None)
-    if callable(images):  # text_to_image: PNGs + a grid into a folder
-        folder = Path(args.output or Path(target.run_dir or target.adapter_dir) / "generated")
-        paths = images(ctx, inputs, args.num_images, args.seed, folder)
-        print(f"{len(paths) - 1} image(s) + {paths[-1]} in {time.perf_counter() - start:.1f} s")
-        return 0
+    folder = Path(args.output or Path(target.run_dir or target.adapter_dir) / "generated")
+    paths = loaded.task.generate_images(ctx, inputs, args.num_images, args.seed, folder)
+    print(f"{len(paths) - 1} image(s) + {paths[-1]} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _generate_texts(
+    args: argparse.Namespace,
+    loaded: Any,
+    ctx: Any,
+    rows: list[dict[str, Any]],
+    inputs: list[dict[str, Any]],
+    prompts: list[str],
+    raw: bool,
+) -> int:
+    """One output per input: plain greedy text (``raw``) or the task's own generation (a
+    label, an answer span, a continuation); printed, or written with --output."""
+    from .tasks.generation import generate_texts, is_encoder_decoder
+
+    start = time.perf_counter()
     if raw:
         tok = loaded.tokenizer
         outputs = generate_texts(
@@ -374,7 +412,7 @@ def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     task = loaded.task
     if not isinstance(task, ChatTask):  # any causal LM run: the tokenizer's own template
         task = task_spec({"type": "chat"}).build(loaded.tokenizer, loaded.model)
-    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=1)
+    ctx = EvalContext(model=loaded.model, device=torch_device(config), batch_size=1)
     loaded.model.to(ctx.device)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -391,10 +429,13 @@ def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     return 0
 
 
-def torch_device():
+def torch_device(config: Any = None) -> Any:
+    """Where eval / generate run: on the CPU when the run's ``device`` says ``cpu`` (or there is
+    no GPU), else on the GPU. One rule for every command that runs a model."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wants_cpu = config is not None and getattr(config, "device", "auto") == "cpu"
+    return torch.device("cuda" if torch.cuda.is_available() and not wants_cpu else "cpu")
 
 
 def _raw_row(row: dict[str, Any]) -> dict[str, Any]:

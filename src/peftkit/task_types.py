@@ -52,6 +52,11 @@ class TaskKind:
         """Whether the model generates text (a causal or sequence-to-sequence LM)."""
         return self.auto_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
 
+    @property
+    def writes_images(self) -> bool:
+        """Whether the model generates images (``generate`` writes PNGs): a diffusion model."""
+        return self.family is ModelFamily.DIFFUSION
+
 
 _CAUSAL, _SEQ2SEQ = "AutoModelForCausalLM", "AutoModelForSeq2SeqLM"
 
