@@ -216,8 +216,8 @@ def test_llama_step_equals_plain(monkeypatch, p, checkpointing):
         ),
     ).train()
     if checkpointing:
-        model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+        model.base_model.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )
     ids = torch.randint(
         0, base.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)

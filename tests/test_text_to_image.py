@@ -15,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import require
 from peftkit.cli import main
 from tiny_runs import base_config
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),

@@ -278,3 +278,38 @@ def test_a_window_reads_its_numbers_once_per_optimizer_step():
     assert got == [float(x.float()) for x in losses] and tokens == 15 and elapsed >= 0
     window.reset()
     assert window.losses == [] and window.tokens == []
+
+
+_NESTED_PEAK_PROBE = """
+import json, torch
+from peftkit.train.memory import MemoryTracker, StepParts
+parts = StepParts()
+with MemoryTracker("train") as outer:
+    with parts.part("forward"):
+        block = torch.ones(96 * 2**20 // 4)  # 96 MB, touched, then freed
+        del block
+    with parts.part("backward"):  # resets the high-water mark: the outer peak must survive
+        small = torch.ones(8 * 2**20 // 4)
+        del small
+r = parts.add_to(outer.result)
+print(json.dumps({"begin": r.cpu_begin, "peak": r.cpu_peak, "parts": r.cpu_parts,
+                  "lines": r.lines()}))
+"""
+
+
+def test_step_parts_peaks_and_an_outer_phase_keeps_its_own():
+    proc = subprocess.run(
+        [sys.executable, "-c", _NESTED_PEAK_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = result["parts"]
+    assert list(parts) == ["forward", "backward"]
+    assert parts["forward"] - result["begin"] >= 90  # the forward's block is its peak
+    assert parts["backward"] < parts["forward"] - 60  # the backward's reset forgot it
+    assert result["peak"] >= parts["forward"]  # the phase did not: folded before the reset
+    line = f"CPU Total Peak Memory in the train's forward / backward (max): {parts['forward']}"
+    assert any(s.startswith(line) for s in result["lines"])
+    ranks = [{"cpu_parts": {"forward": 5, "backward": 9}}, {"cpu_parts": {"forward": 7}}]
+    merged = PhaseMemory.max_over("train", ranks)
+    assert merged.cpu_parts == {"forward": 7, "backward": 9}

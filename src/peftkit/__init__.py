@@ -28,6 +28,10 @@ from .quant import (
     quantize_model,
     save_merged,
 )
+from .quiet import quiet_dependencies
+
+# Before DeepSpeed / bitsandbytes are first imported (lazily: saving a model, diffusers).
+quiet_dependencies()
 
 __version__ = "0.1.0"
 

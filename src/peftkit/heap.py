@@ -120,18 +120,20 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def trim_before(module: nn.Module) -> RemovableHandle | None:
+def trim_before(module: nn.Module, inference: bool = False) -> RemovableHandle | None:
     """Trim the heap each time ``module`` runs with gradients on (a training forward, or a
-    checkpointed block's recomputation in backward).
+    checkpointed block's recomputation in backward), and with ``inference`` without them too.
 
     Returns the hook's handle (``.remove()`` undoes it), or None where trimming does nothing.
-    Inference is left alone: it keeps no activations, so its holes are reused at once.
+    Plain inference needs none: it keeps no activations, so its holes are reused at once; a
+    sharded model's (ZeRO-3, FSDP2) gathers and frees each block's weights around the KV
+    cache it grows, and those holes stay resident unless given back.
     """
     if _malloc_trim() is None:
         return None
 
     def before_forward(_module: nn.Module, _args: tuple) -> None:
-        if torch.is_grad_enabled():
+        if inference or torch.is_grad_enabled():
             trim_heap()
 
     return module.register_forward_pre_hook(before_forward)
@@ -171,10 +173,11 @@ def trim_now(model: nn.Module, where: str = "head") -> bool:
 
 
 @contextlib.contextmanager
-def trimming_heap(model: nn.Module, where: str = "head") -> Iterator[int]:
-    """While inside, trim the heap before each training forward of :func:`trim_points`;
-    yields how many hooks are in place (0 where trimming does nothing)."""
-    handles = [trim_before(m) for m in trim_points(model, where)]
+def trimming_heap(model: nn.Module, where: str = "head", inference: bool = False) -> Iterator[int]:
+    """While inside, trim the heap before each training forward of :func:`trim_points` (with
+    ``inference``, before every forward of them); yields how many hooks are in place (0
+    where trimming does nothing)."""
+    handles = [trim_before(m, inference) for m in trim_points(model, where)]
     handles = [h for h in handles if h is not None]
     try:
         yield len(handles)

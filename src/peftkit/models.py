@@ -191,6 +191,38 @@ def _from_pretrained(
     return model
 
 
+def _load_zero3(
+    auto_cls: Any,
+    path: str,
+    model_kw: dict[str, Any],
+    ds_config: dict[str, Any],
+    restored_modules: Sequence[str],
+) -> nn.Module:
+    """ZeRO-3: partitioned from the start, each rank reading its part (peftkit.sharded_load);
+    else transformers' ZeRO-3 load (the trainer's accelerate keeps an HfDeepSpeedConfig)."""
+    from .quant.load import NotStreamable
+    from .sharded_load import load_zero3_partitioned, local_folder
+
+    folder = local_folder(path)
+    reason = "the model is not a local folder with safetensors"
+    if folder is not None:
+        kw = {k: v for k, v in model_kw.items() if k != "local_files_only"}
+        try:
+            model, info = load_zero3_partitioned(folder, auto_cls, kw, ds_config, restored_modules)
+        except NotStreamable as e:
+            reason = str(e)
+        else:
+            _report_load(model, path, info, restored_modules)
+            return model
+    logger.info("ZeRO-3: loading %s through transformers' partitioned load (%s)", path, reason)
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    keep = None if is_deepspeed_zero3_enabled() else HfDeepSpeedConfig(ds_config)  # noqa: F841
+    # transformers builds the model under zero.Init while an HfDeepSpeedConfig of stage 3
+    # lives (accelerate keeps one for its DeepSpeed plugin; `keep` where none does)
+    return _from_pretrained(auto_cls, path, model_kw, restored_modules)
+
+
 def _modules_of(keys: Sequence[str], limit: int = 6) -> str:
     """``["classifier.bias", "classifier.weight"]`` -> ``"classifier (bias, weight)"``."""
     groups: dict[str, list[str]] = {}
@@ -298,6 +330,7 @@ def load_base_model(
     compute_dtype: str | torch.dtype | None = None,
     tokenizer_name_or_path: str | os.PathLike | None = None,
     restored_modules: Sequence[str] = (),
+    zero3_config: dict[str, Any] | None = None,
     **kw: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a base model and its tokenizer (or image processor) for fine-tuning.
@@ -322,6 +355,10 @@ def load_base_model(
             ``modules_to_save``, e.g. ``["classifier"]``): their absence from the checkpoint is
             expected and not reported. Other missing, unused or misshaped weights are reported
             as one warning (transformers' own load report is held back).
+        zero3_config: a DeepSpeed ZeRO-3 config (the trainer passes its own): the model is
+            built partitioned and each rank reads only its part of the checkpoint
+            (:mod:`peftkit.sharded_load`); where that loader cannot place the checkpoint
+            for sure, transformers' own ZeRO-3 load (also partitioned, heavier) is used.
         **kw: passed to the model's ``from_pretrained`` (e.g. ``id2label``, ``label2id``,
             ``ignore_mismatched_sizes``, ``attn_implementation``).
 
@@ -385,7 +422,9 @@ def load_base_model(
             model_kw.setdefault(key, value)
     auto_cls = getattr(transformers, kind.auto_class)
     try:
-        if quantization is None:
+        if quantization is None and zero3_config is not None:
+            model = _load_zero3(auto_cls, path, model_kw, zero3_config, restored_modules)
+        elif quantization is None:
             model = _from_pretrained(auto_cls, path, model_kw, restored_modules)
         else:  # 4-bit: quantised tensor by tensor while loading (peftkit.quant.load)
             from .quant.load import load_4bit

@@ -620,12 +620,24 @@ class LoraConv(LoraLayer):
     def rowwise_update(
         self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, slots: torch.Tensor
     ) -> torch.Tensor:
-        """Each row convolved with its own ``A`` in one grouped convolution (groups = rows)."""
-        n_rows, r, base = x.shape[0], down.shape[1], self.base_layer  # A convolves like the base
-        weight = down[slots].flatten(0, 1)  # (B*r, in, *k)
-        x_all = x.to(down.dtype).flatten(0, 1).unsqueeze(0)  # (1, B*in, *S)
-        conv = self._conv_fn
-        h = conv(x_all, weight, None, base.stride, base.padding, base.dilation, groups=n_rows)
-        # h: (1, B*r, *S')
-        h = h.view(n_rows, r, *h.shape[2:])  # (B, r, *S')
-        return torch.einsum("br...,bor->bo...", h, up[slots])  # (B, out, *S')
+        return conv_rowwise_update(self._conv_fn, self.base_layer, x, down, up, slots)
+
+
+def conv_rowwise_update(
+    conv: Any,
+    base: nn.Module,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """A mixed batch through a convolution's stacked factors: row ``b`` convolved with its own
+    ``down`` kernel (stride/padding/dilation of ``base``) in one grouped convolution (groups =
+    rows), then its own ``up``. ``down`` (n, r, in, *k), ``up`` (n, out, r), ``slots`` (B,)."""
+    n_rows, r = x.shape[0], down.shape[1]
+    weight = down[slots].flatten(0, 1)  # (B*r, in, *k)
+    x_all = x.to(down.dtype).flatten(0, 1).unsqueeze(0)  # (1, B*in, *S)
+    h = conv(x_all, weight, None, base.stride, base.padding, base.dilation, groups=n_rows)
+    # h: (1, B*r, *S')
+    h = h.view(n_rows, r, *h.shape[2:])  # (B, r, *S')
+    return torch.einsum("br...,bor->bo...", h, up[slots])  # (B, out, *S')

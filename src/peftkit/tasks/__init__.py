@@ -17,7 +17,7 @@ seq2seq         source -> target on T5 / BART               ROUGE-L, BLEU
 token_cls       words -> one tag each, trained head (NER)   entity F1, accuracy
 qa              question + context -> answer span (SQuAD)   SQuAD EM, F1
 image_cls       image -> class id, trained head (CIFAR-10)  accuracy, macro-F1
-text_to_image   caption -> image, diffusion UNet (digits)   denoising loss, share recognised
+text_to_image   caption -> image, SD folder / pixel UNet    denoising loss, share recognised
 ==============  ==========================================  ===================
 
 See :mod:`peftkit.tasks.base` for how a task is built (spec, then task) and evaluated.

@@ -43,6 +43,8 @@ class TaskOptions:
     columns rows need, what the train rows teach (a label set), how a ``generate`` input reads."""
 
     head_per_label: ClassVar[bool] = False  # the model's head has one output per label
+    # option fields naming local files or folders: `load_config` reports the missing ones
+    local_paths: ClassVar[tuple[str, ...]] = ()
 
     def input_columns(self) -> list[str]:
         """Columns every row needs (test rows included)."""

@@ -90,6 +90,9 @@ class RunConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     output_dir: str | None = None
+    # the command that makes this recipe's local files (base model, data) when they are missing,
+    # e.g. `make t2i-digits`: the error that reports them names it
+    prepare: str | None = None
     seed: int = 42
     epochs: int = 3
     max_steps: int | None = None
@@ -108,8 +111,10 @@ class RunConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
-    # CPU: give freed heap pages back before the output head (+ every block) each step
-    trim_heap: Literal["head", "blocks", "none"] = "head"
+    # CPU: give freed heap pages back before the output head (+ every block) each step;
+    # auto: blocks where parameters are sharded (ZeRO-3, FSDP2 gather and free a block's
+    # weights every step), else head
+    trim_heap: Literal["auto", "head", "blocks", "none"] = "auto"
     eval_before_training: bool = False
     eval_every_epoch: bool = True
     save_steps: int | None = None
@@ -220,11 +225,14 @@ def load_config(
     raw = apply_overrides(raw, overrides)
     problems: list[str] = []
     values = check_config(raw, problems, require_train=require_train)
+    hint = None
     if check_files:
         config_dir = os.path.dirname(os.path.abspath(source)) if source else None
-        problems.extend(missing_files(values, config_dir))
+        missing = missing_files(values, config_dir)
+        problems.extend(missing)
+        hint = prepare_hint(values) if missing else None
     if problems:
-        raise ConfigError(problems, source=source)
+        raise ConfigError(problems, source=source, hint=hint)
     try:
         config = build(RunConfig, values)
     except (TypeError, ValueError) as exc:
@@ -372,11 +380,17 @@ def missing_files(values: Mapping[str, Any], config_dir: str | None) -> list[str
         if not isinstance(source, Mapping) or not isinstance(source.get("path"), str):
             continue
         if resolve_path(source["path"], config_dir) is None and not source.get("hub"):
-            where = f"{Path.cwd()}" + (f" and {config_dir}" if config_dir else "")
+            where = _where(source["path"], config_dir)
             problems.append(
-                f"data.{split}.path: file not found: {source['path']} (looked in {where}); fix "
+                f"data.{split}.path: file not found: {source['path']} ({where}); fix "
                 f"the path, or add data.{split}.hub: NAME[:SUBSET][@SPLIT] as a fallback"
             )
+    task = values.get("task") if isinstance(values.get("task"), Mapping) else {}
+    if task.get("type") in _task_classes():
+        for key in _task_classes()[task["type"]].Options.local_paths:
+            value = task.get(key)
+            if isinstance(value, str) and resolve_path(value, config_dir) is None:
+                problems.append(f"task.{key}: not found: {value} ({_where(value, config_dir)})")
     model = values.get("model") if isinstance(values.get("model"), Mapping) else {}
     name = model.get("name")
     if isinstance(name, str) and looks_like_path(name) and resolve_path(name, config_dir) is None:
@@ -385,6 +399,31 @@ def missing_files(values: Mapping[str, Any], config_dir: str | None) -> list[str
             "short name (smollm2-135m, minilm-l6), a hub id, a model folder or a .gguf file"
         )
     return problems
+
+
+def _where(value: str, config_dir: str | None) -> str:
+    """Where a path that was not found was looked for, for the error."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return f"resolved to {p}"
+    return f"looked in {Path.cwd()}" + (f" and {config_dir}" if config_dir else "")
+
+
+def _task_classes() -> Mapping[str, Any]:
+    from ..tasks import TASKS
+
+    return TASKS
+
+
+def prepare_hint(values: Mapping[str, Any]) -> str | None:
+    """The line naming the recipe's ``prepare`` command, for an error about missing files."""
+    prepare = values.get("prepare")
+    if not isinstance(prepare, str) or not prepare.strip():
+        return None
+    return (
+        f"The missing files are made by `{prepare.strip()}` (this recipe's `prepare`): run it "
+        "once from the repository root, then this command again."
+    )
 
 
 def config_to_yaml(config: RunConfig) -> str:
@@ -405,5 +444,6 @@ __all__ = [
     "load_config",
     "missing_files",
     "parse_overrides",
+    "prepare_hint",
     "resolve_path",
 ]

@@ -186,6 +186,40 @@ def load_for_inference(
     return Loaded(model, tokenizer, config, task, target, has_adapter)
 
 
+def attach_lora_file(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """``model`` with the LoRA at ``path``: a PEFT adapter folder (adapter_config.json) or a
+    diffusers LoRA file (``pytorch_lora_weights.safetensors``, or a folder holding one)."""
+    from .. import PeftModel
+
+    p = Path(path).expanduser()
+    if (p / CONFIG_NAME).is_file():
+        return PeftModel.from_pretrained(model, p)
+    from ..diffusion import load_diffusers_lora
+
+    return load_diffusers_lora(model, p)
+
+
+def load_image_base(
+    folder: str | Path, lora: str | Path | None = None, dtype: str | None = None
+) -> Loaded:
+    """A text-to-image base folder (Stable Diffusion or pixel layout) for ``peftkit generate
+    BASE --lora FILE``: the model (+ the LoRA), its tokenizer and a default text_to_image task;
+    prints one line on stderr saying what was loaded."""
+    from ..models import load_base_model
+    from ..tasks import task_spec
+
+    spec = task_spec({"type": "text_to_image"})
+    model, tokenizer = load_base_model(str(folder), task="text_to_image", dtype=dtype)
+    base_name = type(model).__name__
+    if lora is not None:
+        model = attach_lora_file(model, lora)
+    model.eval()
+    task = spec.build(tokenizer, model)
+    line = f"loaded: base model {folder} ({base_name})"
+    print(line + (f" + LoRA {lora}" if lora else ", no adapter"), file=sys.stderr)
+    return Loaded(model, tokenizer, None, task, Target(), lora is not None)
+
+
 def _has_module(model: torch.nn.Module, name: str) -> bool:
     return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
 

@@ -45,7 +45,7 @@ from .distributed import SHARDING, check_prepared, full_weights, plan_of, prepar
 from .distributed import make_accelerator as make_accelerator  # re-exported for train/__init__
 from .evaluate import SplitEvaluation, evaluate_split
 from .logger import RunLog
-from .memory import MemoryTracker, PhaseMemory
+from .memory import MemoryTracker, PhaseMemory, StepParts
 from .run_folder import RunFolder
 from .schedule import make_scheduler, warmup_steps
 from .state import (
@@ -181,6 +181,7 @@ class Trainer:
         eval_records: Sequence[dict] | None = None,
         eval_features: Sequence[dict] | None = None,
         on_step: Callable[[Progress], None] | None = None,
+        setup_memory: Sequence[PhaseMemory] = (),
     ) -> None:
         self.config, self.task, self.log, self.accelerator = config, task, log, accelerator
         self.output_dir = Path(output_dir)
@@ -194,9 +195,25 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         warm = warmup_steps(self.plan.total_steps, config.warmup_steps, config.warmup_ratio)
         self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, self.plan.total_steps)
-        prepare_for_strategy(model, accelerator)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        check_prepared(self.model, accelerator)
+        self.memory: list[dict[str, Any]] = []
+        for phase in setup_memory:  # load, adapter: measured before the trainer existed
+            self.report_memory(phase, 0)
+        with MemoryTracker("prepare", accelerator.device) as prepared:
+            for note in prepare_for_strategy(model, accelerator, config):
+                log.info(note)
+            # on the CPU the model stays where it is: accelerate's device there is `cpu:0`,
+            # which `Module.to` takes for another device and copies every weight to (2.1 GB
+            # of bloomz-560m out of its memory map, twice that at the peak)
+            placement = None  # DeepSpeed places its own (and refuses a placement list)
+            if accelerator.device.type == "cpu" and not plan_of(accelerator).strategy.startswith(
+                "zero"
+            ):
+                placement = [False, False]
+            self.model, self.optimizer = accelerator.prepare(
+                model, optimizer, device_placement=placement
+            )
+            check_prepared(self.model, accelerator)
+        self.report_memory(prepared.result, 0)
         # FSDP2 replaces the parameters with sharded ones: clip (and gather) what now trains
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sharded = plan_of(accelerator).strategy != "ddp"
@@ -218,7 +235,6 @@ class Trainer:
         self.best_metric_name = config.metric_for_best or task.best_metric
         self.lower_is_better = task.lower_is_better(self.best_metric_name)
         self.best_snapshot: dict[str, torch.Tensor] | None = None
-        self.memory: list[dict[str, Any]] = []
 
     # --- helpers ---------------------------------------------------------------------------
     @property
@@ -230,6 +246,14 @@ class Trainer:
             if hasattr(self.model, "set_gradient_accumulation_boundary")
             else {}
         )
+
+    @property
+    def trim_heap(self) -> str:
+        """Where the heap is trimmed (``trim_heap``; ``auto``: before every block where the
+        strategy gathers and frees each block's weights every step, else before the head)."""
+        if self.config.trim_heap != "auto":
+            return self.config.trim_heap
+        return "blocks" if plan_of(self.accelerator).strategy in SHARDING else "head"
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -251,7 +275,7 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def _memory_report(self, memory: PhaseMemory, epoch: int) -> None:
+    def report_memory(self, memory: PhaseMemory, epoch: int) -> None:
         """This rank's report, then (several processes; every rank calls) the max over ranks."""
         entry: dict[str, Any] = {"epoch": epoch, "phase": memory.phase, **memory.as_dict()}
         for line in memory.lines():
@@ -279,9 +303,16 @@ class Trainer:
         features = self.eval_features if features is None else list(features)
         if not features:
             return None
-        trim_now(self.unwrapped, self.config.trim_heap)  # training's heap holes, given back
-        evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
-        self._memory_report(evaluation.memory, epoch)
+        trim_now(self.unwrapped, self.trim_heap)  # training's heap holes, given back
+        # sharded: every forward gathers and frees each block's weights; trimmed as in training
+        gathers = plan_of(self.accelerator).strategy in SHARDING
+        with trimming_heap(self.unwrapped, self.trim_heap, inference=gathers):
+            evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
+        release = getattr(self.model, "empty_partition_cache", None)
+        if callable(release):  # ZeRO-3: nothing evaluation gathered stays gathered
+            release()
+            trim_now(self.unwrapped, self.trim_heap)
+        self.report_memory(evaluation.memory, epoch)
         self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
         return evaluation
 
@@ -440,26 +471,28 @@ class Trainer:
         )
         status = None
         window = _Window()
-        trim = trimming_heap(self.unwrapped, config.trim_heap)
+        trim = trimming_heap(self.unwrapped, self.trim_heap)
+        parts = StepParts(acc.device)  # where a step peaks: forward, backward, optimizer
         with MemoryTracker("train", acc.device) as mem, trim:
             for index, batch in enumerate(self.loader, start=progress.batch_in_epoch):
                 window_start = (index // ga) * ga
                 size = min(ga, nb - window_start)  # micro-batches in this window
                 last_in_window = index - window_start + 1 == size
-                window.add(*self._micro_batch(batch, size, last_in_window))
+                window.add(*self._micro_batch(batch, size, last_in_window, parts))
                 if not last_in_window:
                     continue
-                grad_norm = self._optimizer_step(progress)
+                grad_norm = self._optimizer_step(progress, parts)
+                progress.global_step += 1
                 progress.batch_in_epoch = index + 1
                 status = self._finish_step(progress, window, grad_norm, bar, stop)
                 if status is not None:
                     break
         bar.close()
-        self._memory_report(mem.result, progress.epoch + 1)
+        self.report_memory(parts.add_to(mem.result), progress.epoch + 1)
         return status or "done"
 
     def _micro_batch(
-        self, batch: dict[str, torch.Tensor], window: int, last_in_window: bool
+        self, batch: dict[str, torch.Tensor], window: int, last_in_window: bool, parts: StepParts
     ) -> tuple[torch.Tensor, torch.Tensor | int]:
         """Forward + backward of one micro-batch (its loss scaled by the window's size);
         returns the detached loss and the token count, still on the device."""
@@ -469,11 +502,12 @@ class Trainer:
         # DeepSpeed steps inside backward at a window's end; our windows, our scaling
         acc.gradient_state._set_sync_gradients(last_in_window)
         with sync:
-            with acc.autocast():
+            with acc.autocast(), parts.part("forward"):
                 # only the loss: the logits (batch x seq x vocab) go before backward
                 # allocates their gradients, instead of living through it
                 loss_t = self.model(**batch).loss
-            acc.backward(loss_t / window, **self._backward_kwargs)
+            with parts.part("backward"):
+                acc.backward(loss_t / window, **self._backward_kwargs)
         return loss_t.detach(), self._tokens_of(batch)
 
     def _tokens_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
@@ -485,22 +519,23 @@ class Trainer:
         ids = batch.get("input_ids")
         return ids.numel() if ids is not None else self.task.count_targets(batch)
 
-    def _optimizer_step(self, progress: Progress) -> float | None:
-        """Clip, step the optimizer and the schedule, let the method re-budget (AdaLoRA's
-        ``update_and_allocate``), zero the gradients; returns the gradient norm (if clipped)."""
+    def _optimizer_step(self, progress: Progress, parts: StepParts) -> float | None:
+        """Clip, step, schedule, AdaLoRA's allocation, zero the gradients; the clipped norm."""
         config, acc = self.config, self.accelerator
-        grad_norm = None
-        if config.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(self.params, config.max_grad_norm))
-        self.optimizer.step()
-        if not acc.optimizer_step_was_skipped:
-            self.scheduler.step()
-        allocate = getattr(getattr(self.unwrapped, "base_model", None), "update_and_allocate", None)
-        if callable(allocate):  # AdaLoRA: re-budget ranks from these gradients
-            with full_weights(self.unwrapped, modify=True):  # sharded: whole, then back
-                allocate(progress.global_step)
-        self.optimizer.zero_grad(set_to_none=True)
-        progress.global_step += 1
+        with parts.part("optimizer"):
+            grad_norm = None
+            if config.max_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(self.params, config.max_grad_norm))
+            self.optimizer.step()
+            if not acc.optimizer_step_was_skipped:
+                self.scheduler.step()
+            allocate = getattr(
+                getattr(self.unwrapped, "base_model", None), "update_and_allocate", None
+            )
+            if callable(allocate):  # AdaLoRA: re-budget ranks from these gradients
+                with full_weights(self.unwrapped, modify=True):  # sharded: whole, then back
+                    allocate(progress.global_step)
+            self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
     def _finish_step(

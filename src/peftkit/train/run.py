@@ -31,11 +31,17 @@ from ..methods.dropout_mask import set_dropout_mask
 from ..progress import quiet_library_bars
 from ..tasks import Task, TaskSpec
 from .config import RunConfig, config_to_yaml
-from .distributed import full_weights, make_accelerator, plan_of
+from .distributed import (
+    full_weights,
+    make_accelerator,
+    offload_note,
+    plan_of,
+    zero3_load_config,
+)
 from .evaluate import SplitEvaluation, evaluate_split, write_predictions
 from .logger import RunLog, read_metrics
 from .loop import Trainer, TrainOutcome, plan_steps
-from .memory import rank_peaks
+from .memory import MemoryTracker, rank_peaks
 from .run_folder import (
     CHECKPOINT_STATE,
     RunFolder,
@@ -83,6 +89,7 @@ class RunSummary:
     world_size: int = 1
     strategy: str = "ddp"  # ddp | zero2 | zero3 | fsdp (distributed.strategy, resolved)
     offload: str = "none"
+    offload_note: str | None = None  # set where offload: cpu can move nothing (a CPU-only run)
     rank_peaks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # MB, per rank
     memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     wall_time_s: float | None = None
@@ -170,7 +177,9 @@ class TrainRecipe:
 
         set_seed(config.seed)
         load_start = time.perf_counter()
-        model, tokenizer = load_model(config, self.spec)
+        load_memory = MemoryTracker("load", self.accelerator.device)
+        with load_memory:  # under ZeRO-3 partitioned while it loads, FSDP2 read by shards
+            model, tokenizer = load_model(config, self.spec, zero3_load_config(self.accelerator))
         log.info(
             f"model: {config.model.name} ({type(model).__name__}, loaded in "
             f"{time.perf_counter() - load_start:.1f} s)"
@@ -185,7 +194,8 @@ class TrainRecipe:
             for note in features.feature_notes(split, rows, encoded) if rows else []:
                 log.info(note)  # rows split / cut / left out by the task: never silently
         plan = plan_steps(len(train_features), config, self.accelerator.num_processes)
-        peft_model = attach_adapter(config, model, self.spec, plan.total_steps)
+        with MemoryTracker("adapter", self.accelerator.device) as adapter_memory:
+            peft_model = attach_adapter(config, model, self.spec, plan.total_steps)
         self.task: Task = self.spec.build(tokenizer, peft_model)  # batches as the adapter needs
         log.info(
             f"method: {config.method_type} -> {type(peft_model).__name__}; "
@@ -200,6 +210,8 @@ class TrainRecipe:
             f"strategy {plan_of(self.accelerator).strategy}, offload "
             f"{plan_of(self.accelerator).offload}"
         )
+        if note := offload_note(self.accelerator):
+            log.info(note)
         if self.main:
             atomic_write_text(self.run.config, config_to_yaml(config))
             atomic_write_text(self.run.task_state, json.dumps(self.spec.state()) + "\n")
@@ -217,6 +229,7 @@ class TrainRecipe:
             eval_records=self.splits.eval,
             eval_features=eval_features,
             on_step=on_step,
+            setup_memory=[load_memory.result, adapter_memory.result],
         )
 
     def _checkpoint_step(self) -> int | None:
@@ -305,6 +318,7 @@ class TrainRecipe:
             world_size=self.accelerator.num_processes,
             strategy=plan_of(self.accelerator).strategy,
             offload=plan_of(self.accelerator).offload,
+            offload_note=offload_note(self.accelerator),
         )
         records = read_metrics(self.run.metrics) if self.main else []
         before = [r for r in records if r.get("kind") == "eval" and r.get("epoch") == 0]
@@ -339,10 +353,12 @@ class TrainRecipe:
                     trainer.eval_context(), self.task, self.splits.eval, trainer.eval_features
                 )
         adapter_dir = self.run.adapter
-        with full_weights(trainer.unwrapped):  # sharded (ZeRO-3, FSDP2): every rank gathers
-            if self.main:
-                trainer.unwrapped.save_pretrained(adapter_dir)
-        self.accelerator.wait_for_everyone()
+        with MemoryTracker("save", self.accelerator.device) as memory:
+            with full_weights(trainer.unwrapped):  # sharded (ZeRO-3, FSDP2): every rank gathers
+                if self.main:
+                    trainer.unwrapped.save_pretrained(adapter_dir)
+            self.accelerator.wait_for_everyone()
+        trainer.report_memory(memory.result, progress.epoch)
         summary.adapter, summary.adapter_choice = str(adapter_dir), chosen
         summary.best = {
             "metric": trainer.best_metric_name,

@@ -67,8 +67,11 @@ def check_data(spec: TaskSpec, splits: Splits, source: str | None = None) -> Tas
     return spec
 
 
-def load_model(config: RunConfig, spec: TaskSpec) -> tuple[torch.nn.Module, Any]:
-    """Base model + tokenizer for the task (bundled name, folder, GGUF, hub id; dtype; 4-bit)."""
+def load_model(
+    config: RunConfig, spec: TaskSpec, zero3_config: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """Base model + tokenizer for the task (bundled name, folder, GGUF, hub id; dtype; 4-bit);
+    under ZeRO-3 (``zero3_config``) partitioned while it loads."""
     from ..models import load_base_model
 
     return load_base_model(
@@ -78,6 +81,7 @@ def load_model(config: RunConfig, spec: TaskSpec) -> tuple[torch.nn.Module, Any]
         gguf_file=config.model.gguf_file,
         quantization=config.model.quantization,
         tokenizer_name_or_path=config.model.tokenizer,
+        zero3_config=zero3_config,
         **spec.model_kwargs(),
     )
 
