@@ -200,7 +200,10 @@ def test_prompt_methods_refused(assets, capsys):
                                                       "num_virtual_tokens": 4})  # fmt: skip
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "prompt_tuning" in err and "lora, adalora, qlora" in err and "use_dora" in err
+    why, _, choices = err.partition("Use one of ")
+    assert "prompt_tuning" in why and "virtual tokens" in why and "use_dora" in choices
+    assert {"lora", "qlora", "adalora"} <= set(choices.replace(",", " ").split())
+    assert "tuning" not in choices
 
 
 def test_bad_inputs_named(assets, capsys):

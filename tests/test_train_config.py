@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from peftkit.methods.table import METHODS
 from peftkit.train.config import (
-    METHOD_TYPES,
     ConfigError,
     apply_overrides,
     load_config,
-    method_config_class,
     parse_overrides,
     resolve_path,
 )
@@ -173,10 +172,10 @@ def test_qlora_means_lora_on_a_4bit_base(tmp_path, data_file):
     assert config.method_type == "qlora"
 
 
-def test_every_method_type_finds_its_config_class_in_the_registry():
-    # the trainer looks config classes up in the registry: a method that stops registering fails
+def test_every_method_type_finds_its_config_class_in_the_method_table():
+    # the trainer looks config classes up in the method table: a method that loses its row fails
     # here by name instead of vanishing from the choices
-    assert {k: method_config_class(k).__name__ for k in METHOD_TYPES} == {
+    assert {k: row.config.__name__ for k, row in METHODS.items()} == {
         "lora": "LoraConfig",
         "qlora": "LoraConfig",
         "adalora": "AdaLoraConfig",

@@ -243,6 +243,43 @@ def test_memory_report_sees_a_phase_peak_and_uses_peft_wording():
     assert "GPU Peak Memory consumed during the train (max-begin): 7488" in gpu
 
 
+def test_the_run_folder_map_names_what_a_run_writes(tmp_path):
+    # one map of the run folder: what prepare_output clears on --overwrite is what RunFolder
+    # names, and checkpoints are complete only once their state file is in them
+    from peftkit.train.run_folder import RunFolder, prepare_output
+
+    run = RunFolder(tmp_path / "run")
+    assert run.checkpoint(8) == run.root / "checkpoints" / "step-00000008"
+    assert run.best_tensors.parent == run.best and run.plot("memory").name == "memory.png"
+    with pytest.raises(ValueError, match="loss, metrics"):
+        run.plot("nope")
+    for path in (run.config, run.summary, run.predictions("eval"), run.plot("loss")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    run.checkpoint(2).mkdir(parents=True)  # an interrupted save: no trainer_state.json
+    (run.checkpoint(4)).mkdir()
+    (run.checkpoint(4) / "trainer_state.json").write_text("{}")
+    assert run.complete_checkpoints() == [run.checkpoint(4)] == [run.latest_checkpoint()]
+    (run.root / "notes.txt").write_text("mine")
+    prepare_output(run.root, resuming=False, overwrite=True)
+    assert [p.name for p in run.root.iterdir()] == ["notes.txt"]
+
+
+def test_a_window_reads_its_numbers_once_per_optimizer_step():
+    # micro-batch losses and token counts stay on the device until the step ends; then they
+    # come back as the same host numbers the per-batch reads gave, in order
+    from peftkit.train.loop import _Window
+
+    window = _Window()
+    losses = [torch.tensor(2.5), torch.tensor(1.25, dtype=torch.bfloat16), torch.tensor(0.1)]
+    for loss, tokens in zip(losses, (torch.tensor(7), 3, torch.tensor(5)), strict=True):
+        window.add(loss, tokens)
+    got, tokens, elapsed = window.close()
+    assert got == [float(x.float()) for x in losses] and tokens == 15 and elapsed >= 0
+    window.reset()
+    assert window.losses == [] and window.tokens == []
+
+
 _NESTED_PEAK_PROBE = """
 import json, torch
 from peftkit.train.memory import MemoryTracker, StepParts

@@ -3,7 +3,7 @@
 from .config import PeftConfig, PeftType, TaskType
 from .methods.adalora import AdaLoraConfig
 from .methods.dropout_mask import set_dropout_mask
-from .methods.lora import LoraConfig
+from .methods.lora_config import LoraConfig
 from .methods.prompt import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -11,7 +11,7 @@ from .methods.prompt import (
     PromptTuningConfig,
     PromptTuningInit,
 )
-from .model import (
+from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,

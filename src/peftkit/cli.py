@@ -281,9 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
     )
     task = loaded.task
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+    device = torch_device(config)
     loaded.model.to(device)
     ctx = EvalContext(
         model=loaded.model,
@@ -369,8 +367,11 @@ def _read_inputs(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .tasks import EvalContext
-    from .tasks.generation import generate_texts, is_encoder_decoder
+    """``peftkit generate``, one of four flows: a text-to-image base folder
+    (:func:`_generate_from_base`); ``--chat`` (:func:`_chat`, a conversation on stdin); a run
+    whose task writes images (:func:`_write_images`: PNGs and a grid); anything else
+    (:func:`_generate_texts`: one text per ``--prompt`` / ``--input`` row, or the label an
+    image classifier gives each ``--image``)."""
     from .train.inference import load_for_inference, restore_task_state
 
     if not args.prompt and not args.input and not args.image and not args.chat:
@@ -378,33 +379,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if _is_image_base(args.target):
         return _generate_from_base(args)
     target, config, spec = _load_target(args)
-    if args.lora and (spec is None or not hasattr(spec.kind.task, "generate_images")):
+    if args.lora and (spec is None or not spec.kind.writes_images):
         raise _usage("--lora is for text_to_image runs and base folders")
     if args.chat:
         return _chat(args, target, config, spec)
-    if args.image and (spec is None or not spec.kind.reads_images):
-        from .tasks import TASK_TYPES
-
-        image_tasks = " / ".join(k for k, row in TASK_TYPES.items() if row.reads_images)
-        raise _usage(f"--image needs a run of task.type {image_tasks}")
-    if target.adapter_dir is None and not args.no_adapter:
-        raise _usage(
-            f"{args.target} has no adapter yet (no adapter/ folder): train first, or "
-            "pass --no-adapter to use the base model"
-        )
+    _check_generate_target(args, target, spec)
     if spec is not None:
         spec = restore_task_state(spec, target) or spec
-    rows: list[dict[str, Any]] = [{"text": p} for p in args.prompt]
-    if args.input:
-        rows += _read_inputs(args.input)
-    rows += [{"image": path} for path in args.image]
-    # the task reads its own inputs; without one (or with --raw on a text model) prompts are text
-    raw = spec is None or (args.raw and spec.kind.writes_text)
-    try:
-        inputs = [_raw_row(r) if raw else spec.input_row(r) for r in rows]
-    except ValueError as exc:
-        raise _usage(str(exc)) from None
-    prompts = [r["text"] if raw else spec.describe(r) for r in inputs]
+    rows, inputs, prompts, raw = _generation_inputs(args, spec)
     loaded = load_for_inference(
         target,
         config,
@@ -417,12 +399,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         loaded.model = attach_lora_file(loaded.model, args.lora)
         loaded.task = spec.build(loaded.tokenizer, loaded.model)
-    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=args.batch_size)
+    from .tasks import EvalContext
+
+    ctx = EvalContext(model=loaded.model, device=torch_device(config), batch_size=args.batch_size)
     loaded.model.to(ctx.device)
-    start = time.perf_counter()
-    if callable(getattr(loaded.task, "generate_images", None)):  # text_to_image
+    if spec is not None and spec.kind.writes_images:  # text_to_image
         folder = Path(args.output or Path(target.run_dir or target.adapter_dir) / "generated")
-        return _write_images(args, loaded.task, ctx, inputs, folder, start)
+        return _write_images(args, loaded.task, ctx, inputs, folder, time.perf_counter())
+    return _generate_texts(args, loaded, ctx, rows, inputs, prompts, raw)
+
+
+def _check_generate_target(args: argparse.Namespace, target: Any, spec: Any) -> None:
+    """--image needs a run whose task reads images; an adapter is needed unless --no-adapter."""
+    if args.image and (spec is None or not spec.kind.reads_images):
+        from .task_types import TASK_TYPES
+
+        image_tasks = " / ".join(k for k, row in TASK_TYPES.items() if row.reads_images)
+        raise _usage(f"--image needs a run of task.type {image_tasks}")
+    if target.adapter_dir is None and not args.no_adapter:
+        raise _usage(
+            f"{args.target} has no adapter yet (no adapter/ folder): train first, or "
+            "pass --no-adapter to use the base model"
+        )
+
+
+def _generation_inputs(
+    args: argparse.Namespace, spec: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], bool]:
+    """``(rows as given, the task's input rows, what to print for each, raw)``: the task reads
+    its own inputs; without one (or with --raw on a text model) prompts are plain text."""
+    rows: list[dict[str, Any]] = [{"text": p} for p in args.prompt]
+    if args.input:
+        rows += _read_inputs(args.input)
+    rows += [{"image": path} for path in args.image]
+    raw = spec is None or (args.raw and spec.kind.writes_text)
+    try:
+        inputs = [_raw_row(r) if raw else spec.input_row(r) for r in rows]
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
+    prompts = [r["text"] if raw else spec.describe(r) for r in inputs]
+    return rows, inputs, prompts, raw
+
+
+def _generate_texts(
+    args: argparse.Namespace,
+    loaded: Any,
+    ctx: Any,
+    rows: list[dict[str, Any]],
+    inputs: list[dict[str, Any]],
+    prompts: list[str],
+    raw: bool,
+) -> int:
+    """One output per input: plain greedy text (``raw``) or the task's own generation (a
+    label, an answer span, a continuation); printed, or written with --output."""
+    from .tasks.generation import generate_texts, is_encoder_decoder
+
+    start = time.perf_counter()
     if raw:
         tok = loaded.tokenizer
         outputs = generate_texts(
@@ -446,8 +478,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     """``generate --chat``: an interactive conversation with the (adapted) model on stdin."""
-    from .tasks import TASK_TYPES, EvalContext, TaskSpec
-    from .tasks.chat import ChatOptions, ChatTask, chat_loop
+    from .tasks import EvalContext, task_spec
+    from .tasks.chat import ChatTask, chat_loop
     from .train.inference import load_for_inference
 
     if spec is not None and not spec.kind.writes_text:
@@ -459,8 +491,8 @@ def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     )
     task = loaded.task
     if not isinstance(task, ChatTask):  # any causal LM run: the tokenizer's own template
-        task = TaskSpec(TASK_TYPES["chat"], ChatOptions()).build(loaded.tokenizer, loaded.model)
-    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=1)
+        task = task_spec({"type": "chat"}).build(loaded.tokenizer, loaded.model)
+    ctx = EvalContext(model=loaded.model, device=torch_device(config), batch_size=1)
     loaded.model.to(ctx.device)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -477,10 +509,13 @@ def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     return 0
 
 
-def torch_device():
+def torch_device(config: Any = None) -> Any:
+    """Where eval / generate run: on the CPU when the run's ``device`` says ``cpu`` (or there is
+    no GPU), else on the GPU. One rule for every command that runs a model."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wants_cpu = config is not None and getattr(config, "device", "auto") == "cpu"
+    return torch.device("cuda" if torch.cuda.is_available() and not wants_cpu else "cpu")
 
 
 def _raw_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -516,7 +551,6 @@ def _write_generations(
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import shutil
 
     from .train.inference import load_for_inference, restore_task_state
 
@@ -554,14 +588,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"merged {target.adapter_dir} -> {path} (GGUF {args.gguf_dtype}, for llama.cpp)")
     if out is None:
         return 0
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    merged.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    from .checkpoint import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     print(
         f"merged {target.adapter_dir} into {type(merged).__name__} -> {out} "
         f"(load with transformers' from_pretrained)"

@@ -43,6 +43,7 @@ __all__ = [
     "load_text_to_image",
     "read_diffusers_lora",
     "sample_images",
+    "save_png",
     "save_diffusers_lora",
     "save_png",
     "save_text_to_image",

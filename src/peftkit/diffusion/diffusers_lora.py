@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import save_tensors
+from ..methods.lora_config import LoraConfig, match_pattern_key
+from ..peft_model import get_peft_model
+
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
 PEFT_PREFIX = "base_model.model."
@@ -61,8 +65,6 @@ def to_diffusers(tensors: dict[str, torch.Tensor], config: Any) -> tuple[dict, d
 
 def save_diffusers_lora(model: Any, folder: str | os.PathLike) -> Path:
     """Write ``<folder>/pytorch_lora_weights.safetensors`` from a PeftModel's active adapter."""
-    from ..checkpoint import save_tensors
-
     tensors, metadata = to_diffusers(model.adapter_state_dict(), model.active_peft_config)
     path = Path(folder) / DIFFUSERS_WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +83,6 @@ def read_diffusers_lora(path: str | os.PathLike) -> tuple[Any, dict[str, torch.T
     whose rank (read off its tensors) or alpha differs.
     """
     from safetensors import SafetensorError, safe_open
-
-    from ..methods.lora import LoraConfig
 
     path = Path(path).expanduser()
     if path.is_dir():
@@ -129,8 +129,6 @@ def _settings(
     """LoraConfig fields for the modules in ``tensors``: each module's rank from its tensors,
     its alpha from the file's network alphas, else its component's metadata (``lora_alpha``,
     ``alpha_pattern``), else its rank (diffusers' rule for files without either: scale 1)."""
-    from ..methods.lora import match_pattern_key
-
     ranks = {k.split(".lora_A.")[0][len(PEFT_PREFIX) :]: v.shape[0]
              for k, v in tensors.items() if ".lora_A." in k}  # fmt: skip
     module_alpha: dict[str, float] = {}
@@ -167,8 +165,6 @@ def load_diffusers_lora(
 ) -> Any:
     """A PeftModel: ``model`` (a TextToImageUNet or a plain UNet) with the diffusers LoRA file
     ``path`` loaded into a fresh adapter."""
-    from ..model import get_peft_model
-
     config, tensors = read_diffusers_lora(path)
     peft_model = get_peft_model(model, config, adapter_name)
     peft_model.load_adapter_state_dict(tensors, adapter_name)

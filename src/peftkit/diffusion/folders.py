@@ -147,7 +147,7 @@ def load_text_encoder(name_or_path: str) -> tuple[nn.Module, Any]:
     (the tokenizer from ``<folder>/../tokenizer`` when the folder has none, diffusers' layout)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from ..models import resolve_model
+    from ..model_sources import resolve_model
 
     path = resolve_model(name_or_path).path
     model = AutoModel.from_pretrained(path, local_files_only=True)

@@ -201,14 +201,6 @@ def grid(images: torch.Tensor, columns: int, pad: int = 2, scale: int = 1) -> An
     return to_pil(canvas, scale)
 
 
-def save_png(image: Any, path: str | Path) -> Path:
-    """Write a PIL image as PNG atomically (a temp file renamed over ``path``)."""
-    from ..checkpoint import atomic_write
-
-    atomic_write(str(path), lambda tmp: image.save(tmp, format="PNG"))
-    return Path(path)
-
-
 def slug(text: str, limit: int = 40) -> str:
     """A file-name piece from a prompt: ``"a handwritten 7"`` -> ``a_handwritten_7``."""
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "prompt"
@@ -231,6 +223,15 @@ def write_images(
     grid_path = folder / "grid.png"
     save_png(grid(images, columns, scale=scale), grid_path)
     return [*paths, grid_path]
+
+
+def save_png(image: Any, path: str | Path) -> Path:
+    """A PIL image as a PNG file, written atomically (``checkpoint.atomic_file``)."""
+    from ..checkpoint import atomic_file
+
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def as_uint8(images: torch.Tensor) -> np.ndarray:

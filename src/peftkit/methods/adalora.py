@@ -40,14 +40,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..checkpoint import atomic_write_text
 from ..config import PeftType
 from ..tuner import InjectedAdapterModel
+from .adalora_report import final_ranks, plot_rank_heatmap, rank_report
 from .lora import (
-    LoraConfig,
     LoraLayer,
     _linear_features,
     _reference_tensor,
     conv_rowwise_update,
     dropout_then_project,
 )
+from .lora_config import LoraConfig
 from .rank_allocator import RankAllocator, Triplets, module_path_of, saved_rank_pattern
 
 RANKNUM_EPS = 1e-5  # added to ranknum in the divisor, as PEFT does
@@ -554,8 +555,6 @@ class AdaLoraModel(InjectedAdapterModel):
             "kept": total rank, "mean_rank": rounded to 3 places}`` plus ``"heatmap"``: the PNG's
             path when plotted.
         """
-        from .adalora_report import final_ranks, plot_rank_heatmap, rank_report
-
         folder = pathlib.Path(folder)
         table = rank_report(self)
         atomic_write_text(str(folder / "adalora_ranks.txt"), table + "\n")

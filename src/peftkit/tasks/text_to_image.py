@@ -24,8 +24,9 @@
     generate: --prompt ... --negative-prompt --guidance-scale --steps --num-images N --seed S
       -> PNGs + grid.png, the images diffusers' pipeline draws with the same settings
 
-Only adapters that go into the UNet's (or text encoder's) layers apply: LoRA (DoRA with
-``use_dora``) and AdaLoRA; prompt-learning methods are refused.
+Only adapters that go into the UNet's (or text encoder's) layers apply: the task's row is a
+``diffusion`` model, and the method table refuses methods that do not serve that family
+(prompt-learning methods, and QLoRA's 4-bit base).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import torch
 
 from .base import EvalContext, EvalResult, Task, TaskOptions, TaskSpec
 
-T2I_METHODS = ("lora", "adalora")  # DoRA: lora with use_dora: true
 EVAL_SEED = 1234  # the noise and timesteps of eval row i come from seed EVAL_SEED + i
 CLASS_SEED = 7_000_000  # seeds of sampled DreamBooth class images (+ sample_seed + k)
 
@@ -196,31 +196,12 @@ class TextToImageOptions(TaskOptions):
         return str(row.get("caption", ""))
 
 
-def refuse_method(method_type: str) -> None:
-    """ValueError for adapter methods that cannot adapt a diffusion UNet."""
-    if method_type not in T2I_METHODS:
-        raise ValueError(
-            f"method {method_type!r} does not apply to text_to_image: prompt tuning, P-tuning "
-            "and prefix tuning add virtual tokens to a language model's embeddings or "
-            f"attention cache. Use one of {', '.join(T2I_METHODS)} (DoRA: lora with "
-            "use_dora: true) on the UNet's attention projections (to_q, to_k, to_v, to_out.0)"
-        )
-
-
 class TextToImage(Task):
     """``task.type: text_to_image``."""
 
     Options = TextToImageOptions
     generates = True  # evaluation samples images (judged), after the denoising loss
     loss_is_nll = False  # a denoising MSE: no perplexity
-    refuse_method = staticmethod(refuse_method)
-
-    @staticmethod
-    def load_base_model(name_or_path: str, **kw: Any) -> tuple[torch.nn.Module, Any]:
-        """The model loader of this task (models.load_base_model hands over to it)."""
-        from ..diffusion import load_text_to_image
-
-        return load_text_to_image(name_or_path, **kw)
 
     def __init__(self, spec: TaskSpec, tokenizer: Any, model: torch.nn.Module) -> None:
         from ..diffusion.sampling import base_unet
@@ -539,8 +520,8 @@ class TextToImage(Task):
         n = self.options.samples_per_prompt
         rows = [p for p in prompts for _ in range(n)]
         seeds = [_seed(p, k, self.options.sample_seed) for p in prompts for k in range(n)]
-        return save_png(grid(self._sample(ctx, rows, seeds), n, scale=self.options.grid_scale),
-                        path)  # fmt: skip
+        images = self._sample(ctx, rows, seeds)
+        return save_png(grid(images, n, scale=self.options.grid_scale), path)
 
     def write_run_files(
         self, folder: Path, model: torch.nn.Module, ctx: EvalContext, records: Sequence[dict]

@@ -43,7 +43,8 @@ from .logger import RunLog, read_metrics
 from .loop import Trainer, TrainOutcome, plan_steps
 from .memory import MemoryTracker, rank_peaks
 from .run_folder import (
-    TASK_STATE,
+    CHECKPOINT_STATE,
+    RunFolder,
     config_changes,
     default_output_dir,
     prepare_output,
@@ -146,6 +147,7 @@ class TrainRecipe:
             Path(config.output_dir) if config.output_dir else default_output_dir(config)
         )
         config.output_dir = str(self.output_dir)
+        self.run = RunFolder(self.output_dir)  # every name in the folder
         self.checkpoint = resolve_resume(self.output_dir, resume)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -211,9 +213,8 @@ class TrainRecipe:
         if note := offload_note(self.accelerator):
             log.info(note)
         if self.main:
-            atomic_write_text(str(self.output_dir / "config.yaml"), config_to_yaml(config))
-            state = json.dumps(self.spec.state()) + "\n"
-            atomic_write_text(str(self.output_dir / TASK_STATE), state)
+            atomic_write_text(self.run.config, config_to_yaml(config))
+            atomic_write_text(self.run.task_state, json.dumps(self.spec.state()) + "\n")
         self.baselines = (
             self.task.baselines(self.splits.train, self.splits.eval) if self.splits.eval else {}
         )
@@ -234,7 +235,7 @@ class TrainRecipe:
     def _checkpoint_step(self) -> int | None:
         if self.checkpoint is None:
             return None
-        state = json.loads((self.checkpoint / "trainer_state.json").read_text())
+        state = json.loads((self.checkpoint / CHECKPOINT_STATE).read_text())
         return state["progress"]["global_step"]
 
     # --- train -----------------------------------------------------------------------------
@@ -282,14 +283,12 @@ class TrainRecipe:
             if self.main and self.config.plots:
                 from .plots import plot_memory, plot_run
 
-                plot_run(
-                    read_metrics(self.output_dir / "metrics.jsonl"), self.output_dir, self.baselines
-                )
-                plot_memory(summary.memory, self.output_dir / "memory.png")
+                plot_run(read_metrics(self.run.metrics), self.output_dir, self.baselines)
+                plot_memory(summary.memory, self.run.plot("memory"))
         summary.wall_time_s = round(time.perf_counter() - self.wall_start, 2)
         if self.main:
             text = json.dumps(summary.to_dict(), indent=2) + "\n"
-            atomic_write_text(str(self.output_dir / "summary.json"), text)
+            atomic_write_text(self.run.summary, text)
         return summary
 
     def close(self) -> None:
@@ -321,7 +320,7 @@ class TrainRecipe:
             offload=plan_of(self.accelerator).offload,
             offload_note=offload_note(self.accelerator),
         )
-        records = read_metrics(self.output_dir / "metrics.jsonl") if self.main else []
+        records = read_metrics(self.run.metrics) if self.main else []
         before = [r for r in records if r.get("kind") == "eval" and r.get("epoch") == 0]
         if before:
             summary.before_training = {
@@ -353,7 +352,7 @@ class TrainRecipe:
                 evaluation = evaluate_split(
                     trainer.eval_context(), self.task, self.splits.eval, trainer.eval_features
                 )
-        adapter_dir = self.output_dir / "adapter"
+        adapter_dir = self.run.adapter
         with MemoryTracker("save", self.accelerator.device) as memory:
             with full_weights(trainer.unwrapped):  # sharded (ZeRO-3, FSDP2): every rank gathers
                 if self.main:
@@ -395,7 +394,7 @@ class TrainRecipe:
     def _write_predictions(self, evaluation: SplitEvaluation, split: str) -> Path | None:
         if not self.main:
             return None
-        return evaluation.write_predictions(self.output_dir / f"predictions_{split}.csv")
+        return evaluation.write_predictions(self.run.predictions(split))
 
     def _run_test(self) -> tuple[dict[str, Any], Path | None]:
         """Score the test split when it has references, else label it."""
@@ -418,7 +417,7 @@ class TrainRecipe:
         elapsed = time.perf_counter() - start
         path = None
         if self.main and preds:
-            path = write_predictions(self.output_dir / "predictions_test.csv", test, preds)
+            path = write_predictions(self.run.predictions("test"), test, preds)
             total = self.splits.test_total
             more = (
                 f" (the first {len(test)} of {total}; set data.test.limit to label more)"

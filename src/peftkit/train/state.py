@@ -2,7 +2,7 @@
 
 ::
 
-    <run>/checkpoints/step-00000050/
+    <run>/checkpoints/step-00000050/          (run_folder.RunFolder.checkpoint(50))
         adapter/                  the adapter at this step, HF PEFT format (usable on its own)
         trainable.safetensors     every trainable tensor by its in-memory name (exact bits)
         optimizer.pt              optimizer state (moments, step counts); FSDP2: gathered whole
@@ -37,11 +37,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import atomic_write_text, save_tensors
+from ..checkpoint import (
+    atomic_file,
+    atomic_write_text,
+    replace_folder,
+    save_tensors,
+    temp_folder_for,
+)
 from .distributed import full_weights, plan_of
+from .run_folder import CHECKPOINT_STATE, RunFolder
 
-CHECKPOINTS = "checkpoints"
-PREFIX = "step-"
 RNG_DIR = "rng"
 
 
@@ -165,13 +170,12 @@ def _load_rank_rng(folder: Path, state: dict[str, Any]) -> None:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(".tmp-" + path.name)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+    return RunFolder(output_dir).checkpoint(step)
 
 
 def _barrier(accelerator: Any) -> None:
@@ -197,11 +201,7 @@ def save_checkpoint(
     main = accelerator is None or accelerator.is_main_process
     strategy = plan_of(accelerator).strategy if accelerator is not None else "ddp"
     final = checkpoint_dir(output_dir, progress.global_step)
-    tmp = final.with_name(".tmp-" + final.name)
-    if main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = temp_folder_for(final, shared=True, create=main)  # every rank writes its part here
     _barrier(accelerator)
     tensors = full_trainable_tensors(model)
     with full_weights(model):
@@ -232,10 +232,8 @@ def save_checkpoint(
     if callable(method_state):
         _torch_save(method_state(), tmp / "method_state.pt")
     state = {"progress": dataclasses.asdict(progress)}
-    atomic_write_text(str(tmp / "trainer_state.json"), json.dumps(state) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    atomic_write_text(str(tmp / CHECKPOINT_STATE), json.dumps(state) + "\n")  # written last
+    replace_folder(tmp, final)  # the whole checkpoint appears at once (checkpoint.atomic_folder)
     if keep is not None:
         prune_checkpoints(output_dir, keep)
     _barrier(accelerator)
@@ -250,20 +248,11 @@ def _is_fsdp2(module: torch.nn.Module) -> bool:
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").exists()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return RunFolder(output_dir).complete_checkpoints()
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    return RunFolder(output_dir).latest_checkpoint()
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
@@ -284,11 +273,11 @@ def load_checkpoint(
     With several processes every rank calls; ``engine`` is what ``accelerator.prepare`` made.
     """
     folder = Path(folder)
-    state_file = folder / "trainer_state.json"
+    state_file = folder / CHECKPOINT_STATE
     if not state_file.exists():
         raise FileNotFoundError(
-            f"{folder} is not a training checkpoint (no trainer_state.json); pass a "
-            f"{CHECKPOINTS}/{PREFIX}N folder or the run folder"
+            f"{folder} is not a training checkpoint (no {CHECKPOINT_STATE}); pass a "
+            "checkpoints/step-N folder or the run folder"
         )
     state = json.loads(state_file.read_text(encoding="utf-8"))
     deepspeed_dir = folder / "deepspeed"

@@ -3,7 +3,7 @@
 ::
 
     get_peft_model(model, config) ──> PeftModelFor<Task>
-        .adapter_model   methods.ADAPTER_MODELS[config.peft_type]: every adapter operation,
+        .adapter_model   methods.table.ADAPTER_MODELS[config.peft_type]: every adapter operation,
                          forward, generate and the adapter's tensors go here (adapter_model.py)
         .base_model      injected methods: the adapter model itself (InjectedAdapterModel)
                          prompt methods:   the transformers model, and .prompt_encoder {name: encoder}
@@ -27,8 +27,8 @@ from torch import nn
 from . import checkpoint, head_input, partitioned
 from .adapter_model import AdapterModel
 from .config import PeftConfig, TaskType, read_config
-from .methods import ADAPTER_MODELS
 from .methods.lora import LoraLayer
+from .methods.table import ADAPTER_MODELS
 
 
 class PeftModel(nn.Module):
