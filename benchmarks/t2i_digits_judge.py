@@ -8,11 +8,11 @@ enabled, from the same seeds, and lets the judge label them::
       with model.disable_adapter(): sample ──judge──> share recognised per digit (before)
       sample ──judge──> share recognised per digit (after)
 
-Writes ``benchmarks/results/t2i_digits_<method>.json`` (the shares, the run's training numbers
-from its summary.json; ``<method>``: the run folder's name before ``_t2i``, e.g. ``lora``,
-``loha``, ``lokr``) and copies the run's sample grids, loss curve and share-recognised curve into
-``docs/t2i_digits_<method>_*.png`` (small PNGs).
-Usage: ``python benchmarks/t2i_digits_judge.py [RUN]``.
+Writes ``benchmarks/results/<name>_<method>.json`` (the shares, the run's training numbers
+from its summary.json; ``<name>``: ``--name``, ``<method>``: the run's ``method.type``, e.g.
+``t2i_digits_lora``, ``t2i_digits_loha``, ``t2i_digits_lokr``) and copies the run's sample grids,
+loss curve and share-recognised curve into ``docs/<name>_<method>_*.png`` (small PNGs).
+Usage: ``python benchmarks/t2i_digits_judge.py [RUN] [--name t2i_digits|t2i_digits_latent]``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="images per digit prompt")
     p.add_argument("--seed", type=int, default=5000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--name",
+        default="t2i_digits",
+        help="file prefix: t2i_digits (pixel run) or t2i_digits_latent (the latent run of "
+        "t2i_digits_latent_base.py): reads <name>_base.json, writes <name>_<method>.json and "
+        "docs/<name>_<method>_*.png (<method>: the run's method.type)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -60,7 +67,7 @@ def main() -> None:
         before = shares(loaded.model, loaded.task, ctx, args.samples, args.seed)
     after = shares(loaded.model, loaded.task, ctx, args.samples, args.seed)
     summary = json.loads((run / "summary.json").read_text())
-    base = json.loads((ROOT / "benchmarks" / "results" / "t2i_digits_base.json").read_text())
+    base = json.loads((ROOT / "benchmarks" / "results" / f"{args.name}_base.json").read_text())
 
     def others(s: dict[str, float]) -> float:
         return float(np.mean([v for d, v in s.items() if d != "7"]))
@@ -88,13 +95,13 @@ def main() -> None:
     }
     from peftkit.checkpoint import atomic_write_text
 
-    tag = run.resolve().name.partition("_t2i")[0] or "lora"
-    path = ROOT / "benchmarks" / "results" / f"t2i_digits_{tag}.json"
+    tag = f"{args.name}_{config.method_type}"  # t2i_digits_lora, t2i_digits_loha, ...
+    path = ROOT / "benchmarks" / "results" / f"{tag}.json"
     atomic_write_text(str(path), json.dumps(result, indent=2) + "\n")
     for name, out in (("samples_before.png", "before"), ("samples_after.png", "after"),
                       ("loss.png", "loss"), ("metrics.png", "recognised")):  # fmt: skip
         if (run / name).is_file():
-            shutil.copyfile(run / name, ROOT / "docs" / f"t2i_digits_{tag}_{out}.png")
+            shutil.copyfile(run / name, ROOT / "docs" / f"{tag}_{out}.png")
     print(json.dumps({k: result[k] for k in ("before", "after", "training")}, indent=2))
 
 

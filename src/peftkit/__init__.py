@@ -6,7 +6,7 @@ from .methods.dropout_mask import set_dropout_mask
 from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
-from .methods.lora import LoraConfig
+from .methods.lora_config import LoraConfig
 from .methods.prompt import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -14,7 +14,7 @@ from .methods.prompt import (
     PromptTuningConfig,
     PromptTuningInit,
 )
-from .model import (
+from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -31,6 +31,10 @@ from .quant import (
     quantize_model,
     save_merged,
 )
+from .quiet import quiet_dependencies
+
+# Before DeepSpeed / bitsandbytes are first imported (lazily: saving a model, diffusers).
+quiet_dependencies()
 
 __version__ = "0.1.0"
 

@@ -43,7 +43,9 @@ from .inject import (
     wrap_modules_to_save,
 )
 from .methods.adapter_layer import AdapterLayer
-from .methods.lora import LoraConfig, LoraLayer, create_lora_layer
+from .methods.lora import LoraLayer
+from .methods.lora_config import LoraConfig
+from .methods.lora_create import create_lora_layer
 from .methods.lora_param import inject_parameters
 from .methods.trainable_tokens import TrainableTokensWrapper, wrap_trainable_tokens
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType
+from ..config import Adapts, ModelFamily, PeftConfig, PeftType
 from ..inject import is_quantized_linear
 from ..tuner import InjectedAdapterModel
 from .adapter_layer import AdapterLayer
@@ -58,6 +58,8 @@ class IA3Config(PeftConfig):
     """
 
     peft_type = PeftType.IA3
+    adapts = Adapts.LAYERS
+    model_families = frozenset(ModelFamily)  # any model with Linear / Conv1D / Conv layers
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -33,10 +33,11 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from ..config import PeftConfig
+from ..config import Adapts, ModelFamily, PeftConfig
 from ..tuner import InjectedAdapterModel
 from .adapter_layer import AdapterLayer
-from .lora import _reference_tensor, match_pattern_key
+from .lora import _reference_tensor
+from .lora_config import match_pattern_key
 
 # Layer kinds PEFT's LoHa/LoKr adapt (GPT-2's Conv1D, embeddings and 3-d convolutions are not).
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -60,6 +61,10 @@ class LycorisConfig(PeftConfig):
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha`` (regex keys
             matched against the end of the module path).
     """
+
+    adapts: ClassVar[Adapts] = Adapts.LAYERS
+    # any model with Linear / Conv1d / Conv2d layers: text, vision, a diffusion UNet
+    model_families: ClassVar[frozenset[ModelFamily]] = frozenset(ModelFamily)
 
     r: int = 8
     alpha: float = 8

@@ -11,23 +11,23 @@
          OUT/task_state.json     RUN1's label set
          OUT/combination.json    sources, weights and options: how OUT was made
 
-The folder is written under a temporary name and renamed into place, so a failure leaves no
-half-written run behind.
+The folder is written through ``checkpoint.atomic_folder`` (a temporary folder swapped in), so
+a failure leaves no half-written run behind, and its names come from ``RunFolder``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_folder, atomic_write_text
 from ..config import read_config
+from ..peft_model import PeftModel
 from .config import ConfigError
 from .inference import (
     Target,
@@ -37,7 +37,7 @@ from .inference import (
     run_config,
     spec_for,
 )
-from .run_folder import TASK_STATE
+from .run_folder import RunFolder
 
 COMBINATION_FILE = "combination.json"
 
@@ -81,8 +81,6 @@ def combine_runs(
     if spec is not None:
         spec = restore_task_state(spec, first) or spec
     loaded = load_for_inference(first, config, spec, model_name=model_name, use_adapter=False)
-    from .. import PeftModel
-
     names = [f"src{i}" for i in range(len(found))]
     model = PeftModel.from_pretrained(loaded.model, found[0].adapter_dir, adapter_name=names[0])
     for name, target in zip(names[1:], found[1:]):
@@ -90,20 +88,6 @@ def combine_runs(
     torch.manual_seed(combination.seed)  # dare's random pruning
     model.add_weighted_adapter(names, combination.weights, "default", **combination.options())
 
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter", selected_adapters=["default"])
-    if first.run_dir is not None:
-        note = (
-            f"# combined by `peftkit merge` from {', '.join(targets)} (see {COMBINATION_FILE});\n"
-        )
-        note += "# the adapter's own settings are in adapter/adapter_config.json\n"
-        text = first.config_path.read_text(encoding="utf-8")
-        atomic_write_text(str(tmp / "config.yaml"), note + text)
-        if (first.run_dir / TASK_STATE).exists():
-            shutil.copy2(first.run_dir / TASK_STATE, tmp / TASK_STATE)
     record = {
         "sources": [str(t.adapter_dir) for t in found],
         "weights": combination.weights,
@@ -112,10 +96,21 @@ def combine_runs(
         "seed": combination.seed,
         "rank": getattr(model.peft_config["default"], "r", None),
     }
-    atomic_write_text(str(tmp / COMBINATION_FILE), json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        run = RunFolder(tmp)
+        model.save_pretrained(run.adapter, selected_adapters=["default"])
+        if first.run_dir is not None:
+            source = RunFolder(first.run_dir)
+            note = (
+                f"# combined by `peftkit merge` from {', '.join(targets)} "
+                f"(see {COMBINATION_FILE});\n"
+                "# the adapter's own settings are in adapter/adapter_config.json\n"
+            )
+            text = first.config_path.read_text(encoding="utf-8")
+            atomic_write_text(run.config, note + text)
+            if source.task_state.exists():
+                atomic_write_text(run.task_state, source.task_state.read_text(encoding="utf-8"))
+        atomic_write_text(tmp / COMBINATION_FILE, json.dumps(record, indent=2) + "\n")
     print(f"combined {len(found)} adapters -> {out / 'adapter'}", file=sys.stderr)
     return out
 
@@ -163,7 +158,7 @@ def _base_of(target: Target, adapter_config: Any) -> str | None:
 
 
 def _labels_of(target: Target) -> str | None:
-    if target.run_dir is None or not (target.run_dir / TASK_STATE).exists():
+    if target.run_dir is None or not RunFolder(target.run_dir).task_state.exists():
         return None
-    state = json.loads((target.run_dir / TASK_STATE).read_text(encoding="utf-8"))
+    state = json.loads(RunFolder(target.run_dir).task_state.read_text(encoding="utf-8"))
     return json.dumps(state.get("labels"))
