@@ -3,7 +3,9 @@
 The rows are the ``LoHaConfig`` / ``LoKrConfig`` / ``IA3Config`` rows of PEFT's main-branch
 ``tests/test_custom_models.py`` (65: 22 IA3, 20 LoHa, 23 LoKr), each config as written there, on
 our own builders of the models they name (same layer names, kinds, sizes, groups and kernels;
-our inputs). HF PEFT 0.21.2 runs all 65, so none is left out. Every row checks, against ``peft``
+our inputs). HF PEFT 0.21.2 runs all 65, so none is left out. The file's six
+``MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`` rows of these methods (IA3 / LoHa / LoKr "Same" and
+"Different") run too: ``test_multiple_active_row_matches_peft``. Every row checks, against ``peft``
 with the same tensors (fp32, rel. err <= 1e-5):
 
     same seed -> same initial adapter (the row as written, and with random init)
@@ -345,3 +347,83 @@ def test_row_matches_peft(tmp_path, monkeypatch, row, model_name, cls, kwargs):
     with again.disable_adapter():
         torch.testing.assert_close(_run(again, x), plain, **TOL)
     torch.testing.assert_close(_run(ours.unload(), x), plain, **TOL)
+
+
+# --- PEFT's MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES rows for these methods (on the MLP) -------------
+_IA3_1 = {"target_modules": ["lin0"], "feedforward_modules": ["lin0"], "init_ia3_weights": False}
+_IA3_2 = {"target_modules": ["lin1"], "feedforward_modules": ["lin1"], "init_ia3_weights": False}
+_LY_1 = {"target_modules": ["lin0"], "init_weights": False}
+_LY_2 = {"target_modules": ["lin1"], "init_weights": False}
+MULTI_ACTIVE = [
+    ("IA3 Same", "IA3Config", _IA3_1, _IA3_1),
+    ("IA3 Different", "IA3Config", _IA3_1, _IA3_2),
+    ("LoHa Same", "LoHaConfig", _LY_1, _LY_1),
+    ("LoHa Different", "LoHaConfig", _LY_1, _LY_2),
+    ("LoKr Same", "LoKrConfig", _LY_1, _LY_1),
+    ("LoKr Different", "LoKrConfig", _LY_1, _LY_2),
+]
+
+
+def _two_adapters(lib, cls: str, kwargs_1: dict, kwargs_2: dict, base: nn.Module):
+    """``adapter_1`` from get_peft_model, ``adapter_2`` from add_adapter, one seed."""
+    torch.manual_seed(11)
+    model = lib.get_peft_model(
+        copy.deepcopy(base), getattr(lib, cls)(**copy.deepcopy(kwargs_1)), adapter_name="adapter_1"
+    )
+    model.add_adapter("adapter_2", getattr(lib, cls)(**copy.deepcopy(kwargs_2)))
+    return model.eval()
+
+
+def _activate(model, names) -> None:
+    (model.base_model if isinstance(model, peft.PeftModel) else model).set_adapter(names)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "row, cls, kwargs_1, kwargs_2", MULTI_ACTIVE, ids=[r[0] for r in MULTI_ACTIVE]
+)
+def test_multiple_active_row_matches_peft(row, cls, kwargs_1, kwargs_2):
+    """Both adapters active at once (PEFT's multiple-active-adapters rows): the same adapters
+    from one seed, the same outputs one by one and combined; merging both (together, one after
+    the other, merge_and_unload of a chosen subset) gives the combined / chosen output, and
+    unmerging gives the base back."""
+    torch.manual_seed(0)
+    base = MODELS["MLP"][0]().eval()
+    x = MODELS["MLP"][1](4)
+    plain = _run(base, x)
+    theirs = _two_adapters(peft, cls, kwargs_1, kwargs_2, base)
+    ours = _two_adapters(peftkit, cls, kwargs_1, kwargs_2, base)
+    a, b = _adapter_tensors(ours), _adapter_tensors(theirs)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+    outputs = {}
+    for names in (["adapter_1"], ["adapter_2"], ["adapter_1", "adapter_2"]):
+        _activate(theirs, names)
+        _activate(ours, names)
+        expected = _run(theirs, x)
+        torch.testing.assert_close(_run(ours, x), expected, **TOL)
+        outputs[tuple(names)] = expected
+    one, two, both = outputs.values()
+    assert not torch.allclose(one, two, atol=1e-5) and not torch.allclose(one, both, atol=1e-5)
+    assert not torch.allclose(two, both, atol=1e-5)
+
+    # both active, merged: the combined output; unmerged: the base under disable_adapter
+    ours.merge_adapter()
+    torch.testing.assert_close(_run(ours, x), both, **TOL)
+    ours.unmerge_adapter()
+    with ours.disable_adapter():
+        torch.testing.assert_close(_run(ours, x), plain, **TOL)
+    # merged one after the other == merged together; both unmerged: the base again
+    ours.merge_adapter(["adapter_1"])
+    ours.merge_adapter(["adapter_2"])
+    torch.testing.assert_close(_run(ours, x), both, **TOL)
+    ours.unmerge_adapter()
+    _activate(ours, ["adapter_1"])
+    torch.testing.assert_close(_run(ours, x), one, **TOL)
+    # merge_and_unload of a chosen subset, as PEFT
+    for names in (["adapter_2"], ["adapter_2", "adapter_1"]):
+        mine = copy.deepcopy(ours).merge_and_unload(adapter_names=names)
+        peft_merged = copy.deepcopy(theirs).merge_and_unload(adapter_names=names)
+        torch.testing.assert_close(_run(mine, x), _run(peft_merged, x), **TOL)
