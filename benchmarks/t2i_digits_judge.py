@@ -12,7 +12,8 @@ Writes ``benchmarks/results/<name>_<method>.json`` (the shares, the run's traini
 from its summary.json; ``<name>``: ``--name``, ``<method>``: the run's ``method.type``, e.g.
 ``t2i_digits_lora``, ``t2i_digits_loha``, ``t2i_digits_lokr``) and copies the run's sample grids,
 loss curve and share-recognised curve into ``docs/<name>_<method>_*.png`` (small PNGs).
-Usage: ``python benchmarks/t2i_digits_judge.py [RUN] [--name t2i_digits|t2i_digits_latent]``.
+Usage: ``python benchmarks/t2i_digits_judge.py [RUN] [--name t2i_digits|t2i_digits_latent]
+[--suffix _last]``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def main() -> None:
         "t2i_digits_latent_base.py): reads <name>_base.json, writes <name>_<method>.json and "
         "docs/<name>_<method>_*.png (<method>: the run's method.type)",
     )
+    p.add_argument(
+        "--suffix",
+        default="",
+        help="appended to the written names, e.g. _last: <name>_<method>_last.json (another run "
+        "of the same method beside the recipe's own)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -95,7 +102,7 @@ def main() -> None:
     }
     from peftkit.checkpoint import atomic_write_text
 
-    tag = f"{args.name}_{config.method_type}"  # t2i_digits_lora, t2i_digits_loha, ...
+    tag = f"{args.name}_{config.method_type}{args.suffix}"  # t2i_digits_lora, t2i_digits_loha, ...
     path = ROOT / "benchmarks" / "results" / f"{tag}.json"
     atomic_write_text(str(path), json.dumps(result, indent=2) + "\n")
     for name, out in (("samples_before.png", "before"), ("samples_after.png", "after"),
