@@ -1,6 +1,6 @@
 """`task.type: image_cls` end to end on tiny models and generated image folders: every method
-that applies (LoRA, DoRA, AdaLoRA, QLoRA) through the CLI on a ViT, a ConvNeXt (depthwise convs)
-and a plain PyTorch EfficientNet-Lite; resume, eval, generate --image, the confusion matrix;
+that applies (LoRA, DoRA, AdaLoRA, QLoRA, LoHa, LoKr, IA3) through the CLI on a ViT, a ConvNeXt
+(depthwise convs) and a plain PyTorch EfficientNet-Lite; resume, eval, generate --image, the confusion matrix;
 prompt methods refused; bad images named; LoRA on the image models equal to PEFT's."""
 
 from __future__ import annotations
@@ -96,11 +96,20 @@ METHODS = {
     "vit_adalora": ("vit", {"type": "adalora", "init_r": 6, "target_r": 2, "tinit": 1,
                             "tfinal": 1, "deltaT": 1, "target_modules": ["q_proj", "v_proj"]}),
     "vit_qlora": ("vit64", {**VIT_LORA, "type": "qlora"}),
+    "vit_loha": ("vit", {"type": "loha", "r": 4, "alpha": 8,
+                         "target_modules": ["q_proj", "v_proj"]}),
+    "vit_lokr": ("vit", {"type": "lokr", "r": 4, "alpha": 8,
+                         "target_modules": ["q_proj", "v_proj"]}),
+    "vit_ia3": ("vit", {"type": "ia3", "target_modules": ["k_proj", "v_proj"],
+                        "feedforward_modules": []}),
     # depthwise 7x7 convs (groups = channels: r divisible by them) and the pointwise Linear
     "convnext_lora": ("convnext", {"type": "lora", "r": 32, "lora_alpha": 32,
                                    "target_modules": ["dwconv", "pwconv1"]}),
     # a plain PyTorch network: LoRA on its 1x1 convolutions, head `_fc` saved with the adapter
     "lite_lora": ("lite", {"type": "lora", "r": 4, "lora_alpha": 8,
+                           "target_modules": r".*\._(expand|project)_conv"}),
+    # LoKr on the same 1x1 convolutions of the plain network (Conv2d)
+    "lite_lokr": ("lite", {"type": "lokr", "r": 4, "alpha": 4,
                            "target_modules": r".*\._(expand|project)_conv"}),
 }  # fmt: skip
 
