@@ -258,6 +258,11 @@ def _shard_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         rows, width = weight.ds_shape
         if rows % world:
             return None
+        source = getattr(weight, "ds_file_range", None)  # set by peftkit.sharded_load
+        if source is not None:
+            # frozen rows mapped from the file instead of held: a lookup touches a few pages
+            # of the embedding (the head reads all of its rows, from the page cache)
+            weight.ds_tensor.data = source.map(weight.ds_tensor.data)
         return weight.ds_tensor.data.view(rows // world, width), rank * (rows // world)
     rows = weight.shape[0]
     if rows % world:
