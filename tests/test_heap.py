@@ -75,6 +75,15 @@ def test_output_head_is_found_through_wrappers_and_absent_without_one():
     assert heap.output_head(Undeclared(4, 4)) is None
 
 
+def test_blocks_sharded_by_fsdp2_are_still_blocks():
+    """fully_shard swaps a block's class for a subclass named FSDP<name>: trimming before
+    each block must still find them (it found none under FSDP2 before)."""
+    model = tiny_model("llama", "CAUSAL_LM")
+    for layer in model.model.layers:
+        layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})
+    assert heap.repeated_blocks(model) == list(model.model.layers)
+
+
 @glibc_only
 def test_the_hooks_trim_only_training_forwards_and_go_away(monkeypatch):
     calls = []

@@ -113,11 +113,12 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks (decoder layers...): modules whose class a transformers model
-    names in ``_no_split_modules``, in forward order; empty for a model that names none."""
+    names in ``_no_split_modules``, in forward order; empty for a model that names none. A
+    block FSDP2 has sharded counts too (its class is a subclass, ``FSDP<name>``)."""
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
 def trim_before(

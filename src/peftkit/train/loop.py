@@ -188,19 +188,21 @@ class Trainer:
         self.eval_records = list(eval_records or [])
         self.eval_features = list(eval_features or [])
         self.on_step = on_step
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters; check method.target_modules")
         self.plan = plan_steps(len(train_features), config, accelerator.num_processes)
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        warm = warmup_steps(self.plan.total_steps, config.warmup_steps, config.warmup_ratio)
-        self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, self.plan.total_steps)
         self.memory: list[dict[str, Any]] = []
         for phase in setup_memory:  # load, adapter: measured before the trainer existed
             self.report_memory(phase, 0)
         with MemoryTracker("prepare", accelerator.device) as prepared:
             for note in prepare_for_strategy(model, accelerator, config):
                 log.info(note)
+            # built after: FSDP2 may have replaced the parameters with sharded ones
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            total = self.plan.total_steps
+            warm = warmup_steps(total, config.warmup_steps, config.warmup_ratio)
+            self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, total)
             # on the CPU the model stays where it is: accelerate's device there is `cpu:0`,
             # which `Module.to` takes for another device and copies every weight to (2.1 GB
             # of bloomz-560m out of its memory map, twice that at the peak)
