@@ -174,6 +174,7 @@ def phase_peaks(memory: list[dict]) -> dict[str, list[int]]:
 
 
 PHASE_COLUMNS = [
+    "start",
     "load_end",
     "load",
     "adapter",
