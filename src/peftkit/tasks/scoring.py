@@ -12,6 +12,7 @@ deserves, written as one line for the run log.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,6 +56,11 @@ def score(
     return out
 
 
+# Below this mean loss per target token (ln 2) the references' tokens have, on (geometric)
+# average, more than half the probability: greedy decoding should write them.
+LEARNT_LOSS = math.log(2.0)
+
+
 def broken_result_line(
     metrics: Mapping[str, float],
     predictions: Sequence[str],
@@ -62,9 +68,10 @@ def broken_result_line(
     first_loss: float | None,
 ) -> str | None:
     """A warning when a classification result looks broken rather than bad: the eval loss fell
-    below the run's first loss (the model learnt the targets), yet accuracy is 0 and every
-    prediction is outside the label set. Names the likely cause and shows the three most
-    frequent predictions beside the label set; None when the result does not look so."""
+    below the run's first loss and below ``LEARNT_LOSS`` (the model learnt the targets), yet
+    accuracy is 0 and every prediction is outside the label set. Names the likely cause and
+    shows the three most frequent predictions beside the label set; None when the result does
+    not look so (a model still learning the format writes no labels and says nothing)."""
     loss = metrics.get("eval_loss")
     if (
         not predictions
@@ -72,17 +79,17 @@ def broken_result_line(
         or metrics.get("invalid_rate") != 1.0
         or loss is None
         or first_loss is None
-        or not loss < first_loss
+        or not loss < min(first_loss, LEARNT_LOSS)
     ):
         return None
     top = ", ".join(f"{p!r} x{n}" for p, n in Counter(predictions).most_common(3))
     return (
         f"warning: this result looks broken, not bad: eval loss fell ({first_loss:.4f} -> "
-        f"{loss:.4f}) but accuracy is 0 and all {len(predictions)} predictions are outside the "
-        f"label set; likely cause: the labels are spelt differently from what the model writes "
-        f"(check task.target / task.labels / task.label_map, or task.label_match: casefold; "
-        f"task.decode: rank always answers a label). Most frequent predictions: {top}; "
-        f"labels: {list(labels)}"
+        f"{loss:.4f}: the targets are learnt) but accuracy is 0 and all {len(predictions)} "
+        "predictions are outside the label set; likely cause: the labels are spelt differently "
+        "from what the model writes (check task.target / task.labels / task.label_map, or "
+        "task.label_match: casefold; task.decode: rank always answers a label). Most frequent "
+        f"predictions: {top}; labels: {list(labels)}"
     )
 
 
