@@ -105,7 +105,7 @@ def part_step(layers: int, repeats: int) -> dict:
             if kind == "qlora":
                 quantize_model(model, "nf4")
             if gc:
-                model.gradient_checkpointing_enable({"use_reentrant": False})
+                model.activation_checkpointing_enable({"use_reentrant": False})
             cfg = peftkit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
             pm = peftkit.get_peft_model(model, cfg).train()
             if gc:

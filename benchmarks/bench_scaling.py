@@ -32,6 +32,61 @@ VARIANTS = [  # (strategy, offload)
 ]
 
 
+# Real model shapes with random weights (the checkpoints cannot be fetched here), SmolLM2's
+# tokenizer. Built once into peftkit's cache (2.1 GB each in fp32).
+SHAPES = {
+    # bigscience/bloomz-560m: 24 layers, hidden 1,024, 16 heads, vocab 250,880, tied embeddings
+    "bloomz-560m": (
+        "BloomConfig",
+        dict(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
+        ["query_key_value"],
+    ),
+    # a Llama of the same size whose embeddings are a small part: 16 layers, hidden 1,536,
+    # MLP 4,096, 12 heads / 4 KV heads, SmolLM2's vocabulary (49,152), untied
+    "llama-554m": (
+        "LlamaConfig",
+        dict(
+            vocab_size=49152,
+            hidden_size=1536,
+            intermediate_size=4096,
+            num_hidden_layers=16,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
+        ["q_proj", "v_proj"],
+    ),
+}
+
+
+def shape_model(shape: str) -> Path:
+    """A folder holding a random-weight model of ``shape`` (see SHAPES), built once."""
+    import torch
+    import transformers
+
+    from peftkit.models import cache_dir, tokenizer_folder
+
+    config_cls, fields, _ = SHAPES[shape]
+    folder = cache_dir() / "bench-shapes" / shape
+    if (folder / "model.safetensors").exists() or (folder / "config.json").exists():
+        return folder
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder("smollm2-135m"))
+    config = getattr(transformers, config_cls)(
+        **fields,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    print(f"built {shape}: {sum(p.numel() for p in model.parameters()):,d} parameters -> {folder}")
+    return folder
+
+
 def tiny_recipe(root: Path) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from tiny_runs import base_config, make_model, method_block, write_corpus
@@ -81,6 +136,7 @@ def run(
         }
     summary = json.loads((root / f"{name}-{processes}" / "summary.json").read_text())
     return {
+        "phases": phase_peaks(summary["memory"]),
         "strategy": summary["strategy"],
         "offload": summary["offload"],
         "processes": summary["world_size"],
@@ -91,9 +147,70 @@ def run(
     }
 
 
+def phase_peaks(memory: list[dict]) -> dict[str, list[int]]:
+    """Each phase's peak RSS (MB) per rank, from summary.json's memory entries: load, adapter,
+    prepare, the train step's forward / backward / optimizer parts, eval, save (max over
+    epochs). The end of ``load`` (what the rank keeps of the model) is ``load_end``."""
+    out: dict[str, list[int]] = {}
+
+    def put(name: str, rank: int, value: int | None) -> None:
+        if value is None:
+            return
+        values = out.setdefault(name, [])
+        values += [0] * (rank + 1 - len(values))
+        values[rank] = max(values[rank], value)
+
+    for entry in memory:
+        for rank, numbers in enumerate(entry.get("ranks") or [entry]):
+            phase = entry["phase"]
+            put(phase, rank, numbers.get("cpu_peak"))
+            if phase == "load":
+                put("load_end", rank, numbers.get("cpu_end"))
+            for part, value in (numbers.get("cpu_parts") or {}).items():
+                put(part, rank, value)
+    return out
+
+
+PHASE_COLUMNS = [
+    "load_end",
+    "load",
+    "adapter",
+    "prepare",
+    "forward",
+    "backward",
+    "optimizer",
+    "eval",
+    "save",
+]
+
+
+def table(rows: list[dict]) -> str:
+    """The README table: one line per run, each phase's peak per rank (MB, ``r0 / r1``)."""
+    head = "| processes | strategy | " + " | ".join(PHASE_COLUMNS) + " | peak | step (s) |"
+    lines = [head, "|" + "---|" * (len(PHASE_COLUMNS) + 4)]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['processes']} | {row['strategy']} | error |")
+            continue
+        name = row["strategy"] + (" + cpu offload" if row["offload"] != "none" else "")
+        cells = [" / ".join(f"{v:,d}" for v in row["phases"].get(c, [])) for c in PHASE_COLUMNS]
+        peak = " / ".join(f"{p['cpu_peak_mb']:,d}" for p in row["rank_peaks"])
+        lines.append(
+            f"| {row['processes']} | {name} | "
+            + " | ".join(cells)
+            + f" | **{peak}** | {row['step_time_s']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", help="a run YAML (default: a tiny Llama built here)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        help="run the recipe on a random-weight model of this shape (built once, cached)",
+    )
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8, help="global batch")
@@ -124,6 +241,9 @@ def main() -> None:
                     source["path"] = str(found.resolve())
     else:
         recipe = tiny_recipe(root)
+    if args.shape:
+        recipe.setdefault("model", {})["name"] = str(shape_model(args.shape))
+        recipe.setdefault("method", {})["target_modules"] = SHAPES[args.shape][2]
     rows = []
     for processes in [int(p) for p in args.processes.split(",")]:
         for name in args.variants.split(","):
@@ -138,8 +258,10 @@ def main() -> None:
                 row.get("error", ""),
                 flush=True,
             )
+    print(table(rows))
     result = {
         "recipe": args.recipe or "tiny llama (tests/tiny_runs.py)",
+        "shape": args.shape,
         "overrides": args.set,
         "global_batch": args.batch,
         "steps": args.steps,

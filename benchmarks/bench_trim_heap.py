@@ -42,7 +42,7 @@ def worker(method: str, checkpointing: bool, mode: str) -> dict:
     quantization = "nf4" if method == "qlora" else None
     model, _ = load_base_model("smollm2-135m", quantization=quantization)
     if checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
     config = peftkit.LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05

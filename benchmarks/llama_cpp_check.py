@@ -51,8 +51,8 @@ def main() -> int:
 
     from peftkit.export import write_model_gguf
     from peftkit.models import load_base_model, resolve_model
-    from peftkit.tasks import TASK_TYPES, EvalContext, TaskSpec
-    from peftkit.tasks.chat import ChatOptions, ChatTask
+    from peftkit.tasks import EvalContext, task_spec
+    from peftkit.tasks.chat import ChatTask
     from peftkit.train.inference import find_target, load_for_inference, run_config, spec_for
 
     torch.set_num_threads(2)
@@ -73,7 +73,7 @@ def main() -> int:
     loaded = load_for_inference(target, config, spec)
     task = loaded.task
     if not isinstance(task, ChatTask):  # a bare adapter / other task: the tokenizer's template
-        task = TaskSpec(TASK_TYPES["chat"], ChatOptions()).build(loaded.tokenizer, loaded.model)
+        task = task_spec({"type": "chat"}).build(loaded.tokenizer, loaded.model)
     model = loaded.model.merge_and_unload().eval()
     ctx = EvalContext(model=model, device=torch.device("cpu"), batch_size=1)
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]

@@ -17,10 +17,14 @@ real MNIST, 7s included) counts how many generated images show the prompted digi
     base: sample --samples per digit (DDIM, --steps) -> share the judge recognises per prompt
 
 Writes under ``$PEFTKIT_CACHE_DIR/t2i_digits`` (default ``~/.cache/peftkit/t2i_digits``, outside
-the repository): ``base/`` (unet/, scheduler/, text_encoder.json), ``judge/``, ``data/``; and
+the repository): ``base/`` (unet/, scheduler/, text_encoder.json), ``judge/``, ``data/``, and a
+``READY`` file last (so an interrupted run is redone); as a benchmark also
 ``benchmarks/results/t2i_digits_base.json`` (losses, times, judge accuracy, shares) plus
 ``docs/t2i_digits_base_samples.png`` (one row per digit prompt). Seeded: a re-run gives the same
 weights on the same machine and thread count (usage: ``python benchmarks/t2i_digits_base.py``).
+
+``make t2i-digits`` runs it with ``--prepare``: the cache folder only (the repository's result
+files stay as committed), and nothing at all when ``READY`` is already there.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def train_base(x: torch.Tensor, y: list[str], args):
     from diffusers import DDPMScheduler
 
     from peftkit.diffusion import TextToImageUNet
-    from peftkit.diffusion.model import load_text_encoder
+    from peftkit.diffusion.folders import load_text_encoder
 
     text_encoder, tokenizer = load_text_encoder("minilm-l6")
     text_encoder.eval()
@@ -221,9 +225,18 @@ def main() -> None:
     p.add_argument("--data-only", action="store_true", help="rewrite data/ only (base cached)")
     p.add_argument("--threads", type=int, default=1)  # 2 on a busy 2-core box: 6x slower
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only write base/, judge/, data/ (no benchmark result files); skip if READY exists",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out).expanduser()
+    ready = out / "READY"
+    if args.prepare and ready.is_file():
+        print(f"{out}: already prepared ({ready.read_text().strip()}); delete it to rebuild")
+        return
 
     images, labels = load_mnist()
     train_x, train_y = images[:8000], labels[:8000]
@@ -243,6 +256,12 @@ def main() -> None:
     shares, samples = share_recognised(unet, judge, args)
 
     sevens, pick = write_lora_data(train_x, train_y, test_x, test_y, out, args)
+    ready.write_text(
+        f"base, judge and data for examples/lora_t2i_digits_minilm.yaml (seed {args.seed})\n"
+    )
+    if args.prepare:
+        print(f"prepared {out}: base/, judge/, data/ (judge held-out accuracy {judge_acc:.3f})")
+        return
 
     per_row = min(args.samples, 8)
     rows = torch.cat([samples[k * args.samples : k * args.samples + per_row] for k in range(10)])

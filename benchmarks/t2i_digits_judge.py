@@ -48,6 +48,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="images per digit prompt")
     p.add_argument("--seed", type=int, default=5000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--name",
+        default="t2i_digits",
+        help="file prefix: t2i_digits (pixel run) or t2i_digits_latent (the latent run of "
+        "t2i_digits_latent_base.py): reads <name>_base.json, writes <name>_lora.json and "
+        "docs/<name>_lora_*.png",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -59,7 +66,7 @@ def main() -> None:
         before = shares(loaded.model, loaded.task, ctx, args.samples, args.seed)
     after = shares(loaded.model, loaded.task, ctx, args.samples, args.seed)
     summary = json.loads((run / "summary.json").read_text())
-    base = json.loads((ROOT / "benchmarks" / "results" / "t2i_digits_base.json").read_text())
+    base = json.loads((ROOT / "benchmarks" / "results" / f"{args.name}_base.json").read_text())
 
     def others(s: dict[str, float]) -> float:
         return float(np.mean([v for d, v in s.items() if d != "7"]))
@@ -85,14 +92,14 @@ def main() -> None:
         "run_eval_before": summary.get("before_training"),
         "run_eval_best": summary.get("eval"),
     }
-    path = ROOT / "benchmarks" / "results" / "t2i_digits_lora.json"
+    path = ROOT / "benchmarks" / "results" / f"{args.name}_lora.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    for name, out in (("samples_before.png", "t2i_digits_lora_before.png"),
-                      ("samples_after.png", "t2i_digits_lora_after.png"),
-                      ("loss.png", "t2i_digits_lora_loss.png"),
-                      ("metrics.png", "t2i_digits_lora_recognised.png")):  # fmt: skip
+    for name, out in (("samples_before.png", "lora_before.png"),
+                      ("samples_after.png", "lora_after.png"),
+                      ("loss.png", "lora_loss.png"),
+                      ("metrics.png", "lora_recognised.png")):  # fmt: skip
         if (run / name).is_file():
-            shutil.copyfile(run / name, ROOT / "docs" / out)
+            shutil.copyfile(run / name, ROOT / "docs" / f"{args.name}_{out}")
     print(json.dumps({k: result[k] for k in ("before", "after", "training")}, indent=2))
 
 

@@ -1,5 +1,10 @@
 """The real demo (`make demo`): LoRA fine-tune of the bundled SmolLM2-135M on RAFT
-twitter_complaints, as the console script runs it. Slow (minutes): run with `-m slow`."""
+twitter_complaints, as the console script runs it. Slow (minutes): run with `-m slow`.
+
+The recipe runs as shipped except for two overrides that only shorten it: 4 of its 10 epochs
+(20 steps; the held-out loss has fallen below half the zero-shot one well before) and 20 of its
+100 unlabelled test tweets. Every report, file and number the full demo writes is still checked;
+the full recipe's numbers are measured in README."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "lora_twitter_complaints.yaml"
+EPOCHS, TEST_ROWS = 4, 20  # the recipe's own: 10 epochs, 100 test tweets
 
 
 def _read(path: Path) -> list[dict]:
@@ -27,8 +33,10 @@ def test_make_demo_run(tmp_path):
     out = tmp_path / "demo"
     script = Path(sys.executable).with_name("peftkit")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "peftkit"]
+    overrides = [f"output_dir={out}", "progress=false", f"epochs={EPOCHS}"]
+    overrides.append(f"data.test.limit={TEST_ROWS}")
     proc = subprocess.run(
-        [*command, "train", str(RECIPE), f"output_dir={out}", "progress=false"],
+        [*command, "train", str(RECIPE), *overrides],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,11 +50,11 @@ def test_make_demo_run(tmp_path):
         assert f"CPU Memory before entering the {phase} :" in text
         assert f"CPU Peak Memory consumed during the {phase} (max-begin):" in text
         assert f"CPU Total Peak Memory consumed during the {phase} (max):" in text
-    assert "epoch=10: train_ppl=" in text and "train_epoch_loss=" in text
+    assert f"epoch={EPOCHS}: train_ppl=" in text and "train_epoch_loss=" in text
     assert "majority-class baseline accuracy=" in text
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["global_step"] == 50
+    assert summary["status"] == "completed" and summary["global_step"] == EPOCHS * 5  # 40 / 8
     # the printed accuracy is the one the predictions file holds
     preds = _read(out / "predictions_eval.csv")
     assert len(preds) == 10
@@ -64,7 +72,7 @@ def test_make_demo_run(tmp_path):
     assert summary["eval"]["eval_loss"] < 0.5 * summary["before_training"]["eval_loss"]
     # a bounded number of unlabelled tweets got labels, and the output says so
     test = _read(out / "predictions_test.csv")
-    assert len(test) == 100 and "the first 100 of 3399" in text
+    assert len(test) == TEST_ROWS and f"the first {TEST_ROWS} of 3399" in text
     assert Counter(t["prediction"] for t in test).keys() <= {"complaint", "no complaint", ""}
     assert summary["peak_cpu_mb"] > 500  # a 135M-parameter model in fp32 is resident
     for f in ("loss.png", "metrics.png", "adapter/adapter_model.safetensors", "metrics.jsonl"):

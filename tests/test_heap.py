@@ -23,7 +23,7 @@ from tiny_runs import base_config, make_model, method_block, write_corpus
 
 glibc_only = pytest.mark.skipif(
     not sys.platform.startswith("linux") or heap._malloc_trim() is None,
-    reason="malloc_trim is glibc's",
+    reason="platform: malloc_trim is glibc's",
 )
 
 

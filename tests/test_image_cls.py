@@ -15,11 +15,12 @@ import torch
 import transformers as tf
 from PIL import Image
 
+from conftest import require, shared_data
 from peftkit.cli import main
 from tiny_models import tiny_model
 from tiny_runs import base_config
 
-pytest.importorskip("efficientnet_pytorch")
+require("efficientnet_pytorch")
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (50, 60, 210)}
 
@@ -199,7 +200,10 @@ def test_prompt_methods_refused(assets, capsys):
                                                       "num_virtual_tokens": 4})  # fmt: skip
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "prompt_tuning" in err and "lora, adalora, qlora" in err and "use_dora" in err
+    why, _, choices = err.partition("Use one of ")
+    assert "prompt_tuning" in why and "virtual tokens" in why and "use_dora" in choices
+    assert {"lora", "qlora", "adalora"} <= set(choices.replace(",", " ").split())
+    assert "tuning" not in choices
 
 
 def test_bad_inputs_named(assets, capsys):
@@ -249,9 +253,7 @@ def test_csv_of_paths_and_idx_rows(assets):
                        "image_size": 8}).fit(rows).build(processor, model)  # fmt: skip
     assert small.collate(small.encode(rows))["pixel_values"].shape == (3, 3, 8, 8)
 
-    idx = Path(__file__).resolve().parents[2] / "shared/data/image_mnist_test"
-    if not idx.is_dir():
-        pytest.skip("shared MNIST idx files not here")
+    idx = shared_data("image_mnist_test")
     digits = read_idx(idx / "t10k-images-idx3-ubyte.gz", idx / "t10k-labels-idx1-ubyte.gz")[:4]
     spec = task_spec({"type": "image_cls", "labels": [str(i) for i in range(10)]}).fit(digits)
     task = spec.build(processor, model)
@@ -277,7 +279,8 @@ def test_preprocessing_matches_transformers(assets):
 def test_saved_adapter_gives_peft_logits(assets, model):
     """peft loads the adapter peftkit trained (LoRA + head) onto the same base weights and
     returns the same logits."""
-    peft = pytest.importorskip("peft")
+    import peft
+
     from peftkit import PeftModel
     from peftkit.models import load_base_model
 

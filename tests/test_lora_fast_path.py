@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 import peftkit
 from peftkit.methods import dropout_mask, lora_fused
+from peftkit.methods.dropout_mask import pack_mask, unpack_mask
 from tiny_models import tiny_model
 
 
@@ -25,11 +26,14 @@ def plain_only(monkeypatch):
 def test_pack_unpack_every_byte():
     bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8)
     keep = bits.bool()
-    packed = lora_fused.pack_mask(keep.reshape(1, -1))
+    packed = pack_mask(keep.reshape(1, -1))
     assert torch.equal(packed.reshape(-1), torch.arange(256, dtype=torch.uint8))
-    assert torch.equal(lora_fused.unpack_mask(packed).reshape(256, 8), keep)
+    assert torch.equal(unpack_mask(packed).reshape(256, 8), keep)
     mask = torch.rand(37, 64) < 0.3
-    assert torch.equal(lora_fused.unpack_mask(lora_fused.pack_mask(mask)), mask)
+    assert torch.equal(unpack_mask(pack_mask(mask)), mask)
+    ragged = torch.rand(3, 5, 13) < 0.5  # (..., n) with a ragged last byte: the plain path's
+    assert pack_mask(ragged).shape == (3, 5, 2)
+    assert torch.equal(unpack_mask(pack_mask(ragged), 13), ragged)
 
 
 def _layer(bias: bool, p: float, train_base: bool = False):
@@ -212,8 +216,8 @@ def test_llama_step_equals_plain(monkeypatch, p, checkpointing):
         ),
     ).train()
     if checkpointing:
-        model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+        model.base_model.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )
     ids = torch.randint(
         0, base.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)

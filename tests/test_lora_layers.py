@@ -11,14 +11,13 @@ from torch import nn
 
 from conftest import ARCHS, assert_rel_close, logits_of
 from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.methods.dropout_mask import pack_mask, unpack_mask
 from peftkit.methods.lora import (
     LoraConv,
     LoraEmbedding,
     LoraLinear,
     _DropoutThenProject,
     dropout_then_project,
-    pack_bits,
-    unpack_bits,
 )
 
 
@@ -181,7 +180,7 @@ def test_dropout_projection_gradients_match_explicit_dropout(width):
     x = torch.randn(4, 6, width, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, width, dtype=torch.float64, requires_grad=True)
     keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) >= 0.3
-    assert torch.equal(unpack_bits(pack_bits(keep), width).bool(), keep)
+    assert torch.equal(unpack_mask(pack_mask(keep), width), keep)
     out = _DropoutThenProject.apply(x, w, 0.3, keep)
     torch.testing.assert_close(out, (x * keep / 0.7) @ w.T)
     torch.autograd.gradcheck(lambda a, b: _DropoutThenProject.apply(a, b, 0.3, keep), (x, w))
@@ -349,3 +348,52 @@ def test_conv1d_fan_in_fan_out_merge(arch, tiny_model):
         before = logits_of(model(**inputs))
         model.merge_adapter()
         assert_rel_close(logits_of(model(**inputs)), before)
+
+
+def test_lora_asks_a_quantized_base_through_its_named_interface():
+    # any QuantizedLinear is adapted, read and merged through the interface's members (not by
+    # probing attributes): a toy implementation records what LoRA asked of it
+    from peftkit.inject import is_quantized_linear
+    from peftkit.quant.linear4bit import Linear4bit, QuantizedLinear
+
+    class Recorded(QuantizedLinear):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_features, self.out_features, self.compute_dtype = 8, 6, torch.float32
+            self.w, self.calls = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), []
+            self.bias = None
+
+        def dequantize(self, scratch=None):
+            self.calls.append("dequantize")
+            return self.w.clone()
+
+        def weight_for_matmul(self):
+            self.calls.append("weight_for_matmul")
+            return self.w
+
+        def requantize_(self, weight):
+            self.calls.append("requantize_")
+            self.w = weight.detach().clone()
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    assert is_quantized_linear(Recorded()) and issubclass(Linear4bit, QuantizedLinear)
+    assert not is_quantized_linear(nn.Linear(8, 6))
+    model = get_peft_model(
+        nn.ModuleDict({"t": Recorded()}),
+        LoraConfig(target_modules=["t"], r=2, lora_alpha=4, init_lora_weights=False),
+    )
+    layer, x = model.base_model.model["t"], torch.randn(3, 8)
+    before = layer.base_layer.w.clone()
+    model.train()
+    y = layer(x)
+    assert "weight_for_matmul" in layer.base_layer.calls  # the fused training node read it
+    delta = (
+        layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+    )
+    torch.testing.assert_close(y, x @ (before + delta).T)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        model.merge_adapter()
+    assert layer.base_layer.calls[-2:] == ["dequantize", "requantize_"]
+    torch.testing.assert_close(layer.base_layer.w, before + delta.detach())

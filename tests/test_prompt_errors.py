@@ -93,13 +93,13 @@ def test_shape_fields_that_do_not_fit_the_model_are_refused():
 
 def test_prefix_tuning_refuses_gradient_checkpointing():
     model = tiny_model("llama", "CAUSAL_LM")
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         get_peft_model(model, ours_config("prefix", "CAUSAL_LM"))
     peft_model = get_peft_model(
         tiny_model("llama", "CAUSAL_LM"), ours_config("prefix", "CAUSAL_LM")
     )
-    peft_model.base_model.gradient_checkpointing_enable()
+    peft_model.base_model.activation_checkpointing_enable()
     peft_model.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         peft_model(**tiny_inputs("CAUSAL_LM"))

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+from conftest import require
 from peftkit.quant import (
     Linear4bit,
     dequantize_4bit,
@@ -19,7 +20,7 @@ from peftkit.quant import (
 )
 from peftkit.quant.codebooks import code_4bit, dynamic_code_8bit
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = require("bitsandbytes")
 BF = bnb.functional
 
 

@@ -13,6 +13,7 @@ import transformers as tf
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import require
 from peftkit import LoraConfig, PeftModel, TaskType, get_peft_model
 from peftkit.quant import (
     Linear4bit,
@@ -125,7 +126,7 @@ def test_refuses_already_quantized_models():
     model = quantize_model(_llama())
     with pytest.raises(ValueError, match="already quantised.*peftkit"):
         quantize_model(model)
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes")
     other = _llama()
     other.model.layers[0].mlp.up_proj = bnb.nn.Linear4bit(64, 128)
     with pytest.raises(ValueError, match="bitsandbytes Linear4bit"):
@@ -221,8 +222,9 @@ def test_save_merged_exports_loadable_half_precision(tmp_path):
 
 
 def test_adapter_loads_in_hf_peft_on_full_precision_and_bnb_bases(tmp_path):
-    peft = pytest.importorskip("peft")
-    pytest.importorskip("bitsandbytes")
+    import peft
+
+    require("bitsandbytes")
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     _llama().save_pretrained(base_dir)  # the full-precision base a user starts from
 

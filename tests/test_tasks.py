@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from peftkit.tasks import TASK_TYPES, EvalContext, Template, run_eval, task_kind, task_spec
+from peftkit.tasks import TASK_TYPES, TASKS, EvalContext, Template, run_eval, task_kind, task_spec
 from peftkit.tasks.base import IGNORE_INDEX, pad
 from peftkit.tasks.causal_lm_cls import truncate_left
 from peftkit.tasks.generation import generate_texts
@@ -384,10 +384,11 @@ def test_one_table_names_task_class_adapter_type_and_auto_class():
     assert task_kind(TaskType.CAUSAL_LM).name == "causal_lm"  # a bare adapter's type
     assert task_kind("SEQ_2_SEQ_LM").name == "seq2seq" and task_kind("question_ans").name == "qa"
     required = {name: {"text": "{x}"} for name in ("causal_lm_cls", "causal_lm_gen", "seq2seq")}
+    assert set(TASKS) <= set(TASK_TYPES)  # every task the trainer runs has its table row
     for name, row in TASK_TYPES.items():
-        if row.task is not None:  # every task the trainer runs builds from its table row
+        if name in TASKS:
             spec = task_spec({"type": name, **required.get(name, {})})
-            assert spec.kind is row and spec.task_type is row.task_type
+            assert spec.kind is row and spec.task_type is row.task_type and spec.task is TASKS[name]
 
 
 def test_baseline_line_says_nothing_without_scores():

@@ -15,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import require
 from peftkit.cli import main
 from tiny_runs import base_config
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
@@ -301,12 +302,16 @@ def test_train_lora_end_to_end(assets, capsys):
      ("text_encoder", {**LORA, "target_modules": [*TARGETS, "query", "value"]})],
 )  # fmt: skip
 def test_other_methods_and_csv_captions(assets, name, method):
-    path = write_config(assets, name, method, {"caption_template": None}, epochs=1)
+    path = write_config(
+        assets, name, method, {"caption_template": None}, epochs=1, eval_before_training=True
+    )
     csvs = [f"data.train={assets['csv']}", f"data.eval={assets['eval_csv']}"]
     assert main(["train", str(path), *csvs]) == 0
     run = assets["root"] / "runs" / name
     out = summary(assets, name)
     assert out["status"] == "completed" and np.isfinite(out["eval"]["eval_loss"])
+    # the adapter learnt: the held-out denoising loss (fixed noise per row) fell
+    assert out["eval"]["eval_loss"] < out["before_training"]["eval_loss"]
     assert (run / "samples_after.png").is_file()
     diffusers_file = run / "adapter" / "pytorch_lora_weights.safetensors"
     assert diffusers_file.is_file() == (name != "adalora")
@@ -358,7 +363,10 @@ def test_prompt_methods_refused(assets, capsys):
     path = write_config(assets, "prompt", {"type": "prefix_tuning", "num_virtual_tokens": 4})
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "prefix_tuning" in err and "lora, adalora" in err and "use_dora" in err
+    why, _, choices = err.partition("Use one of ")
+    assert "prefix_tuning" in why and "use_dora" in choices
+    assert {"lora", "adalora"} <= set(choices.replace(",", " ").split())
+    assert "qlora" not in choices and "tuning" not in choices  # no 4-bit UNet, no prompts
 
 
 def test_bad_inputs_named(assets, capsys):

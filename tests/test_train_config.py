@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from peftkit.methods.table import METHODS
 from peftkit.train.config import (
-    METHOD_TYPES,
     ConfigError,
     apply_overrides,
     load_config,
-    method_config_class,
     parse_overrides,
     resolve_path,
 )
@@ -61,9 +60,9 @@ def test_dropout_mask_defaults_to_peft_s_draw_and_names_the_choices(tmp_path, da
         load_config(path, ["dropout_mask=coin"])
 
 
-def test_trim_heap_defaults_to_the_head_and_names_the_choices(tmp_path, data_file):
+def test_trim_heap_defaults_to_auto_and_names_the_choices(tmp_path, data_file):
     path = write(tmp_path, GOOD.format(train=data_file))
-    assert load_config(path).trim_heap == "head"
+    assert load_config(path).trim_heap == "auto"  # head, or blocks where weights are sharded
     assert load_config(path, ["trim_heap=blocks"]).trim_heap == "blocks"
     with pytest.raises(ConfigError, match="trim_heap: 'always' is not one of"):
         load_config(path, ["trim_heap=always"])
@@ -173,10 +172,10 @@ def test_qlora_means_lora_on_a_4bit_base(tmp_path, data_file):
     assert config.method_type == "qlora"
 
 
-def test_every_method_type_finds_its_config_class_in_the_registry():
-    # the trainer looks config classes up in the registry: a method that stops registering fails
+def test_every_method_type_finds_its_config_class_in_the_method_table():
+    # the trainer looks config classes up in the method table: a method that loses its row fails
     # here by name instead of vanishing from the choices
-    assert {k: method_config_class(k).__name__ for k in METHOD_TYPES} == {
+    assert {k: row.config.__name__ for k, row in METHODS.items()} == {
         "lora": "LoraConfig",
         "qlora": "LoraConfig",
         "adalora": "AdaLoraConfig",
@@ -215,10 +214,58 @@ def test_coerce_keeps_union_members_exact():
     assert problems == ["y: expected int, got bool True"]
 
 
+def _home_paths(raw: dict) -> dict[str, str]:
+    """``{key path: value}`` of a recipe's values under ``~/`` (what its ``prepare`` makes)."""
+    found = {}
+    model, task, data = raw["model"], raw["task"], raw.get("data") or {}
+    if str(model["name"]).startswith("~/"):
+        found["model.name"] = model["name"]
+    found.update({f"task.{k}": v for k, v in task.items() if str(v).startswith("~/")})
+    for split in ("train", "eval", "test"):
+        value = data.get(split)
+        value = value.get("path") if isinstance(value, dict) else value
+        if str(value).startswith("~/"):
+            found[f"data.{split}.path"] = value
+    return found
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
-def test_every_example_recipe_validates(recipe, monkeypatch):
-    """Recipes name real files in ../shared/data (or a hub fallback) and valid fields."""
+def test_every_example_recipe_validates(recipe, monkeypatch, tmp_path):
+    """Recipes name real files in ../shared/data (or a hub fallback) and valid fields, on a
+    fresh machine (an empty HOME). A recipe whose base/data a command prepares under ``~``
+    (``prepare: make t2i-digits``) fails there naming exactly those paths and that command,
+    and validates once they exist."""
     monkeypatch.chdir(EXAMPLES.parent)
-    config = load_config(EXAMPLES / recipe)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PEFTKIT_CACHE_DIR", raising=False)
     raw = yaml.safe_load((EXAMPLES / recipe).read_text())
+    home = _home_paths(raw)
+    assert bool(home) == bool(raw.get("prepare")), "files under ~ need a `prepare` command"
+    if home:
+        with pytest.raises(ConfigError) as err:
+            load_config(EXAMPLES / recipe)
+        assert sorted(p.split(":")[0] for p in err.value.problems) == sorted(home)
+        assert f"made by `{raw['prepare']}`" in str(err.value)
+        assert err.value.hint and raw["prepare"] in err.value.hint
+        for value in home.values():
+            (tmp_path / value.removeprefix("~/")).mkdir(parents=True)
+    config = load_config(EXAMPLES / recipe)
     assert config.method_type == raw["method"]["type"]
+    assert config.prepare == raw.get("prepare")
+
+
+def test_check_on_a_fresh_machine_names_the_prepare_command(monkeypatch, tmp_path, capsys):
+    """`peftkit train RECIPE --check` (and a plain train) stop before any model loads, saying
+    which command makes the missing base, judge and data."""
+    from peftkit.cli import main
+
+    monkeypatch.chdir(EXAMPLES.parent)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PEFTKIT_CACHE_DIR", raising=False)
+    for extra in (["--check"], [f"output_dir={tmp_path / 'run'}"]):
+        assert main(["train", "examples/lora_t2i_digits_minilm.yaml", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "made by `make t2i-digits`" in err
+        for key in ("model.name", "task.classifier", "data.train.path", "data.eval.path"):
+            assert key in err
+    assert not (tmp_path / "run").exists()

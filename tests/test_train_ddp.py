@@ -99,6 +99,11 @@ def test_accelerate_launch_matches_one_process(tiny, config, strategy, offload, 
         strategy,
         offload,
     )
+    if offload == "cpu":  # on a CPU-only machine offloading saves nothing, and the run says so
+        assert "moves nothing on this CPU-only run" in summary["offload_note"]
+        assert "moves nothing" in (tiny / name / "train.log").read_text()
+    else:
+        assert summary.get("offload_note") is None
     # the evaluation, its batches shared out and gathered, is 1 process's to the last bit
     before = json.loads((tiny / "one" / "summary.json").read_text())["before_training"]
     assert {**summary["before_training"], "time_s": 0} == {**before, "time_s": 0}

@@ -26,9 +26,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import require
 from tiny_runs import base_config, make_model, method_block, write_corpus, write_e2e, write_reviews
 
-pytest.importorskip("deepspeed")
+require("deepspeed")
 
 HERE = Path(__file__).resolve().parent
 # (name, method, strategy, task). Every method under ZeRO-3 (prompt tuning initialised from the
@@ -291,7 +292,7 @@ def test_merge_of_a_zero3_run_into_a_plain_base(tiny, runs, tmp_path):
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
 def test_sharded_adapter_loads_in_peft_with_the_same_outputs(tiny, runs, strategy):
     """The gathered adapter is PEFT's format: ``peft.PeftModel`` and peftkit agree on it."""
-    peft = pytest.importorskip("peft")
+    import peft
     from transformers import AutoModelForCausalLM
 
     import peftkit

@@ -241,3 +241,75 @@ def test_memory_report_sees_a_phase_peak_and_uses_peft_wording():
     gpu = PhaseMemory("train", 0, 0, 0, gpu_begin=1916, gpu_end=1982, gpu_peak=9404).lines()
     assert gpu[0] == "GPU Memory before entering the train : 1916"
     assert "GPU Peak Memory consumed during the train (max-begin): 7488" in gpu
+
+
+def test_the_run_folder_map_names_what_a_run_writes(tmp_path):
+    # one map of the run folder: what prepare_output clears on --overwrite is what RunFolder
+    # names, and checkpoints are complete only once their state file is in them
+    from peftkit.train.run_folder import RunFolder, prepare_output
+
+    run = RunFolder(tmp_path / "run")
+    assert run.checkpoint(8) == run.root / "checkpoints" / "step-00000008"
+    assert run.best_tensors.parent == run.best and run.plot("memory").name == "memory.png"
+    with pytest.raises(ValueError, match="loss, metrics"):
+        run.plot("nope")
+    for path in (run.config, run.summary, run.predictions("eval"), run.plot("loss")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    run.checkpoint(2).mkdir(parents=True)  # an interrupted save: no trainer_state.json
+    (run.checkpoint(4)).mkdir()
+    (run.checkpoint(4) / "trainer_state.json").write_text("{}")
+    assert run.complete_checkpoints() == [run.checkpoint(4)] == [run.latest_checkpoint()]
+    (run.root / "notes.txt").write_text("mine")
+    prepare_output(run.root, resuming=False, overwrite=True)
+    assert [p.name for p in run.root.iterdir()] == ["notes.txt"]
+
+
+def test_a_window_reads_its_numbers_once_per_optimizer_step():
+    # micro-batch losses and token counts stay on the device until the step ends; then they
+    # come back as the same host numbers the per-batch reads gave, in order
+    from peftkit.train.loop import _Window
+
+    window = _Window()
+    losses = [torch.tensor(2.5), torch.tensor(1.25, dtype=torch.bfloat16), torch.tensor(0.1)]
+    for loss, tokens in zip(losses, (torch.tensor(7), 3, torch.tensor(5)), strict=True):
+        window.add(loss, tokens)
+    got, tokens, elapsed = window.close()
+    assert got == [float(x.float()) for x in losses] and tokens == 15 and elapsed >= 0
+    window.reset()
+    assert window.losses == [] and window.tokens == []
+
+
+_NESTED_PEAK_PROBE = """
+import json, torch
+from peftkit.train.memory import MemoryTracker, StepParts
+parts = StepParts()
+with MemoryTracker("train") as outer:
+    with parts.part("forward"):
+        block = torch.ones(96 * 2**20 // 4)  # 96 MB, touched, then freed
+        del block
+    with parts.part("backward"):  # resets the high-water mark: the outer peak must survive
+        small = torch.ones(8 * 2**20 // 4)
+        del small
+r = parts.add_to(outer.result)
+print(json.dumps({"begin": r.cpu_begin, "peak": r.cpu_peak, "parts": r.cpu_parts,
+                  "lines": r.lines()}))
+"""
+
+
+def test_step_parts_peaks_and_an_outer_phase_keeps_its_own():
+    proc = subprocess.run(
+        [sys.executable, "-c", _NESTED_PEAK_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = result["parts"]
+    assert list(parts) == ["forward", "backward"]
+    assert parts["forward"] - result["begin"] >= 90  # the forward's block is its peak
+    assert parts["backward"] < parts["forward"] - 60  # the backward's reset forgot it
+    assert result["peak"] >= parts["forward"]  # the phase did not: folded before the reset
+    line = f"CPU Total Peak Memory in the train's forward / backward (max): {parts['forward']}"
+    assert any(s.startswith(line) for s in result["lines"])
+    ranks = [{"cpu_parts": {"forward": 5, "backward": 9}}, {"cpu_parts": {"forward": 7}}]
+    merged = PhaseMemory.max_over("train", ranks)
+    assert merged.cpu_parts == {"forward": 7, "backward": 9}

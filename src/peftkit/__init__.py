@@ -3,7 +3,7 @@
 from .config import PeftConfig, PeftType, TaskType
 from .methods.adalora import AdaLoraConfig
 from .methods.dropout_mask import set_dropout_mask
-from .methods.lora import LoraConfig
+from .methods.lora_config import LoraConfig
 from .methods.prompt import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -11,7 +11,7 @@ from .methods.prompt import (
     PromptTuningConfig,
     PromptTuningInit,
 )
-from .model import (
+from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -28,6 +28,10 @@ from .quant import (
     quantize_model,
     save_merged,
 )
+from .quiet import quiet_dependencies
+
+# Before DeepSpeed / bitsandbytes are first imported (lazily: saving a model, diffusers).
+quiet_dependencies()
 
 __version__ = "0.1.0"
 

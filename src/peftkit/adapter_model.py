@@ -2,7 +2,7 @@
 
 ::
 
-    PeftModel ──every call──> .adapter_model   (methods.ADAPTER_MODELS[peft_type])
+    PeftModel ──every call──> .adapter_model   (methods.table.ADAPTER_MODELS[peft_type])
                                 ├─ tuner.InjectedAdapterModel     LoRA
                                 │    └─ adalora.AdaLoraModel      AdaLoRA
                                 └─ prompt.PromptAdapterModel      prompt tuning, P-tuning, prefix tuning

@@ -6,6 +6,7 @@
     peftkit eval     RUN|CONFIG.yaml [key=value ...] [--split eval|test] [--no-adapter]
     peftkit generate RUN|ADAPTER [key=value ...] (--prompt TEXT ... | --input FILE | --image FILE
                      ... | --chat)   e.g. task.decode=rank: a classifier answers the likeliest label
+    peftkit generate T2I_BASE_FOLDER [--lora FILE] --prompt TEXT ...   (images)
     peftkit merge    RUN|ADAPTER [--output DIR] [--gguf OUT.gguf] [--dtype ...]
     peftkit export   RUN|ADAPTER --gguf-lora OUT.gguf [--dtype f32|f16]
     peftkit inspect  RUN|ADAPTER|CONFIG.yaml [key=value ...]
@@ -95,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
         "template, each input fills the template (as in training) unless --raw; a sequence "
         "or image classifier prints labels.",
     )
-    p.add_argument("target", help="a run folder or an adapter folder")
+    p.add_argument(
+        "target",
+        help="a run folder or an adapter folder; for images also a text-to-image base folder "
+        "(a Stable Diffusion pipeline folder or peftkit's pixel layout)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -117,7 +122,29 @@ def _parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="use prompts verbatim, not the run's template"
     )
     p.add_argument("--num-images", type=int, default=4, help="text_to_image: images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="text_to_image: seed of the first image")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="text_to_image: image k of a prompt is drawn from seed SEED+k (diffusers: "
+        "generator=[torch.Generator().manual_seed(SEED+k) ...])",
+    )
+    p.add_argument("--negative-prompt", help="text_to_image: the unconditional prompt of guidance")
+    p.add_argument(
+        "--guidance-scale", type=float, help="text_to_image: classifier-free guidance (1: none)"
+    )
+    p.add_argument("--steps", type=int, help="text_to_image: denoising steps")
+    p.add_argument(
+        "--sampler",
+        help="text_to_image: folder (the base's scheduler), ddim, ddpm, pndm, euler, euler_a, "
+        "dpm++ or a diffusers scheduler class (default: the run's task.sampler)",
+    )
+    p.add_argument(
+        "--lora",
+        metavar="FILE",
+        help="text_to_image: a LoRA to use instead of the run's adapter: diffusers' "
+        "pytorch_lora_weights.safetensors (or a folder with it) or a PEFT adapter folder",
+    )
     p.add_argument("--max-new-tokens", type=int, help="generation length")
     p.add_argument("--model", help="base model to load instead of the run's / adapter's")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
@@ -262,9 +289,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
     )
     task = loaded.task
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")
+    device = torch_device(config)
     loaded.model.to(device)
     ctx = EvalContext(
         model=loaded.model,
@@ -298,10 +323,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _first_loss(target: Any) -> float | None:
     """The run's earliest loss (its metrics.jsonl), to tell whether this eval's loss fell."""
     from .train.logger import first_loss, read_metrics
+    from .train.run_folder import RunFolder
 
     if target.run_dir is None:
         return None
-    return first_loss(read_metrics(target.run_dir / "metrics.jsonl"))
+    return first_loss(read_metrics(RunFolder(target.run_dir).metrics))
+
+
+def _is_image_base(target: str) -> bool:
+    """A text-to-image base folder (not a run or adapter folder): generate images from it."""
+    from .config import CONFIG_NAME
+    from .diffusion import is_text_to_image_folder
+
+    p = Path(target).expanduser()
+    if not p.is_dir() or (p / "config.yaml").exists() or (p / CONFIG_NAME).exists():
+        return False
+    return is_text_to_image_folder(p)
+
+
+def _write_images(
+    args: argparse.Namespace, task: Any, ctx: Any, inputs: list[dict], folder: Path, start: float
+) -> int:
+    """PNGs + grid.png into ``folder`` with the command line's sampling settings."""
+    sampling = task.sampling(
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        sampler=args.sampler,
+    )
+    if sampling.guidance_scale < 1 or sampling.steps < 1:
+        raise _usage("--guidance-scale must be >= 1 and --steps >= 1")
+    paths = task.generate_images(ctx, inputs, args.num_images, args.seed, folder, sampling)
+    print(f"{len(paths) - 1} image(s) + {paths[-1]} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _generate_from_base(args: argparse.Namespace) -> int:
+    """``peftkit generate BASE_FOLDER [--lora FILE] --prompt ...``: no run needed."""
+    from .tasks import EvalContext
+    from .train.inference import load_image_base
+
+    if args.image or args.chat:
+        raise _usage("a text-to-image base folder takes --prompt / --input, not --image / --chat")
+    rows: list[dict[str, Any]] = [{"text": p} for p in args.prompt]
+    if args.input:
+        rows += _read_inputs(args.input)
+    loaded = load_image_base(args.model or args.target, None if args.no_adapter else args.lora)
+    try:
+        inputs = [loaded.task.spec.input_row(r) for r in rows]
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
+    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=args.batch_size)
+    loaded.model.to(ctx.device)
+    folder = Path(args.output or Path(args.target) / "generated")
+    return _write_images(args, loaded.task, ctx, inputs, folder, time.perf_counter())
 
 
 def _read_inputs(path: str) -> list[dict[str, Any]]:
@@ -313,17 +388,57 @@ def _read_inputs(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .tasks import EvalContext
-    from .tasks.generation import generate_texts, is_encoder_decoder
+    """``peftkit generate``, one of four flows: a text-to-image base folder
+    (:func:`_generate_from_base`); ``--chat`` (:func:`_chat`, a conversation on stdin); a run
+    whose task writes images (:func:`_write_images`: PNGs and a grid); anything else
+    (:func:`_generate_texts`: one text per ``--prompt`` / ``--input`` row, or the label an
+    image classifier gives each ``--image``)."""
     from .train.inference import load_for_inference, restore_task_state
 
     if not args.prompt and not args.input and not args.image and not args.chat:
         raise _usage("give --prompt TEXT (repeatable), --input FILE, --image FILE ... or --chat")
+    if _is_image_base(args.target):
+        if args.overrides:
+            raise _usage(
+                f"KEY=VALUE overrides ({' '.join(args.overrides)}) are for run folders; a "
+                "text-to-image base folder takes --steps / --guidance-scale / --sampler ..."
+            )
+        return _generate_from_base(args)
     target, config, spec = _load_target(args, args.overrides)
+    if args.lora and (spec is None or not spec.kind.writes_images):
+        raise _usage("--lora is for text_to_image runs and base folders")
     if args.chat:
         return _chat(args, target, config, spec)
+    _check_generate_target(args, target, spec)
+    if spec is not None:
+        spec = restore_task_state(spec, target) or spec
+    rows, inputs, prompts, raw = _generation_inputs(args, spec)
+    loaded = load_for_inference(
+        target,
+        config,
+        spec,
+        model_name=args.model,
+        use_adapter=not args.no_adapter and not args.lora,
+    )
+    if args.lora:
+        from .train.inference import attach_lora_file
+
+        loaded.model = attach_lora_file(loaded.model, args.lora)
+        loaded.task = spec.build(loaded.tokenizer, loaded.model)
+    from .tasks import EvalContext
+
+    ctx = EvalContext(model=loaded.model, device=torch_device(config), batch_size=args.batch_size)
+    loaded.model.to(ctx.device)
+    if spec is not None and spec.kind.writes_images:  # text_to_image
+        folder = Path(args.output or Path(target.run_dir or target.adapter_dir) / "generated")
+        return _write_images(args, loaded.task, ctx, inputs, folder, time.perf_counter())
+    return _generate_texts(args, loaded, ctx, rows, inputs, prompts, raw)
+
+
+def _check_generate_target(args: argparse.Namespace, target: Any, spec: Any) -> None:
+    """--image needs a run whose task reads images; an adapter is needed unless --no-adapter."""
     if args.image and (spec is None or not spec.kind.reads_images):
-        from .tasks import TASK_TYPES
+        from .task_types import TASK_TYPES
 
         image_tasks = " / ".join(k for k, row in TASK_TYPES.items() if row.reads_images)
         raise _usage(f"--image needs a run of task.type {image_tasks}")
@@ -332,31 +447,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{args.target} has no adapter yet (no adapter/ folder): train first, or "
             "pass --no-adapter to use the base model"
         )
-    if spec is not None:
-        spec = restore_task_state(spec, target) or spec
+
+
+def _generation_inputs(
+    args: argparse.Namespace, spec: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], bool]:
+    """``(rows as given, the task's input rows, what to print for each, raw)``: the task reads
+    its own inputs; without one (or with --raw on a text model) prompts are plain text."""
     rows: list[dict[str, Any]] = [{"text": p} for p in args.prompt]
     if args.input:
         rows += _read_inputs(args.input)
     rows += [{"image": path} for path in args.image]
-    # the task reads its own inputs; without one (or with --raw on a text model) prompts are text
     raw = spec is None or (args.raw and spec.kind.writes_text)
     try:
         inputs = [_raw_row(r) if raw else spec.input_row(r) for r in rows]
     except ValueError as exc:
         raise _usage(str(exc)) from None
     prompts = [r["text"] if raw else spec.describe(r) for r in inputs]
-    loaded = load_for_inference(
-        target, config, spec, model_name=args.model, use_adapter=not args.no_adapter
-    )
-    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=args.batch_size)
-    loaded.model.to(ctx.device)
+    return rows, inputs, prompts, raw
+
+
+def _generate_texts(
+    args: argparse.Namespace,
+    loaded: Any,
+    ctx: Any,
+    rows: list[dict[str, Any]],
+    inputs: list[dict[str, Any]],
+    prompts: list[str],
+    raw: bool,
+) -> int:
+    """One output per input: plain greedy text (``raw``) or the task's own generation (a
+    label, an answer span, a continuation); printed, or written with --output."""
+    from .tasks.generation import generate_texts, is_encoder_decoder
+
     start = time.perf_counter()
-    images = getattr(loaded.task, "generate_images", None)
-    if callable(images):  # text_to_image: PNGs + a grid into a folder
-        folder = Path(args.output or Path(target.run_dir or target.adapter_dir) / "generated")
-        paths = images(ctx, inputs, args.num_images, args.seed, folder)
-        print(f"{len(paths) - 1} image(s) + {paths[-1]} in {time.perf_counter() - start:.1f} s")
-        return 0
     if raw:
         tok = loaded.tokenizer
         outputs = generate_texts(
@@ -380,8 +504,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     """``generate --chat``: an interactive conversation with the (adapted) model on stdin."""
-    from .tasks import TASK_TYPES, EvalContext, TaskSpec
-    from .tasks.chat import ChatOptions, ChatTask, chat_loop
+    from .tasks import EvalContext, task_spec
+    from .tasks.chat import ChatTask, chat_loop
     from .train.inference import load_for_inference
 
     if spec is not None and not spec.kind.writes_text:
@@ -393,8 +517,8 @@ def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     )
     task = loaded.task
     if not isinstance(task, ChatTask):  # any causal LM run: the tokenizer's own template
-        task = TaskSpec(TASK_TYPES["chat"], ChatOptions()).build(loaded.tokenizer, loaded.model)
-    ctx = EvalContext(model=loaded.model, device=torch_device(), batch_size=1)
+        task = task_spec({"type": "chat"}).build(loaded.tokenizer, loaded.model)
+    ctx = EvalContext(model=loaded.model, device=torch_device(config), batch_size=1)
     loaded.model.to(ctx.device)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -411,10 +535,13 @@ def _chat(args: argparse.Namespace, target: Any, config: Any, spec: Any) -> int:
     return 0
 
 
-def torch_device():
+def torch_device(config: Any = None) -> Any:
+    """Where eval / generate run: on the CPU when the run's ``device`` says ``cpu`` (or there is
+    no GPU), else on the GPU. One rule for every command that runs a model."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wants_cpu = config is not None and getattr(config, "device", "auto") == "cpu"
+    return torch.device("cuda" if torch.cuda.is_available() and not wants_cpu else "cpu")
 
 
 def _raw_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -450,7 +577,6 @@ def _write_generations(
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import shutil
 
     from .train.inference import load_for_inference, restore_task_state
 
@@ -488,14 +614,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"merged {target.adapter_dir} -> {path} (GGUF {args.gguf_dtype}, for llama.cpp)")
     if out is None:
         return 0
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    merged.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    from .checkpoint import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     print(
         f"merged {target.adapter_dir} into {type(merged).__name__} -> {out} "
         f"(load with transformers' from_pretrained)"

@@ -4,7 +4,13 @@ Every method's config is a dataclass whose field names and JSON keys are HF PEFT
 ``adapter_config.json`` written by either library reads in the other::
 
     adapter_config.json --read_config--> dict --config_from_dict--> LoraConfig | AdaLoraConfig | ...
-                                          (peft_type picks the class in methods.CONFIGS)
+                                          (peft_type picks the class: config_class)
+
+A config class says what its method can do (``adapts``: what in the model it changes;
+``model_families``: which kinds of base model it serves), so tasks and the trainer ask the class
+instead of testing method names; :mod:`peftkit.methods.table` lists the methods a run can name.
+A concrete config class (one that sets ``peft_type``) is found by ``config_class`` from the moment
+it is defined: nobody keeps a second list of them.
 
 Keys we do not know are warned about and dropped (a config from a newer version must not crash
 an older reader); keys PEFT knows but peftkit does not implement are accepted silently while they
@@ -43,6 +49,42 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+
+
+class Adapts(str, enum.Enum):
+    """What a method changes in the model it adapts (a config class's ``adapts``).
+
+    Tasks and the trainer ask this instead of a method's name: a decoder classifier pads left
+    when the model reads embeddings instead of ``input_ids``, packing refuses virtual tokens.
+    """
+
+    LAYERS = "layers"  # adapter layers injected into the model's own layers (LoRA, AdaLoRA)
+    INPUT_EMBEDDINGS = "input_embeddings"  # virtual tokens before the input embeddings
+    KV_PREFIX = "kv_prefix"  # virtual keys/values before every attention layer's cache
+
+    @property
+    def virtual_tokens(self) -> bool:
+        """Whether positions the data does not hold come before every row."""
+        return self is not Adapts.LAYERS
+
+    @property
+    def description(self) -> str:
+        """What the method does to the model, for messages that say why it does not apply."""
+        return {
+            Adapts.LAYERS: "it adds adapter layers to the model's own layers",
+            Adapts.INPUT_EMBEDDINGS: "it prepends virtual tokens to a text model's input "
+            "embeddings",
+            Adapts.KV_PREFIX: "it prepends virtual keys and values to a text model's attention "
+            "cache",
+        }[self]
+
+
+class ModelFamily(str, enum.Enum):
+    """Kinds of base model: a task's table row names its family, a method the families it serves."""
+
+    TEXT = "text"  # transformers language models and text encoders (token embeddings)
+    VISION = "vision"  # image classifiers: transformers (ViT) or plain PyTorch networks
+    DIFFUSION = "diffusion"  # a diffusion UNet with its text encoder (text-to-image)
 
 
 # PEFT fields peftkit does not implement, with the value that means "feature off". Any other value
@@ -88,11 +130,23 @@ class PeftConfig:
 
     peft_type: ClassVar[PeftType]
     is_prompt_learning: ClassVar[bool] = False
+    # What the method can do, declared by each method's config class (no default: a new method
+    # says it): what it changes in the model, and the kinds of base model it serves.
+    adapts: ClassVar[Adapts]
+    model_families: ClassVar[frozenset[ModelFamily]]
 
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A class that sets its own ``peft_type`` is what ``config_class`` returns for it (the
+        first one defined: subclasses that keep their parent's type do not replace it)."""
+        super().__init_subclass__(**kwargs)
+        peft_type = cls.__dict__.get("peft_type")
+        if peft_type is not None:
+            _CONFIG_CLASSES.setdefault(PeftType(peft_type), cls)
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, str):
@@ -158,16 +212,17 @@ class PeftConfig:
         return read_config(directory)
 
 
-def config_class(peft_type: PeftType | str) -> type[PeftConfig]:
-    """The config class for ``peft_type`` (``methods.CONFIGS``), with a clear error when unknown."""
-    # Imported here, not at the top: every class in that table subclasses PeftConfig, so the
-    # methods import this module and it cannot import them back while it is being loaded.
-    from .methods import CONFIGS
+# peft_type -> the config class that declares it, filled as the classes are defined
+# (PeftConfig.__init_subclass__); peftkit's own are all defined once ``peftkit`` is imported.
+_CONFIG_CLASSES: dict[PeftType, type[PeftConfig]] = {}
 
+
+def config_class(peft_type: PeftType | str) -> type[PeftConfig]:
+    """The config class for ``peft_type``, with a clear error when unknown."""
     try:
-        return CONFIGS[PeftType(peft_type)]
+        return _CONFIG_CLASSES[PeftType(peft_type)]
     except (ValueError, KeyError):
-        known = ", ".join(sorted(p.value for p in CONFIGS))
+        known = ", ".join(sorted(p.value for p in _CONFIG_CLASSES))
         raise ValueError(f"unknown peft_type {peft_type!r}; peftkit supports: {known}") from None
 
 

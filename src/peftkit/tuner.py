@@ -38,7 +38,9 @@ from .inject import (
     replace_module,
     wrap_modules_to_save,
 )
-from .methods.lora import LoraConfig, LoraLayer, create_lora_layer
+from .methods.lora import LoraLayer
+from .methods.lora_config import LoraConfig
+from .methods.lora_create import create_lora_layer
 from .methods.lora_param import inject_parameters
 from .methods.trainable_tokens import TrainableTokensWrapper, wrap_trainable_tokens
 

@@ -15,7 +15,7 @@ from .conll import read_conll
 from .dispatch import READERS, parse_hub_spec, read_records
 from .errors import DataFormatError
 from .hub import load_hub_dataset
-from .images import read_idx, read_idx_array, read_image_folder
+from .images import read_idx, read_idx_array, read_image_files, read_image_folder
 from .paths import shared_data_dir
 from .squad import read_squad
 from .tables import read_json, read_jsonl, read_table
@@ -30,6 +30,7 @@ __all__ = [
     "read_financial_phrasebank",
     "read_idx",
     "read_idx_array",
+    "read_image_files",
     "read_image_folder",
     "read_json",
     "read_jsonl",

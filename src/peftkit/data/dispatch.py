@@ -4,6 +4,7 @@
 
     "hf:glue/sst2"  or {"hub": ...}  -> load_hub_dataset
     dir/<class>/*.jpg                -> read_image_folder
+    dir/*.jpg (no sub-folders)       -> read_image_files (rows without labels: DreamBooth)
     *-images-idx3-ubyte[.gz]         -> read_idx (labels file found beside it)
     .csv .tsv .tab [.gz]             -> read_table
     .jsonl .ndjson                   -> read_jsonl
@@ -24,7 +25,7 @@ from typing import Any
 
 from .conll import read_conll
 from .hub import load_hub_dataset
-from .images import read_idx, read_image_folder
+from .images import IMAGE_SUFFIXES, read_idx, read_image_files, read_image_folder
 from .squad import read_squad
 from .tables import _base_suffix, open_text, read_json, read_jsonl, read_table
 from .text import PHRASEBANK_LABELS, read_financial_phrasebank, read_text
@@ -40,6 +41,7 @@ READERS = {
     "text": read_text,
     "phrasebank": read_financial_phrasebank,
     "image_folder": read_image_folder,
+    "image_files": read_image_files,
     "idx": read_idx,
 }
 
@@ -124,15 +126,18 @@ def read_records(
 
 
 def _read_dir(path: Path, **kwargs: Any) -> list[dict[str, Any]]:
-    """A folder is an image-class tree, or holds exactly one idx images file."""
+    """A folder is an image-class tree, a plain folder of images, or holds exactly one idx
+    images file."""
     idx = sorted(path.glob("*images-idx3-ubyte*"))
     if len(idx) == 1:
         return read_idx(idx[0], _idx_labels(idx[0]))
-    if any(d.is_dir() for d in path.iterdir()):
+    if any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
         return read_image_folder(path, **kwargs)
+    if any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.iterdir() if f.is_file()):
+        return read_image_files(path, **kwargs)
     raise ValueError(
-        f"{path} is a folder but neither <class>/<image> sub-folders nor one idx images file; "
-        "name the file to read instead."
+        f"{path} is a folder but neither <class>/<image> sub-folders, images, nor one idx "
+        "images file; name the file to read instead."
     )
 
 

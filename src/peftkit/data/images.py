@@ -60,6 +60,24 @@ def read_image_folder(
     return records
 
 
+def read_image_files(
+    root: str | Path, extensions: tuple[str, ...] = IMAGE_SUFFIXES
+) -> list[dict[str, str]]:
+    """A plain folder of images (no class sub-folders), sorted by name: ``[{"image": path}]``
+    (DreamBooth's instance images; their caption comes from the task).
+
+    Raises:
+        DataFormatError: no image files in ``root``.
+    """
+    r = Path(root).expanduser()
+    exts = tuple(e.lower() for e in extensions)
+    records = [{"image": str(f)} for f in sorted(r.iterdir())
+               if f.is_file() and f.suffix.lower() in exts]  # fmt: skip
+    if not records:
+        raise DataFormatError(r, None, f"no image files ({', '.join(exts)}) in the folder.")
+    return records
+
+
 def read_idx_array(path: str | Path) -> np.ndarray:
     """Decode one idx file (gzipped or not) into an array of the shape its header gives.
 

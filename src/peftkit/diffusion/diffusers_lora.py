@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import save_tensors
+from ..methods.lora_config import LoraConfig, match_pattern_key
+from ..peft_model import get_peft_model
+
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
 PEFT_PREFIX = "base_model.model."
@@ -61,8 +65,6 @@ def to_diffusers(tensors: dict[str, torch.Tensor], config: Any) -> tuple[dict, d
 
 def save_diffusers_lora(model: Any, folder: str | os.PathLike) -> Path:
     """Write ``<folder>/pytorch_lora_weights.safetensors`` from a PeftModel's active adapter."""
-    from ..checkpoint import save_tensors
-
     tensors, metadata = to_diffusers(model.adapter_state_dict(), model.active_peft_config)
     path = Path(folder) / DIFFUSERS_WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,57 +75,88 @@ def save_diffusers_lora(model: Any, folder: str | os.PathLike) -> Path:
 
 def read_diffusers_lora(path: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor]]:
     """(LoraConfig, PEFT on-disk tensors) from a diffusers LoRA file (or a folder holding
-    ``pytorch_lora_weights.safetensors``); ValueError names the file for what it cannot read."""
-    from safetensors import safe_open
+    ``pytorch_lora_weights.safetensors``); ValueError names the file for what it cannot read.
 
-    from ..methods.lora import LoraConfig
+    The UNet and the text encoder may carry different settings (diffusers writes one metadata
+    block per component): the config targets exactly the modules the file adapts, with ``r`` /
+    ``lora_alpha`` of the UNet's block and ``rank_pattern`` / ``alpha_pattern`` for every module
+    whose rank (read off its tensors) or alpha differs.
+    """
+    from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         path = path / DIFFUSERS_WEIGHTS
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: LoRA file not found (diffusers writes {DIFFUSERS_WEIGHTS})"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a safetensors LoRA file ({exc})") from None
     tensors: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for key, value in raw.items():
         prefix, _, rest = key.partition(".")
         if prefix not in ("unet", "text_encoder") or not rest:
-            raise ValueError(f"{path}: key {key!r} is neither unet.* nor text_encoder.*")
+            raise ValueError(
+                f"{path}: key {key!r} is neither unet.* nor text_encoder.* (an SDXL LoRA's "
+                "text_encoder_2.* keys need an SDXL base, which text_to_image does not support)"
+            )
         rest = rest.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+        module = TEXT + rest if prefix == "text_encoder" else rest
         if rest.endswith(".alpha"):  # network alphas: one scalar per module
-            alphas[rest[: -len(".alpha")]] = float(value)
+            alphas[module[: -len(".alpha")]] = float(value)
             continue
-        tensors[PEFT_PREFIX + (TEXT + rest if prefix == "text_encoder" else rest)] = value
+        tensors[PEFT_PREFIX + module] = value
     if not tensors:
         raise ValueError(f"{path}: no LoRA tensors")
     stored = json.loads(header[METADATA_KEY]) if header.get(METADATA_KEY) else {}
-    settings = {k.partition(".")[2]: v for k, v in stored.items() if k.startswith("unet.")}
-    if not settings:
-        settings = _inferred_settings(tensors, alphas)
-    fields = {k: v for k, v in settings.items() if k in _CONFIG_FIELDS}
-    return LoraConfig(**fields), tensors
+    parts = {
+        part: {k.partition(".")[2]: v for k, v in stored.items() if k.startswith(part + ".")}
+        for part in ("unet", "text_encoder")
+    }
+    settings = _settings(tensors, alphas, parts)
+    return LoraConfig(**{k: v for k, v in settings.items() if k in _CONFIG_FIELDS}), tensors
 
 
-def _inferred_settings(tensors: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict:
-    """r (the commonest rank), rank_pattern for the rest, alpha (= rank, or the file's alphas),
-    target_modules = the adapted modules' paths."""
+def _settings(
+    tensors: dict[str, torch.Tensor], alphas: dict[str, float], parts: dict[str, dict]
+) -> dict[str, Any]:
+    """LoraConfig fields for the modules in ``tensors``: each module's rank from its tensors,
+    its alpha from the file's network alphas, else its component's metadata (``lora_alpha``,
+    ``alpha_pattern``), else its rank (diffusers' rule for files without either: scale 1)."""
     ranks = {k.split(".lora_A.")[0][len(PEFT_PREFIX) :]: v.shape[0]
              for k, v in tensors.items() if ".lora_A." in k}  # fmt: skip
-    r = collections.Counter(ranks.values()).most_common(1)[0][0]
-    settings: dict[str, Any] = {
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
-        "target_modules": sorted(ranks),
-        "use_dora": any("lora_magnitude_vector" in k for k in tensors),
-    }
-    if alphas:
-        common = collections.Counter(alphas.values()).most_common(1)[0][0]
-        settings["lora_alpha"] = common
-        settings["alpha_pattern"] = {m: a for m, a in alphas.items() if a != common}
-    else:  # alpha = rank per module: every module keeps scale 1
-        settings["alpha_pattern"] = dict(settings["rank_pattern"])
+    module_alpha: dict[str, float] = {}
+    for module, rank in ranks.items():
+        part = "text_encoder" if module.startswith(TEXT) else "unet"
+        meta = parts.get(part) or {}
+        local = module[len(TEXT) :] if part == "text_encoder" else module
+        key = match_pattern_key(meta.get("alpha_pattern") or {}, local)
+        if module in alphas:
+            module_alpha[module] = alphas[module]
+        elif key is not None:
+            module_alpha[module] = float(meta["alpha_pattern"][key])
+        elif "lora_alpha" in meta:
+            module_alpha[module] = float(meta["lora_alpha"])
+        else:
+            module_alpha[module] = float(rank)
+    main = parts.get("unet") or parts.get("text_encoder") or {}
+    r = int(main["r"]) if "r" in main else collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = main.get("lora_alpha", collections.Counter(module_alpha.values()).most_common(1)[0][0])
+    settings = {k: v for k, v in main.items() if k in _CONFIG_FIELDS}
+    settings.update(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(ranks),  # exactly the adapted modules
+        rank_pattern={m: k for m, k in ranks.items() if k != r},
+        alpha_pattern={m: a for m, a in module_alpha.items() if a != alpha},
+        use_dora=bool(main.get("use_dora")) or any("lora_magnitude_vector" in k for k in tensors),
+    )
     return settings
 
 
@@ -132,8 +165,6 @@ def load_diffusers_lora(
 ) -> Any:
     """A PeftModel: ``model`` (a TextToImageUNet or a plain UNet) with the diffusers LoRA file
     ``path`` loaded into a fresh adapter."""
-    from .. import get_peft_model
-
     config, tensors = read_diffusers_lora(path)
     peft_model = get_peft_model(model, config, adapter_name)
     peft_model.load_adapter_state_dict(tensors, adapter_name)

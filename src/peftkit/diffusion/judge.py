@@ -57,15 +57,14 @@ class ImageJudge(nn.Module):
         return out
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
+        """``config.json`` + ``model.safetensors`` in ``folder``, each written atomically."""
+        from ..checkpoint import atomic_write_text, save_tensors
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         config = {"judge": JUDGE_KIND, "channels": self.channels, "size": self.size,
                   "labels": self.labels}  # fmt: skip
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"))  # fmt: skip
+        atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+        save_tensors(folder / "model.safetensors", self.state_dict())
         return folder
 
 

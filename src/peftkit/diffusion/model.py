@@ -1,38 +1,48 @@
-"""The text-to-image model: a diffusers UNet that knows its noise scheduler and text encoder.
+"""The text-to-image model: a diffusers UNet that knows its noise scheduler, text encoder, VAE.
 
 ::
 
-    base folder/  unet/ (UNet2DConditionModel)  scheduler/ (DDPMScheduler config)
-                  text_encoder.json {"text_encoder": "minilm-l6"}   or  text_encoder/ + tokenizer/
-      ──load_text_to_image──> TextToImageUNet (the UNet's own modules at the root, so adapter
-                              keys are the UNet's: PEFT / diffusers load them into a plain UNet)
-                              + .text_encoder (frozen, registered: LoRA may target it too)
-                              + .noise_scheduler, .tokenizer (plain attributes)
+    TextToImageUNet (the UNet's own modules at the root, so adapter keys are the UNet's: PEFT /
+                     diffusers load them into a plain UNet)
+      + .text_encoder (frozen, registered: LoRA may target it too, diffusers' text_encoder.* keys)
+      + .vae (latent layout only; a plain attribute, so no target pattern ever reaches it; moved
+              and cast with the UNet), .noise_scheduler, .tokenizer, .conditioning
 
-    training forward (pixel_values, prompt_ids, prompt_mask, noise, timesteps):
-      prompt ──text encoder──> token states (B, T, D) = encoder_hidden_states
-      x0 (B, C, H, W) in [-1, 1] ──add_noise(x0, ε, t)──> x_t ──UNet──> prediction
-      loss = MSE(prediction, target), target = ε (epsilon) | v = √ᾱ_t ε − √(1−ᾱ_t) x0
-             (v_prediction) | x0 (sample), as the scheduler's ``prediction_type`` says
+    training forward (a batch from the task's collate):
+      prompt ids (B, T) ──text encoder──> token states (B, T, D) = encoder_hidden_states
+      x0 = pixel_values (B, C, H, W) in [-1, 1]                           (pixel layout)
+         | (mean + std ε_lat − shift) · scaling_factor, (mean, std) = VAE(pixel_values) or the
+           cached latent_mean / latent_std, ε_lat = latent_noise          (latent layout)
+      x_t = add_noise(x0, ε, t) = √ᾱ_t x0 + √(1−ᾱ_t) ε ──UNet──> prediction
+      target = ε (epsilon) | v = √ᾱ_t ε − √(1−ᾱ_t) x0 (v_prediction) | x0 (sample)
+      loss = Σ_i w_i · m_i · mean_chw (prediction_i − target_i)²
+             w_i = 1/B (DreamBooth: 1/B per instance row, prior_loss_weight/B per class row)
+             m_i = 1, or min(SNR_t, γ)/SNR_t (ε) | min(SNR_t, γ)/(SNR_t + 1) (v) with snr_gamma γ
+
+This is the formulation of diffusers' train_text_to_image_lora.py (w_i = 1/B: the plain mean)
+and train_dreambooth_lora.py (instance mean + prior_loss_weight · prior mean); tests compute
+those scripts' losses and gradients from the same components and compare.
+
+Conditioning (:class:`Conditioning`) follows the folder's kind: a Stable Diffusion folder pads
+prompts to the tokenizer's ``model_max_length`` and gives the text encoder no attention mask
+unless its config has ``use_attention_mask`` (as diffusers' pipeline does), and the UNet no mask;
+the pixel layout (any transformers encoder, e.g. MiniLM) pads to the longest prompt and masks.
 
 Called with ``(sample, timestep, encoder_hidden_states)`` it is the plain UNet (sampling,
-parity checks). The model is pixel-space (no VAE): the digits run denoises 32x32 grey images.
+parity checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from torch import nn
 
-TEXT_ENCODER_FILE = "text_encoder.json"  # {"text_encoder": name or path}: no copy of it needed
+from . import latents as latent_space
 
 
 @dataclasses.dataclass
@@ -43,23 +53,88 @@ class DenoisingOutput:
     sample: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """How prompts become the UNet's context (module docstring).
+
+    Attributes:
+        pad_to: pad (and truncate) every prompt to this many tokens; None: to the longest.
+        text_mask: hand the text encoder the attention mask.
+        unet_mask: hand the UNet the mask as ``encoder_attention_mask``.
+    """
+
+    pad_to: int | None = None
+    text_mask: bool = True
+    unet_mask: bool = True
+
+
+def pipeline_conditioning(tokenizer: Any, text_encoder: nn.Module) -> Conditioning:
+    """Stable Diffusion's: ``model_max_length`` tokens, a mask only if the encoder asks."""
+    mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+    return Conditioning(pad_to=int(tokenizer.model_max_length), text_mask=mask, unet_mask=False)
+
+
 class TextToImageUNet(UNet2DConditionModel):
-    """A UNet2DConditionModel plus its frozen text encoder and noise scheduler (module docstring).
+    """A UNet2DConditionModel plus its frozen text encoder, noise scheduler and (latent layout)
+    VAE (module docstring).
 
     Adapters injected into it are named as in the plain UNet (``down_blocks.0...to_q``); the
     text encoder sits under ``text_encoder.`` (diffusers' prefix for its LoRA too).
     """
 
-    def attach(self, text_encoder: nn.Module, tokenizer: Any, scheduler: DDPMScheduler) -> None:
-        """Give the UNet its text encoder (frozen, eval mode) and noise scheduler."""
+    def attach(
+        self,
+        text_encoder: nn.Module,
+        tokenizer: Any,
+        scheduler: Any,
+        vae: nn.Module | None = None,
+        conditioning: Conditioning | None = None,
+        sampler_config: dict | None = None,
+    ) -> None:
+        """Give the UNet its text encoder (frozen, eval mode), noise scheduler, VAE (frozen;
+        not a registered module) and the conditioning policy. ``sampler_config`` is the
+        folder's own scheduler config (its class may differ from the training DDPM)."""
         text_encoder.requires_grad_(False).eval()
         self.text_encoder = text_encoder
-        self.__dict__["tokenizer"] = tokenizer  # plain attributes: not modules, not saved
+        if vae is not None:
+            vae.requires_grad_(False).eval()
+        # plain attributes: not modules (never matched by target patterns), not saved
+        self.__dict__["vae"] = vae
+        self.__dict__["tokenizer"] = tokenizer
         self.__dict__["noise_scheduler"] = scheduler
+        self.__dict__["conditioning"] = conditioning or Conditioning()
+        self.__dict__["sampler_config"] = sampler_config
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``.to()`` / ``.float()`` / ``.cuda()`` move and cast the VAE with the UNet."""
+        out = super()._apply(fn, *args, **kwargs)
+        vae = self.__dict__.get("vae")
+        if vae is not None:
+            vae._apply(fn, *args, **kwargs)
+        return out
 
     @property
     def prediction_type(self) -> str:
         return str(self.noise_scheduler.config.prediction_type)
+
+    @property
+    def latent(self) -> bool:
+        """True for a Stable Diffusion folder: the UNet denoises the VAE's latents."""
+        return self.__dict__.get("vae") is not None
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images the model reads and writes (the VAE's, else the UNet's)."""
+        return int(self.vae.config.in_channels if self.latent else self.config.in_channels)
+
+    @property
+    def vae_factor(self) -> int:
+        return latent_space.vae_scale_factor(self.vae) if self.latent else 1
+
+    @property
+    def default_resolution(self) -> int:
+        """Image side the base was made for: the UNet's ``sample_size`` x the VAE factor."""
+        return int(self.config.sample_size) * self.vae_factor
 
     def train(self, mode: bool = True) -> TextToImageUNet:
         """Train mode for the UNet; the text encoder stays in eval mode (no dropout) unless an
@@ -70,51 +145,93 @@ class TextToImageUNet(UNet2DConditionModel):
             text.eval()
         return self
 
-    def encode_prompt(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Token states of the text encoder's last layer: (B, T) ids -> (B, T, D)."""
-        text = self.text_encoder
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in text.parameters())
-        with torch.set_grad_enabled(grad):
-            out = text(input_ids=prompt_ids, attention_mask=prompt_mask)
-        return out.last_hidden_state  # (B, T, D)
-
+    # --- prompts ---------------------------------------------------------------------------
     def tokenize(self, prompts: list[str], device: torch.device | None = None) -> dict:
-        """``prompt_ids`` / ``prompt_mask`` (B, T) of ``prompts``, padded to the longest."""
-        enc = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        """``prompt_ids`` / ``prompt_mask`` (B, T) of ``prompts`` as the conditioning says."""
+        pad_to = self.conditioning.pad_to
+        if pad_to is None:
+            enc = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        else:
+            enc = self.tokenizer(prompts, padding="max_length", max_length=pad_to,
+                                 truncation=True, return_tensors="pt")  # fmt: skip
         out = {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}
         return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
+    def tokenize_one(self, prompt: str) -> list[int]:
+        """One prompt's ids, padded as the conditioning says (collate pads the rest)."""
+        return self.tokenize([prompt])["prompt_ids"][0].tolist()
+
+    def encode_prompt(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token states of the text encoder's last layer: (B, T) ids -> (B, T, D)."""
+        text = self.text_encoder
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in text.parameters())
+        mask = prompt_mask if self.conditioning.text_mask else None
+        with torch.set_grad_enabled(grad):
+            out = text(input_ids=prompt_ids, attention_mask=mask)
+        return out[0]  # (B, T, D): last_hidden_state
+
+    def unet_mask(self, prompt_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The ``encoder_attention_mask`` the UNet gets (None for Stable Diffusion folders)."""
+        return prompt_mask if self.conditioning.unet_mask else None
+
+    # --- training --------------------------------------------------------------------------
     def forward(  # type: ignore[override]
         self,
         sample: torch.Tensor | None = None,
         timestep: torch.Tensor | float | int | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         *args: Any,
-        pixel_values: torch.Tensor | None = None,
         prompt_ids: torch.Tensor | None = None,
-        prompt_mask: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        latent_mean: torch.Tensor | None = None,
+        latent_std: torch.Tensor | None = None,
+        latent_noise: torch.Tensor | None = None,
+        row_weights: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """The denoising loss of a training batch (``pixel_values`` given), else the UNet."""
-        if pixel_values is None:
+        """The denoising loss of a training batch (``noise`` given), else the plain UNet."""
+        if noise is None:
             return super().forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        return self.denoising_loss(pixel_values, prompt_ids, prompt_mask, noise, timesteps)
+        x0 = self.clean_input(pixel_values, latent_mean, latent_std, latent_noise)
+        return self.denoising_loss(x0, prompt_ids, prompt_mask, noise, timesteps, row_weights)
+
+    def clean_input(
+        self,
+        pixel_values: torch.Tensor | None,
+        latent_mean: torch.Tensor | None = None,
+        latent_std: torch.Tensor | None = None,
+        latent_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x0, what the UNet learns to denoise: the pixels, or the VAE's scaled latents (from
+        the images, or from cached (mean, std)) sampled with ``latent_noise``."""
+        if not self.latent:
+            return pixel_values.to(self.dtype)
+        if latent_mean is None:
+            latent_mean, latent_std = latent_space.latent_distribution(self.vae, pixel_values)
+        if latent_noise is None:
+            raise ValueError("a latent-space batch needs latent_noise (collate draws it)")
+        return latent_space.to_latents(self.vae, latent_mean, latent_std, latent_noise).to(
+            self.dtype
+        )
 
     def denoising_loss(
         self,
-        pixel_values: torch.Tensor,
+        x0: torch.Tensor,
         prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
+        prompt_mask: torch.Tensor | None,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
+        row_weights: torch.Tensor | None = None,
     ) -> DenoisingOutput:
-        """MSE between the UNet's prediction at ``x_t`` and the scheduler's target (see the
-        module docstring); ``noise`` ε (B, C, H, W) and ``timesteps`` (B,) come with the batch."""
+        """The loss of the module docstring on clean inputs ``x0`` (B, C, h, w); ``noise`` ε,
+        ``timesteps`` (B,) and ``row_weights`` w_i · m_i (B,; default 1/B) come with the batch."""
         states = self.encode_prompt(prompt_ids, prompt_mask)  # (B, T, D)
         scheduler = self.noise_scheduler
-        x0 = pixel_values.to(self.dtype)
         noise = noise.to(x0.dtype)
         noisy = scheduler.add_noise(x0, noise, timesteps)  # √ᾱ x0 + √(1−ᾱ) ε
         kind = self.prediction_type
@@ -128,115 +245,38 @@ class TextToImageUNet(UNet2DConditionModel):
             raise ValueError(f"scheduler prediction_type {kind!r} is not epsilon/v_prediction")
         pred = (
             super()
-            .forward(noisy, timesteps, states.to(x0.dtype), encoder_attention_mask=prompt_mask)
+            .forward(noisy, timesteps, states.to(x0.dtype),
+                     encoder_attention_mask=self.unet_mask(prompt_mask))
             .sample
-        )  # (B, C, H, W)
-        return DenoisingOutput(loss=F.mse_loss(pred.float(), target.float()), sample=pred)
+        )  # (B, C[x2], h, w)  # fmt: skip
+        if pred.shape[1] == 2 * target.shape[1]:  # a learnt variance: trained on the mean only
+            pred = pred[:, : target.shape[1]]
+        per_row = F.mse_loss(pred.float(), target.float(), reduction="none")
+        per_row = per_row.mean(dim=list(range(1, per_row.ndim)))  # (B,)
+        if row_weights is None:
+            loss = per_row.mean()
+        else:
+            loss = (per_row * row_weights.to(per_row)).sum()
+        return DenoisingOutput(loss=loss, sample=pred)
 
 
-def is_text_to_image_folder(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / "unet" / "config.json").is_file()
-
-
-def _text_encoder_source(folder: Path, override: str | os.PathLike | None) -> str:
-    """Where the text encoder (+ tokenizer) is: ``model.tokenizer``, else the folder's
-    ``text_encoder.json``, else its ``text_encoder/`` subfolder."""
-    if override:
-        return os.fspath(override)
-    pointer = folder / TEXT_ENCODER_FILE
-    if pointer.is_file():
-        name = json.loads(pointer.read_text(encoding="utf-8"))["text_encoder"]
-        local = folder / name
-        return str(local) if local.exists() else name
-    if (folder / "text_encoder" / "config.json").is_file():
-        return str(folder / "text_encoder")
-    raise FileNotFoundError(
-        f'{folder}: no text encoder: add {TEXT_ENCODER_FILE} ({{"text_encoder": '
-        '"minilm-l6"}), a text_encoder/ folder, or set model.tokenizer to one'
-    )
-
-
-def load_text_encoder(name_or_path: str) -> tuple[nn.Module, Any]:
-    """A transformers encoder (``AutoModel``) and its tokenizer: a bundled name or a folder
-    (the tokenizer from ``<folder>/../tokenizer`` when the folder has none, diffusers' layout)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from ..models import resolve_model
-
-    path = resolve_model(name_or_path).path
-    model = AutoModel.from_pretrained(path, local_files_only=True)
-    tok_path = path
-    sibling = Path(path).parent / "tokenizer"
-    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
-        tok_path = str(sibling) if sibling.is_dir() else path
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
-    return model, tokenizer
-
-
-def load_text_to_image(
-    name_or_path: str | os.PathLike,
-    dtype: torch.dtype | str | None = None,
-    quantization: str | None = None,
-    tokenizer_name_or_path: str | os.PathLike | None = None,
-    **_: Any,
-) -> tuple[TextToImageUNet, Any]:
-    """``(TextToImageUNet, tokenizer)`` from a base folder (module docstring); eval mode.
-
-    Raises:
-        FileNotFoundError: no ``unet/`` in the folder, or no text encoder found.
-        ValueError: ``quantization`` (4-bit loading is for transformers models).
-    """
-    folder = Path(name_or_path).expanduser()
-    if quantization is not None:
-        raise ValueError(
-            "text_to_image: 4-bit loading (QLoRA) is for transformers models; use lora "
-            "(use_dora: true for DoRA) or adalora on the UNet"
-        )
-    if not is_text_to_image_folder(folder):
-        raise FileNotFoundError(
-            f"{folder}: not a text-to-image base folder (expected unet/config.json and "
-            "scheduler/scheduler_config.json, diffusers' save_pretrained layout)"
-        )
-    unet = TextToImageUNet.from_pretrained(str(folder / "unet"))
-    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
-    text_encoder, tokenizer = load_text_encoder(
-        _text_encoder_source(folder, tokenizer_name_or_path)
-    )
-    hidden = getattr(text_encoder.config, "hidden_size", None)
-    if hidden is not None and hidden != unet.config.cross_attention_dim:
-        raise ValueError(
-            f"{folder}: the UNet's cross_attention_dim {unet.config.cross_attention_dim} differs "
-            f"from the text encoder's hidden size {hidden}"
-        )
-    unet.attach(text_encoder, tokenizer, scheduler)
-    if dtype is not None and dtype != "auto":
-        unet.to(dtype)
-    return unet.eval(), tokenizer
-
-
-def save_text_to_image(
-    folder: str | os.PathLike, unet: UNet2DConditionModel, scheduler: Any, text_encoder: str
-) -> Path:
-    """Write a base folder: ``unet/``, ``scheduler/`` and ``text_encoder.json`` naming the
-    text encoder (a bundled name or a path)."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    plain = UNet2DConditionModel.from_config(unet.config)
-    plain.load_state_dict(
-        {k: v for k, v in unet.state_dict().items() if not k.startswith("text_encoder.")}
-    )
-    plain.save_pretrained(out / "unet")
-    scheduler.save_pretrained(out / "scheduler")
-    (out / TEXT_ENCODER_FILE).write_text(json.dumps({"text_encoder": text_encoder}) + "\n")
-    return out
+def snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float, kind: str) -> torch.Tensor:
+    """Min-SNR weights (B,): min(SNR_t, γ)/SNR_t for ε targets, min(SNR_t, γ)/(SNR_t + 1) for v,
+    SNR_t = ᾱ_t / (1 − ᾱ_t) (Hang et al. 2023, as diffusers' scripts apply it)."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()  # (B,)
+    snr = alphas / (1.0 - alphas)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    if kind == "epsilon":
+        return clipped / snr
+    return clipped
 
 
 __all__ = [
+    "Conditioning",
     "DenoisingOutput",
     "TextToImageUNet",
-    "is_text_to_image_folder",
-    "load_text_encoder",
-    "load_text_to_image",
-    "save_text_to_image",
+    "pipeline_conditioning",
+    "snr_weights",
 ]

@@ -78,9 +78,7 @@ def write_lora_gguf(
     if not layers:
         raise ValueError(f"adapter {adapter!r} has no LoRA layers")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    writer = gguf.GGUFWriter(str(tmp), arch.name)
+    writer = gguf.GGUFWriter(None, arch.name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -98,4 +96,4 @@ def write_lora_gguf(
         writer.add_tensor(
             name + ".lora_b", numpy_of(names.reorder(module_path + ".weight", B), dtype)
         )
-    return finish(writer, tmp, out)
+    return finish(writer, out)

@@ -13,12 +13,12 @@ and llama.cpp.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import atomic_file
 from .gguf_names import TensorNames, arch_of, write_hparams
 from .gguf_vocab import copy_tokenizer_fields, write_chat_template, write_tokenizer_fields
 
@@ -41,12 +41,13 @@ def file_type(dtype: str) -> int:
     return gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
 
 
-def finish(writer: Any, tmp: Path, out: Path) -> Path:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
+def finish(writer: Any, out: Path) -> Path:
+    """Write what ``writer`` (made with no path) holds to ``out``, atomically."""
+    with atomic_file(out) as tmp:
+        writer.write_header_to_file(Path(tmp))
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return out
 
 
@@ -76,9 +77,7 @@ def write_model_gguf(
     arch = arch_of(config)
     names = TensorNames(config)
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    writer = gguf.GGUFWriter(str(tmp), arch.name)
+    writer = gguf.GGUFWriter(None, arch.name)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or str(getattr(config, "_name_or_path", "") or arch.name))
     write_hparams(writer, config)
@@ -94,4 +93,4 @@ def write_model_gguf(
         if tied and key.startswith("lm_head."):
             continue  # llama.cpp reads the output projection from token_embd when absent
         writer.add_tensor(names.name(key), numpy_of(names.reorder(key, tensor), dtype))
-    return finish(writer, tmp, out)
+    return finish(writer, out)

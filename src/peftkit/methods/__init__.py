@@ -1,51 +1,11 @@
-"""The built-in methods, in the two tables that everything else looks methods up in.
+"""The adapter methods, one module (or package) per method, and the table that lists them.
 
-::
+* :mod:`.table`: THE method table (``method.type`` -> config class, adapter model, 4-bit base);
+  what each method can do is declared by its config class (``adapts``, ``model_families``).
+* :mod:`.lora` (+ :mod:`.dora`, :mod:`.lora_fused`, :mod:`.lora_mha`, :mod:`.lora_param`,
+  :mod:`.trainable_tokens`), :mod:`.adalora` (+ :mod:`.rank_allocator`, :mod:`.adalora_report`),
+  :mod:`.prompt` (prompt tuning, P-tuning, prefix tuning).
 
-    peft_type       CONFIGS[...] (adapter_config.json)   ADAPTER_MODELS[...] (PeftModel's delegate)
-    LORA            lora.LoraConfig                      tuner.InjectedAdapterModel
-    ADALORA         adalora.AdaLoraConfig                adalora.AdaLoraModel
-    PROMPT_TUNING   prompt.PromptTuningConfig            prompt.PromptAdapterModel
-    P_TUNING        prompt.PromptEncoderConfig           prompt.PromptAdapterModel
-    PREFIX_TUNING   prompt.PrefixTuningConfig            prompt.PromptAdapterModel
-
-A new method adds one row to each table. ``config.config_class`` reads ``CONFIGS``;
-``model.PeftModel`` reads ``ADAPTER_MODELS``.
+This package imports nothing itself: ``tuner.py`` (the injected methods' adapter model) imports
+the layer modules here, and the table imports ``tuner.py``, so imports flow one way.
 """
-
-from ..config import PeftConfig, PeftType
-from ..tuner import InjectedAdapterModel
-from .adalora import AdaLoraConfig, AdaLoraModel
-from .lora import LoraConfig
-from .prompt import (
-    PrefixTuningConfig,
-    PromptAdapterModel,
-    PromptEncoderConfig,
-    PromptTuningConfig,
-)
-
-CONFIGS: dict[PeftType, type[PeftConfig]] = {
-    PeftType.LORA: LoraConfig,
-    PeftType.ADALORA: AdaLoraConfig,
-    PeftType.PROMPT_TUNING: PromptTuningConfig,
-    PeftType.P_TUNING: PromptEncoderConfig,
-    PeftType.PREFIX_TUNING: PrefixTuningConfig,
-}
-
-ADAPTER_MODELS: dict[PeftType, type] = {
-    PeftType.LORA: InjectedAdapterModel,
-    PeftType.ADALORA: AdaLoraModel,
-    PeftType.PROMPT_TUNING: PromptAdapterModel,
-    PeftType.P_TUNING: PromptAdapterModel,
-    PeftType.PREFIX_TUNING: PromptAdapterModel,
-}
-
-__all__ = [
-    "ADAPTER_MODELS",
-    "CONFIGS",
-    "AdaLoraConfig",
-    "LoraConfig",
-    "PrefixTuningConfig",
-    "PromptEncoderConfig",
-    "PromptTuningConfig",
-]

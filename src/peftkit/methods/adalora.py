@@ -33,19 +33,22 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..checkpoint import atomic_write_text
 from ..config import PeftType
 from ..tuner import InjectedAdapterModel
+from .adalora_report import final_ranks, plot_rank_heatmap, rank_report
 from .lora import (
-    LoraConfig,
     LoraLayer,
     _linear_features,
     _reference_tensor,
+    conv_rowwise_update,
     dropout_then_project,
 )
+from .lora_config import LoraConfig
 from .rank_allocator import RankAllocator, Triplets, module_path_of, saved_rank_pattern
 
 RANKNUM_EPS = 1e-5  # added to ranknum in the divisor, as PEFT does
@@ -253,8 +256,58 @@ class SVDLinear(AdaLoraLayer):
         )
 
 
-def create_svd_layer(target: nn.Module, config: AdaLoraConfig) -> SVDLinear:
-    """Wrap a linear-like ``target`` in :class:`SVDLinear`, or raise naming what is supported."""
+class SVDConv2d(AdaLoraLayer):
+    """AdaLoRA on ``nn.Conv2d``: the kernel read as a matrix (out, in·kh·kw), as HF PEFT does::
+
+        ΔW = (B (A ⊙ E) · scaling / (ranknum + 1e-5)).view(out, in, kh, kw)
+        y  = conv(x, W) + conv(dropout(x), ΔW)        (the base's stride, padding, dilation)
+
+    so ``A`` is (r, in·kh·kw) and the allocator scores it like a linear layer's. Grouped
+    convolutions are refused (:func:`create_svd_layer`): ΔW mixes every input channel.
+    """
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        kh, kw = base_layer.kernel_size
+        self.in_features = base_layer.in_channels * kh * kw  # A's columns: one per kernel tap
+        self.out_features = base_layer.out_channels
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, E, B = self.triplet(name)  # (r, in*kh*kw), (r, 1), (out, r)
+        delta = B @ (A * E) * self.scaling[name] / self.rank_divisor(name)  # (out, in*kh*kw)
+        return delta.view(self.base_layer.weight.shape)  # (out, in, kh, kw)
+
+    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(name)
+        xa = x.to(delta.dtype)
+        p = self.lora_dropout_p[name]
+        if self.training and p > 0:
+            xa = F.dropout(xa, p)
+        base = self.base_layer
+        out = F.conv2d(xa, delta, None, base.stride, base.padding, base.dilation)
+        return out  # (B, out, H', W')
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A ⊙ E)`` as r kernels (r, in, kh, kw) and the scaled ``B`` (out, r)."""
+        A, E, B = self.triplet(name)
+        kernels = (A * E).view(A.shape[0], *self.base_layer.weight.shape[1:])  # (r, in, kh, kw)
+        return kernels, B * (self.scaling[name] / self.rank_divisor(name))
+
+    def rowwise_update(
+        self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        return conv_rowwise_update(F.conv2d, self.base_layer, x, down, up, slots)
+
+    def extra_repr(self) -> str:
+        return ", ".join(
+            f"{n}: r={self.r[n]}, init_r={self.ranknum[n]:g}, scaling={self.scaling[n]:g}"
+            for n in self.r
+        )
+
+
+def create_svd_layer(target: nn.Module, config: AdaLoraConfig) -> AdaLoraLayer:
+    """Wrap a linear-like ``target`` in :class:`SVDLinear`, an ``nn.Conv2d`` in
+    :class:`SVDConv2d`, or raise naming what is supported."""
     from transformers.pytorch_utils import Conv1D
 
     from ..inject import is_quantized_linear
@@ -275,9 +328,17 @@ def create_svd_layer(target: nn.Module, config: AdaLoraConfig) -> SVDLinear:
             )
             config.fan_in_fan_out = False
         return SVDLinear(target)
+    if isinstance(target, nn.Conv2d):
+        if target.groups > 1:
+            raise ValueError(
+                f"AdaLoRA cannot adapt a grouped nn.Conv2d (groups={target.groups}): its update "
+                f"(out x in·kh·kw) mixes every input channel, which a grouped kernel cannot hold. "
+                f"Use LoRA for this layer, or leave it out of target_modules"
+            )
+        return SVDConv2d(target)
     raise TypeError(
         f"AdaLoRA cannot adapt a {type(target).__name__}; supported: nn.Linear, transformers "
-        f"Conv1D and peftkit Linear4bit. Narrow target_modules to linear layers"
+        f"Conv1D, nn.Conv2d and peftkit Linear4bit. Narrow target_modules to those layers"
     )
 
 
@@ -312,7 +373,7 @@ MISSED_ALLOCATION_WARNING = (
 
 
 class AdaLoraModel(InjectedAdapterModel):
-    """Injects :class:`SVDLinear` layers, adds the orthogonality penalty, allocates ranks.
+    """Injects :class:`SVDLinear` / :class:`SVDConv2d` layers, adds the orthogonality penalty, allocates ranks.
 
     Only one adapter trains at a time (others must be loaded with ``inference_mode=True``).
     """
@@ -494,8 +555,6 @@ class AdaLoraModel(InjectedAdapterModel):
             "kept": total rank, "mean_rank": rounded to 3 places}`` plus ``"heatmap"``: the PNG's
             path when plotted.
         """
-        from .adalora_report import final_ranks, plot_rank_heatmap, rank_report
-
         folder = pathlib.Path(folder)
         table = rank_report(self)
         atomic_write_text(str(folder / "adalora_ranks.txt"), table + "\n")

@@ -14,32 +14,33 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import Any
 
 from torch import nn
 
-from ..checkpoint import atomic_write
-from .adalora import AdaLoraModel
+from ..checkpoint import atomic_file
+from ..config import PeftType
 from .rank_allocator import module_path_of
 
 # the first "<layers|h|block...>.<i>." in a path splits it into block (row) and module kind (column)
 _BLOCK = re.compile(r"^(?P<row>(?:.*?\.)?(?:layers|layer|h|block|blocks)\.\d+)\.(?P<col>.+)$")
 
 
-def _tuner_and_name(peft_model: nn.Module, adapter_name: str | None) -> tuple[AdaLoraModel, str]:
-    # a PeftModel, or the AdaLoraModel itself (whose getattr would reach the transformers model's)
-    tuner = (
-        peft_model
-        if isinstance(peft_model, AdaLoraModel)
-        else getattr(peft_model, "base_model", peft_model)
-    )
-    if not isinstance(tuner, AdaLoraModel):
+def _tuner_and_name(peft_model: nn.Module, adapter_name: str | None) -> tuple[Any, str]:
+    """The AdaLoRA adapter model (``adalora.AdaLoraModel``) and the adapter's name, from a
+    PeftModel (which keeps its adapter model in ``adapter_model``) or that adapter model itself.
+    Told apart by the adapter's config, so this module need not import the model it reports on
+    (``AdaLoraModel.write_run_report`` calls it)."""
+    tuner = vars(peft_model).get("adapter_model", peft_model)
+    configs = getattr(tuner, "peft_config", None)
+    name = adapter_name or getattr(tuner, "active_adapter", None)
+    if isinstance(configs, dict) and name is not None and name not in configs:
+        raise ValueError(f"no adapter named {name!r}; have {list(configs)}")
+    if not isinstance(configs, dict) or configs[name].peft_type is not PeftType.ADALORA:
         raise ValueError(
             f"rank reports need an AdaLoRA model (get_peft_model with AdaLoraConfig); got a "
-            f"{type(tuner).__name__}"
+            f"{type(peft_model).__name__}"
         )
-    name = adapter_name or tuner.active_adapter
-    if name not in tuner.peft_config:
-        raise ValueError(f"no adapter named {name!r}; have {list(tuner.peft_config)}")
     return tuner, name
 
 
@@ -156,5 +157,6 @@ def plot_ranks(ranks: dict[str, int], path: str | os.PathLike, init_r: int, targ
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
     out = os.fspath(path)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png")
     return out

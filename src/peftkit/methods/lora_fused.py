@@ -36,32 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from .dropout_mask import keep_mask
-
-# 8 bytes of 0/1 (one int64, little-endian) -> one byte: bit k = byte k. Exact: no two partial
-# products meet in the top byte (checked over all 256 patterns in the tests).
-_PACK_MAGIC = sum(1 << (56 - 7 * k) for k in range(8))  # 0x0102040810204080
-
-
-def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    """Boolean (N, n) with n % 8 == 0 -> uint8 (N, n / 8): 8 mask elements per byte."""
-    words = keep.view(torch.uint8).view(torch.int64)  # (N, n/8), one byte per element
-    return ((words * _PACK_MAGIC) >> 56).to(torch.uint8)  # int64 wraps: the top byte survives
-
-
-_UNPACK_TABLE: dict[torch.device, torch.Tensor] = {}
-
-
-def unpack_mask(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: uint8 (N, n/8) -> bool (N, n), by one table lookup."""
-    table = _UNPACK_TABLE.get(packed.device)
-    if table is None:
-        values = torch.arange(256, dtype=torch.int64)
-        bits = (values.unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8)
-        table = bits.to(torch.uint8).contiguous().view(torch.int64).reshape(256)  # (256,)
-        table = _UNPACK_TABLE.setdefault(packed.device, table.to(packed.device))
-    words = table[packed.long()]  # (N, n/8) int64, byte k = bit k
-    return words.view(torch.uint8).view(torch.bool).reshape(packed.shape[0], -1)  # (N, n)
+from ..quant.linear4bit import QuantizedLinear
+from .dropout_mask import keep_mask, pack_mask, unpack_mask
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -190,9 +166,8 @@ def base_operands(
     if type(base) is nn.Linear:
         weight = base.weight
         return weight, lambda: weight, weight.dtype
-    weight_for_matmul = getattr(base, "weight_for_matmul", None)
-    if callable(weight_for_matmul):
-        return None, weight_for_matmul, base.compute_dtype
+    if isinstance(base, QuantizedLinear):
+        return None, base.weight_for_matmul, base.compute_dtype
     return None
 
 

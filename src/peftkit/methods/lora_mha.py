@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora import LoraConfig, LoraLayer, LoraLinear
+from .lora import LoraLayer, LoraLinear
+from .lora_config import LoraConfig
 
 
 class MhaOutProjLora(LoraLinear):

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..inject import _inside_adapter, replace_module
-from .lora import LoraConfig, LoraLayer
+from .lora import LoraLayer
+from .lora_config import LoraConfig
 
 
 class LoraParam(LoraLayer):

@@ -12,7 +12,7 @@ from .bnb_compat import (
     to_bnb_quant_state,
 )
 from .codebooks import code_4bit, dynamic_code_8bit
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, QuantizedLinear
 from .model_quant import (
     dequantize_model,
     is_quantized,
@@ -25,6 +25,7 @@ from .nf4 import QuantState4bit, dequantize_4bit, quantization_error, quantize_4
 
 __all__ = [
     "Linear4bit",
+    "QuantizedLinear",
     "QuantState4bit",
     "code_4bit",
     "dequantize_4bit",

@@ -139,7 +139,31 @@ def check_weight(weight: torch.Tensor, name: str) -> None:
         raise ValueError(f"layer {name} is on the meta device; load its weights before quantising")
 
 
-class Linear4bit(nn.Module):
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored quantised: the named interface adapters use.
+
+    LoRA (merging, DoRA's norm, the fused training node) and target matching ask
+    ``isinstance(layer, QuantizedLinear)`` and then these members, never probe for attributes::
+
+        compute_dtype        the dtype the layer multiplies in
+        dequantize()         the (out, in) weight as a tensor of its own
+        weight_for_matmul()  the weight for one matmul, possibly in reusable scratch
+        requantize_(weight)  store a new (out, in) weight (a merge into the quantised layer)
+    """
+
+    compute_dtype: torch.dtype
+
+    def dequantize(self, scratch: ScratchPool | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_for_matmul(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class Linear4bit(QuantizedLinear):
     """Linear layer with NF4/FP4 weights, dequantised to ``compute_dtype`` on each call.
 
     Args:
@@ -251,6 +275,7 @@ class Linear4bit(nn.Module):
                     self._buffers[name] = self._buffers[name].view(torch.float32)
 
     # ------------------------------------------------------------------ the LoRA contract
+    # (QuantizedLinear's members)
     def dequantize(self, scratch: ScratchPool | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight in ``compute_dtype``.
 

@@ -127,6 +127,22 @@ class SafetensorsReader:
             raise OSError(f"{self.path}: file ends inside tensor {name}")
         return out.view(entry.dtype).view(entry.shape)
 
+    def read_flat(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Elements ``[start, start + out.numel())`` of tensor ``name`` in row-major order into
+        the 1-D CPU tensor ``out`` (a rank's partition: the rest is not read). Straight into
+        ``out``'s memory when the dtypes agree, through one buffer of its size otherwise."""
+        entry = self.entries[name]
+        size, count = entry.dtype.itemsize, out.numel()
+        if start < 0 or entry.start + (start + count) * size > entry.end:
+            raise ValueError(f"{self.path.name}: elements {start}+{count} outside tensor {name}")
+        same = out.dtype == entry.dtype and out.is_contiguous() and out.device.type == "cpu"
+        raw = out.view(torch.uint8) if same else torch.empty(count * size, dtype=torch.uint8)
+        self._fh.seek(entry.start + start * size)
+        if self._fh.readinto(raw.numpy()) != raw.numel():
+            raise OSError(f"{self.path}: file ends inside tensor {name}")
+        if not same:
+            out.copy_(raw.view(entry.dtype))
+
     def close(self) -> None:
         self._fh.close()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import atomic_file, atomic_write_text
 from .linear4bit import Linear4bit, _check_blocksize_fits, check_layer_args, check_weight
 
 # Task heads are trained from scratch (or saved whole via modules_to_save); never quantise them.
@@ -282,18 +282,6 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) 
     return model
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict without duplicate (tied) tensors: safetensors refuses shared storage."""
     seen: set[tuple[int, int, tuple]] = set()
@@ -313,16 +301,16 @@ def save_merged(
     """Export a full-precision merged model: ``model.safetensors`` + ``config.json``.
 
     Dequantises every Linear4bit (exactly), merges LoRA adapters if ``model`` is a PeftModel
-    (``merge_and_unload``), casts to ``dtype`` and writes atomically (temp file, then
-    ``os.replace``). The result loads with ``AutoModel*.from_pretrained(out_dir)``. The model is
-    modified in place; the merged plain model is returned.
+    (``merge_and_unload``), casts to ``dtype`` and writes each file atomically
+    (``checkpoint.atomic_file``). The result loads with ``AutoModel*.from_pretrained(out_dir)``.
+    The model is modified in place; the merged plain model is returned.
 
     Args:
         model: a PeftModel or a plain (possibly quantised) transformers model.
         out_dir: output folder (created).
         dtype: torch.bfloat16, torch.float16 or torch.float32.
     """
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"dtype={dtype} is not supported; use torch.bfloat16 or torch.float16")
@@ -334,7 +322,8 @@ def save_merged(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = _unique_state_dict(merged)
-    _atomic_write_bytes(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    with atomic_file(out / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     config = getattr(merged, "config", None)
     if config is None:
         warnings.warn("model has no config; wrote model.safetensors only", stacklevel=2)
@@ -344,8 +333,8 @@ def save_merged(
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
         cfg["dtype"] = cfg["torch_dtype"]
         text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-        _atomic_write_bytes(out / "config.json", text.encode())
+        atomic_write_text(out / "config.json", text)
     gen = getattr(merged, "generation_config", None)
     if gen is not None and hasattr(gen, "to_json_string"):
-        _atomic_write_bytes(out / "generation_config.json", gen.to_json_string().encode())
+        atomic_write_text(out / "generation_config.json", gen.to_json_string())
     return merged

@@ -32,44 +32,9 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import TaskType
+from ..task_types import TaskKind
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskKind:
-    """One row of the task table (:data:`peftkit.tasks.TASK_TYPES`).
-
-    Attributes:
-        name: ``task.type`` in a run config, and the ``task=`` name ``load_base_model`` takes.
-        task: the task class (None: a model kind ``load_base_model`` loads, no trainer task).
-        task_type: the adapter config's :class:`peftkit.TaskType` (None: PEFT has none).
-        auto_class: the transformers Auto class that loads the model.
-        preprocessor: the transformers Auto class that loads its tokenizer / image processor.
-        aliases: other spellings ``load_base_model`` accepts.
-    """
-
-    name: str
-    task: type[Task] | None
-    task_type: TaskType | None
-    auto_class: str
-    preprocessor: str = "AutoTokenizer"
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def has_head(self) -> bool:
-        """Whether the model puts a per-label head on the encoder (``num_labels`` applies)."""
-        return self.auto_class.endswith("Classification")
-
-    @property
-    def reads_images(self) -> bool:
-        """Whether the model's inputs are images (``generate --image`` applies)."""
-        return self.preprocessor == "AutoImageProcessor"
-
-    @property
-    def writes_text(self) -> bool:
-        """Whether the model generates text (a causal or sequence-to-sequence LM)."""
-        return self.auto_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
 
 
 @dataclasses.dataclass
@@ -78,6 +43,8 @@ class TaskOptions:
     columns rows need, what the train rows teach (a label set), how a ``generate`` input reads."""
 
     head_per_label: ClassVar[bool] = False  # the model's head has one output per label
+    # option fields naming local files or folders: `load_config` reports the missing ones
+    local_paths: ClassVar[tuple[str, ...]] = ()
 
     def input_columns(self) -> list[str]:
         """Columns every row needs (test rows included)."""
@@ -143,9 +110,11 @@ def at_least_two(labels: list[str], what: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """A task before any model: its table row, its options, its label set (once known)."""
+    """A task before any model: its table row, its class, its options, its label set (once
+    known). ``tasks.task_spec`` builds one from a config's ``task:`` block."""
 
     kind: TaskKind
+    task: type[Task]
     options: TaskOptions
     labels: tuple[str, ...] | None = None
     label_texts: tuple[str, ...] | None = None  # per label, the target text it is trained as
@@ -161,7 +130,7 @@ class TaskSpec:
     @property
     def generates(self) -> bool:
         """Whether evaluation generates text (scored against the references)."""
-        return self.kind.task.generates
+        return self.task.generates
 
     def input_columns(self) -> list[str]:
         return self.options.input_columns()
@@ -228,7 +197,7 @@ class TaskSpec:
 
     def build(self, tokenizer: Any, model: torch.nn.Module) -> Task:
         """The task, ready to use with ``tokenizer`` and ``model`` (see the module docstring)."""
-        return self.kind.task(self, tokenizer, model)
+        return self.task(self, tokenizer, model)
 
 
 @dataclasses.dataclass

@@ -198,7 +198,7 @@ class ChatTask(Task):
             )
         self.template = load_template(template)
         config = getattr(model, "active_peft_config", None)
-        if options.packing and config is not None and config.is_prompt_learning:
+        if options.packing and config is not None and config.adapts.virtual_tokens:
             raise ValueError(
                 "task.packing cannot be used with prompt methods (virtual tokens come before "
                 "every row); set task.packing: false"

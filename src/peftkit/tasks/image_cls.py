@@ -12,7 +12,8 @@
 The label column's distinct values, sorted (or ``task.labels``), become class ids and the
 model's ``id2label``; the classifier head (``classifier``, or a plain model's own, e.g.
 EfficientNet's ``_fc``) is resized to them, trains in full beside the adapter and is saved with
-it (``modules_to_save``). Prompt-learning methods need token embeddings and are refused.
+it (``modules_to_save``). Prompt-learning methods need token embeddings: the task's row is a
+``vision`` model, which the method table says they do not serve.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import torch
 from .base import TaskOptions, TaskSpec
 from .classifier import LabelClassifier, learn_label_set, unknown_label_problems
 
-# method.type values that put an adapter into a vision model's layers
-IMAGE_METHODS = ("lora", "adalora", "qlora")  # DoRA: lora with use_dora: true
 MAX_CLASS_METRICS = 30  # per-class accuracy goes into the metrics up to this many classes
 
 
@@ -106,61 +105,10 @@ def _natural(label: str) -> tuple[int, Any]:
     return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)
 
 
-def refuse_method(method_type: str) -> None:
-    """ValueError for adapter methods that cannot adapt an image model."""
-    if method_type not in IMAGE_METHODS:
-        raise ValueError(
-            f"method {method_type!r} does not apply to image classification: prompt tuning, "
-            "P-tuning and prefix tuning add virtual tokens to a text model's embeddings or "
-            f"attention cache. Use one of {', '.join(IMAGE_METHODS)} (DoRA: lora with "
-            "use_dora: true; qlora: transformer models, whose Linear layers it quantises)"
-        )
-
-
 class ImageClassification(LabelClassifier):
     """``task.type: image_cls``."""
 
     Options = ImageClsOptions
-    refuse_method = staticmethod(refuse_method)
-    # transformers' models given num_labels: an ImageNet head (1000 outputs) gives way to the
-    # data's labels instead of failing to load
-    resized_head_kw: ClassVar[dict[str, Any]] = {"ignore_mismatched_sizes": True}
-
-    @staticmethod
-    def load_base_model(
-        name_or_path: str,
-        *,
-        dtype: torch.dtype | None = None,
-        quantization: str | None = None,
-        num_labels: int | None = None,
-        restored_modules: Sequence[str] = (),
-        **kw: Any,
-    ) -> tuple[torch.nn.Module, Any] | None:
-        """A plain PyTorch vision model (a maintained library's network + local weights) and
-        its preprocessing; None for anything else, which transformers loads
-        (models.load_base_model asks this first)."""
-        from ..vision import freeze_batchnorm, is_vision_model, load_vision_model
-
-        if not is_vision_model(name_or_path):
-            return None
-        if quantization is not None:
-            raise ValueError(
-                f"{name_or_path} is a convolutional network: 4-bit quantisation (QLoRA) "
-                "replaces Linear layers only; use lora, dora or adalora on it"
-            )
-        model, preprocessing = load_vision_model(
-            name_or_path, num_labels, kw.get("id2label"), dtype, restored_modules
-        )
-        freeze_batchnorm(model)  # adapters save no buffers: keep the pretrained statistics
-        return model, preprocessing
-
-    @staticmethod
-    def prepare_loaded(model: torch.nn.Module) -> None:
-        """After transformers loaded the model: ResNet & co. keep their BatchNorm statistics
-        (adapters save no buffers)."""
-        from ..vision import freeze_batchnorm
-
-        freeze_batchnorm(model)
 
     @staticmethod
     def trained_heads(model: torch.nn.Module) -> list[str]:

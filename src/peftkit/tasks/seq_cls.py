@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..config import PeftType
+from ..config import Adapts
 from .base import (
     TaskOptions,
     TaskSpec,
@@ -116,8 +116,5 @@ def pads_left(model: torch.nn.Module) -> bool:
     config = getattr(model, "active_peft_config", None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(
-        config is not None
-        and config.is_prompt_learning
-        and config.peft_type != PeftType.PREFIX_TUNING
-        and hasattr(base, "score")
+        config is not None and config.adapts is Adapts.INPUT_EMBEDDINGS and hasattr(base, "score")
     )

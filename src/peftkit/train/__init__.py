@@ -5,6 +5,7 @@
     config.py   YAML + key=value overrides -> RunConfig, every problem reported at once
     splits.py   data files / hub names -> train, eval, test rows
     run.py      one run end to end: data -> model -> adapter -> Trainer -> run folder
+    run_folder.py  RunFolder: every name in a run folder (writers and readers ask it)
     loop.py     Trainer: accumulation, mixed precision, clipping, schedule, eval, Ctrl-C
     state.py    resumable checkpoints (bit-for-bit continuation)
     memory.py   PEFT-style memory report per phase (GPU + CPU, MB)

@@ -11,9 +11,9 @@
 
 :func:`load_config` reads the YAML, applies dotted overrides (``method.r=16``), and checks the
 whole thing before anything heavy happens: unknown keys, wrong types and missing files come back
-together in one :class:`ConfigError`. The ``method`` block is checked against the config class the
-peftkit registry holds for its ``type`` (so adapter methods added later need no change here), and
-the ``task`` block against the task's own options class.
+together in one :class:`ConfigError`. The ``method`` block is checked against the config class of
+its ``type``'s row in the method table (:mod:`peftkit.methods.table`, so adapter methods added
+later need no change here), and the ``task`` block against the task's own options class.
 """
 
 from __future__ import annotations
@@ -27,20 +27,11 @@ from typing import Any, Literal
 
 import yaml
 
+from ..methods.table import METHODS
+from ..model_sources import looks_like_path
 from .distributed import QUANTIZED_REFUSAL, SHARDING, DistributedSection
 from .schema import ConfigError, build, check_block, field_hints, join, unknown_key
 
-# method.type -> PeftType name in the peftkit registry. QLoRA is LoRA on a 4-bit base model.
-METHOD_TYPES: dict[str, str] = {
-    "lora": "LORA",
-    "qlora": "LORA",
-    "adalora": "ADALORA",
-    "prompt_tuning": "PROMPT_TUNING",
-    "p_tuning": "P_TUNING",
-    "prefix_tuning": "PREFIX_TUNING",
-}
-# method.type -> the base model's quantisation when model.quantization is not set.
-METHOD_DEFAULT_QUANTIZATION: dict[str, str] = {"qlora": "nf4"}
 # Config-class fields the run fills in itself; setting them in the YAML is an error.
 _METHOD_FIELDS_SET_BY_RUN = ("task_type", "peft_type", "inference_mode", "base_model_name_or_path")
 
@@ -99,6 +90,9 @@ class RunConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     output_dir: str | None = None
+    # the command that makes this recipe's local files (base model, data) when they are missing,
+    # e.g. `make t2i-digits`: the error that reports them names it
+    prepare: str | None = None
     seed: int = 42
     epochs: int = 3
     max_steps: int | None = None
@@ -117,8 +111,10 @@ class RunConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
-    # CPU: give freed heap pages back before the output head (+ every block) each step
-    trim_heap: Literal["head", "blocks", "none"] = "head"
+    # CPU: give freed heap pages back before the output head (+ every block) each step;
+    # auto: blocks where parameters are sharded (ZeRO-3, FSDP2 gather and free a block's
+    # weights every step), else head
+    trim_heap: Literal["auto", "head", "blocks", "none"] = "auto"
     eval_before_training: bool = False
     eval_every_epoch: bool = True
     save_steps: int | None = None
@@ -229,11 +225,14 @@ def load_config(
     raw = apply_overrides(raw, overrides)
     problems: list[str] = []
     values = check_config(raw, problems, require_train=require_train)
+    hint = None
     if check_files:
         config_dir = os.path.dirname(os.path.abspath(source)) if source else None
-        problems.extend(missing_files(values, config_dir))
+        missing = missing_files(values, config_dir)
+        problems.extend(missing)
+        hint = prepare_hint(values) if missing else None
     if problems:
-        raise ConfigError(problems, source=source)
+        raise ConfigError(problems, source=source, hint=hint)
     try:
         config = build(RunConfig, values)
     except (TypeError, ValueError) as exc:
@@ -258,7 +257,8 @@ def check_config(
     values["task"] = _check_task(raw.get("task"), problems)
     values["method"] = _check_method(raw.get("method"), problems)
     model = values.get("model")
-    default_quantization = METHOD_DEFAULT_QUANTIZATION.get((values["method"] or {}).get("type"))
+    method_row = METHODS.get((values["method"] or {}).get("type"))
+    default_quantization = method_row.quantization if method_row else None  # QLoRA: nf4
     if default_quantization and isinstance(model, dict) and model.get("quantization") is None:
         model["quantization"] = default_quantization
     data_values = values.get("data") if isinstance(values.get("data"), dict) else {}
@@ -325,20 +325,20 @@ def _check_method(raw: Any, problems: list[str]) -> dict[str, Any] | None:
     """``method.type`` names the adapter; other keys are checked against its config class."""
     if raw is None:
         problems.append(
-            f"method: required block is missing (method.type: one of {', '.join(METHOD_TYPES)})"
+            f"method: required block is missing (method.type: one of {', '.join(METHODS)})"
         )
         return None
     if not isinstance(raw, Mapping):
         problems.append(f"method: expected a mapping, got {type(raw).__name__}")
         return None
     kind = raw.get("type")
-    if kind not in METHOD_TYPES:
+    if kind not in METHODS:
         problems.append(
             f"method.type: {'missing' if kind is None else repr(kind) + ' is unknown'}; "
-            f"use one of {', '.join(METHOD_TYPES)}"
+            f"use one of {', '.join(METHODS)}"
         )
         return None
-    cls = method_config_class(kind)
+    cls = METHODS[kind].config
     for key in _METHOD_FIELDS_SET_BY_RUN:
         if key in raw:
             problems.append(
@@ -346,13 +346,6 @@ def _check_method(raw: Any, problems: list[str]) -> dict[str, Any] | None:
             )
     options = check_block(raw, cls, "method", problems, skip=("type", *_METHOD_FIELDS_SET_BY_RUN))
     return {"type": kind, **options}
-
-
-def method_config_class(kind: str) -> type:
-    """The peftkit config class behind ``method.type`` (every built-in method is registered)."""
-    from ..config import config_class
-
-    return config_class(METHOD_TYPES[kind])
 
 
 def resolve_path(value: str, config_dir: str | None) -> Path | None:
@@ -378,11 +371,6 @@ def resolve_path(value: str, config_dir: str | None) -> Path | None:
     return None
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``org/name``; anything starting like a path, ending in .gguf or deeper is a path."""
-    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
-
-
 def missing_files(values: Mapping[str, Any], config_dir: str | None) -> list[str]:
     """Problems for data files and local model paths that do not exist (hub fallbacks excepted)."""
     problems = []
@@ -392,19 +380,50 @@ def missing_files(values: Mapping[str, Any], config_dir: str | None) -> list[str
         if not isinstance(source, Mapping) or not isinstance(source.get("path"), str):
             continue
         if resolve_path(source["path"], config_dir) is None and not source.get("hub"):
-            where = f"{Path.cwd()}" + (f" and {config_dir}" if config_dir else "")
+            where = _where(source["path"], config_dir)
             problems.append(
-                f"data.{split}.path: file not found: {source['path']} (looked in {where}); fix "
+                f"data.{split}.path: file not found: {source['path']} ({where}); fix "
                 f"the path, or add data.{split}.hub: NAME[:SUBSET][@SPLIT] as a fallback"
             )
+    task = values.get("task") if isinstance(values.get("task"), Mapping) else {}
+    if task.get("type") in _task_classes():
+        for key in _task_classes()[task["type"]].Options.local_paths:
+            value = task.get(key)
+            if isinstance(value, str) and resolve_path(value, config_dir) is None:
+                problems.append(f"task.{key}: not found: {value} ({_where(value, config_dir)})")
     model = values.get("model") if isinstance(values.get("model"), Mapping) else {}
     name = model.get("name")
-    if isinstance(name, str) and _looks_like_path(name) and resolve_path(name, config_dir) is None:
+    if isinstance(name, str) and looks_like_path(name) and resolve_path(name, config_dir) is None:
         problems.append(
             f"model.name: {name!r} looks like a local path but does not exist; give a bundled "
             "short name (smollm2-135m, minilm-l6), a hub id, a model folder or a .gguf file"
         )
     return problems
+
+
+def _where(value: str, config_dir: str | None) -> str:
+    """Where a path that was not found was looked for, for the error."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return f"resolved to {p}"
+    return f"looked in {Path.cwd()}" + (f" and {config_dir}" if config_dir else "")
+
+
+def _task_classes() -> Mapping[str, Any]:
+    from ..tasks import TASKS
+
+    return TASKS
+
+
+def prepare_hint(values: Mapping[str, Any]) -> str | None:
+    """The line naming the recipe's ``prepare`` command, for an error about missing files."""
+    prepare = values.get("prepare")
+    if not isinstance(prepare, str) or not prepare.strip():
+        return None
+    return (
+        f"The missing files are made by `{prepare.strip()}` (this recipe's `prepare`): run it "
+        "once from the repository root, then this command again."
+    )
 
 
 def config_to_yaml(config: RunConfig) -> str:
@@ -417,15 +436,14 @@ __all__ = [
     "DataSection",
     "DataSource",
     "DistributedSection",
-    "METHOD_TYPES",
     "ModelSection",
     "RunConfig",
     "apply_overrides",
     "config_to_yaml",
     "join",
     "load_config",
-    "method_config_class",
     "missing_files",
     "parse_overrides",
+    "prepare_hint",
     "resolve_path",
 ]

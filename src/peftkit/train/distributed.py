@@ -32,10 +32,6 @@ from typing import Any, Literal
 
 import torch
 
-if not torch.cuda.is_available():
-    # DeepSpeed guesses its accelerator with a warning on every rank unless told
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 Strategy = Literal["ddp", "zero2", "zero3", "fsdp"]
 Offload = Literal["none", "cpu"]
 STRATEGIES: tuple[str, ...] = ("ddp", "zero2", "zero3", "fsdp")
@@ -48,13 +44,32 @@ QUANTIZED_REFUSAL = (
 
 
 @dataclasses.dataclass
+class Zero3Window:
+    """``distributed.zero3``: how much of the model ZeRO-3 keeps gathered at once, in
+    parameters (elements). Each key left out is sized from the model (:func:`zero3_window`):
+    one decoder block (the largest module of the model's ``_no_split_modules``) for the reuse
+    distance and (on CUDA; none on the CPU) the prefetch bucket, two for the live limit,
+    DeepSpeed's 100,000 for persistence. DeepSpeed's own defaults (1e9 live / reuse) keep a sub-1B model gathered
+    whole after its first step, which costs more than one process holding all of it."""
+
+    max_live_parameters: int | None = None
+    max_reuse_distance: int | None = None
+    prefetch_bucket_size: int | None = None
+    param_persistence_threshold: int | None = None
+
+
+@dataclasses.dataclass
 class DistributedSection:
     """``distributed:`` in the run YAML. Left out, the strategy is the launcher's (an accelerate
     config file) or ``ddp``; ``offload: cpu`` moves optimizer state (ZeRO-2/3, FSDP2) and
-    parameters (ZeRO-3, FSDP2) to CPU memory."""
+    parameters (ZeRO-3, FSDP2) to CPU memory; ``zero3`` sizes ZeRO-3's gathered window."""
 
     strategy: Strategy | None = None
     offload: Offload | None = None
+    zero3: Zero3Window = dataclasses.field(default_factory=Zero3Window)
+    # zero3 / fsdp: a causal LM's frozen embedding and head cut by vocabulary rows across the
+    # ranks instead of gathered whole (peftkit.vocab_parallel)
+    vocab_parallel: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +349,19 @@ def quiet_distributed_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated")
 
 
+def offload_note(accelerator: Any) -> str | None:
+    """What ``offload: cpu`` does on this machine, when it does nothing: on a CPU-only run the
+    parameters and optimizer state already live in CPU memory, so there is nothing to move and
+    no memory to save (the run log and summary.json say so instead of implying a saving)."""
+    plan = plan_of(accelerator)
+    if plan.offload != "cpu" or accelerator.device.type != "cpu":
+        return None
+    return (
+        "offload: cpu moves nothing on this CPU-only run (parameters and optimizer state are "
+        "in CPU memory already); it saves accelerator memory on a GPU machine"
+    )
+
+
 def plan_of(accelerator: Any) -> Plan:
     return getattr(accelerator, "peftkit_plan", Plan("ddp", "none", "single"))
 
@@ -342,17 +370,142 @@ def is_zero3(accelerator: Any) -> bool:
     return plan_of(accelerator).strategy == "zero3" and accelerator.num_processes >= 1
 
 
-def prepare_for_strategy(model: torch.nn.Module, accelerator: Any) -> None:
-    """Things a strategy needs from the model before ``accelerator.prepare``: FSDP2 wraps the
-    base model's own blocks (``_no_split_modules``), found through the PEFT wrapper."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if plugin is None or plugin.transformer_cls_names_to_wrap:
-        return
+def block_classes(model: torch.nn.Module) -> list[str]:
+    """The class names of the model's repeated blocks (transformers' ``_no_split_modules``,
+    found through the PEFT wrapper) that the model really has."""
     names: list[str] = []
     for module in model.modules():
         names += list(getattr(module, "_no_split_modules", None) or [])
     present = {type(m).__name__ for m in model.modules()}
-    plugin.transformer_cls_names_to_wrap = sorted(set(names) & present) or None
+    return sorted(set(names) & present)
+
+
+def fsdp_unit_classes(model: torch.nn.Module) -> list[str]:
+    """The block classes FSDP2 wraps one unit each: :func:`block_classes` less those holding
+    the input or output embedding (BERT names ``BertEmbeddings``). accelerate gives those
+    embeddings units of their own, and sharding a module inside an already sharded one
+    fails (its weight is a DTensor already, taken for tensor parallelism)."""
+    embeddings = set()
+    for module in model.modules():
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                found = getattr(module, getter)() if hasattr(module, getter) else None
+            except (NotImplementedError, AttributeError):
+                found = None
+            if isinstance(found, torch.nn.Module):
+                embeddings.add(id(found))
+    holding = {
+        type(m).__name__
+        for m in model.modules()
+        if any(id(sub) in embeddings for sub in m.modules())
+    }
+    return [name for name in block_classes(model) if name not in holding]
+
+
+def _shard_tied_modules_together(model: torch.nn.Module, plugin: Any) -> list[str]:
+    """FSDP2: the modules that share one parameter (a seq2seq model's ``shared``,
+    ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``) as one unit, before
+    accelerate carves the input embedding into a unit of its own: a parameter may belong to
+    one unit only, and accelerate knows only of input/output embedding ties. accelerate then
+    leaves the already sharded modules alone."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    groups = [mods for mods in owners.values() if len(mods) > 1]
+    notes = []
+    for mods in groups:
+        if any(isinstance(m, FSDPModule) for m in mods):
+            continue
+        fully_shard(
+            mods,
+            reshard_after_forward=plugin.reshard_after_forward,
+            offload_policy=plugin.cpu_offload,
+            mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        )
+        names = [n for n, m in model.named_modules() if any(m is g for g in mods)]
+        notes.append(f"FSDP2: {', '.join(names)} share a weight: one unit")
+    return notes
+
+
+def _numel(param: torch.Tensor) -> int:
+    return int(getattr(param, "ds_numel", 0) or param.numel())
+
+
+def zero3_window(
+    model: torch.nn.Module, window: Zero3Window | None = None, cuda: bool = True
+) -> dict[str, int]:
+    """DeepSpeed stage-3 keys for ``model`` (see :class:`Zero3Window`): the user's values,
+    the rest from the size of one block (without blocks: a tenth of the model). Without CUDA
+    nothing is prefetched: gloo's gathers do not overlap compute on the CPU, so a prefetched
+    block would only be held longer."""
+    window = window or Zero3Window()
+    classes = set(block_classes(model))
+    blocks = [m for m in model.modules() if type(m).__name__ in classes]
+    if blocks:
+        block = max(sum(_numel(p) for p in b.parameters()) for b in blocks)
+    else:
+        block = max(1, sum(_numel(p) for p in model.parameters()) // 10)
+    prefetch = window.prefetch_bucket_size
+    if prefetch is None:
+        prefetch = block if cuda else 0
+    sized = {
+        "stage3_max_live_parameters": window.max_live_parameters or 2 * block,
+        "stage3_max_reuse_distance": window.max_reuse_distance or block,
+        "stage3_prefetch_bucket_size": prefetch,
+        "stage3_param_persistence_threshold": window.param_persistence_threshold or 100_000,
+    }
+    return {k: int(v) for k, v in sized.items()}
+
+
+def prepare_for_strategy(model: torch.nn.Module, accelerator: Any, config: Any = None) -> list[str]:
+    """Things a strategy needs from the model before ``accelerator.prepare``; returns what was
+    done, for the run log. Sharded (ZeRO-3, FSDP2, several ranks): a causal LM's embedding and
+    head cut by vocabulary (:mod:`peftkit.vocab_parallel`). DDP leaves frozen weights out of
+    its start-up broadcast (every rank read them from the same checkpoint). FSDP2 wraps the base model's own
+    blocks (``_no_split_modules``, found through the PEFT wrapper). ZeRO-3's gathered window
+    and both ZeRO stages' gradient buckets are sized from the model."""
+    notes: list[str] = []
+    section = getattr(config, "distributed", None) or DistributedSection()
+    if plan_of(accelerator).strategy in SHARDING and section.vocab_parallel:
+        from ..vocab_parallel import shard_vocabulary
+
+        done = shard_vocabulary(model, accelerator.device)
+        if done:
+            notes.append(done)
+    if plan_of(accelerator).strategy == "ddp" and accelerator.num_processes > 1:
+        # DDP broadcasts rank 0's copy of every parameter at start; frozen base weights were
+        # read from the same checkpoint on every rank, and their broadcast would write (and so
+        # copy out of the memory map) the whole model on every rank: 2.1 GB on bloomz-560m
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, frozen
+        )
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and not plugin.transformer_cls_names_to_wrap:
+        plugin.transformer_cls_names_to_wrap = fsdp_unit_classes(model) or None
+    if plugin is not None:
+        notes += _shard_tied_modules_together(model, plugin)
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is None:
+        return notes
+    zero = ds_plugin.deepspeed_config.setdefault("zero_optimization", {})
+    # the gradient buckets hold trainable gradients: an adapter's, not 5e8 elements' worth
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    bucket = int(min(5e8, max(trainable, 2**20)))
+    zero.setdefault("reduce_bucket_size", bucket)
+    if zero.get("stage") == 3:
+        window = zero3_window(model, section.zero3, cuda=accelerator.device.type == "cuda")
+        zero.update(window)
+        notes.append(
+            "ZeRO-3 window: "
+            + ", ".join(f"{k.removeprefix('stage3_')} {v:,d}" for k, v in window.items())
+        )
+    else:
+        zero.setdefault("allgather_bucket_size", bucket)
+    return notes
 
 
 _HELD = -424242  # a sub-module id no DeepSpeed module has: "held by full_weights"
@@ -419,6 +572,14 @@ def full_weights(model: torch.nn.Module, modify: bool = False) -> Iterator[None]
             module._parameters[name] = sharded
 
 
+def zero3_load_config(accelerator: Any) -> dict[str, Any] | None:
+    """The DeepSpeed config a ZeRO-3 run loads its base model under (partitioned from the
+    start, :mod:`peftkit.sharded_load`); None for every other strategy."""
+    if plan_of(accelerator).strategy != "zero3":
+        return None
+    return accelerator.state.deepspeed_plugin.deepspeed_config
+
+
 def full_shape(param: torch.Tensor) -> torch.Size:
     """A parameter's whole shape, partitioned (ZeRO-3) or sharded (FSDP2) or not."""
     if hasattr(param, "ds_shape"):
@@ -429,6 +590,9 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 __all__ = [
     "DistributedSection",
     "Plan",
+    "Zero3Window",
+    "block_classes",
+    "zero3_window",
     "check_prepared",
     "STRATEGIES",
     "full_shape",
@@ -439,4 +603,5 @@ __all__ = [
     "plan_of",
     "prepare_for_strategy",
     "resolve_strategy",
+    "zero3_load_config",
 ]

@@ -33,7 +33,7 @@ import torch
 from ..config import CONFIG_NAME, read_config
 from ..tasks import Task, TaskSpec, task_kind
 from .config import ConfigError, RunConfig, load_config
-from .run_folder import TASK_STATE
+from .run_folder import RunFolder
 from .setup import build_spec
 
 
@@ -60,19 +60,24 @@ def find_target(target: str | Path) -> Target:
         raise ConfigError(
             [f"{p}: not found (expected a run folder, an adapter folder or a .yaml config)"]
         )
-    if (p / CONFIG_NAME).exists():
+    if (p / CONFIG_NAME).exists():  # an adapter: adapter/, best/, checkpoints/step-N/adapter/
         run = next(
             (
-                d
+                RunFolder(d)
                 for d in (p.parent, p.parent.parent, p.parent.parent.parent)
-                if (d / "config.yaml").exists()
+                if RunFolder(d).config.exists()
             ),
             None,
         )
-        return Target(run_dir=run, adapter_dir=p, config_path=run / "config.yaml" if run else None)
-    if (p / "config.yaml").exists():
-        adapter = next((p / n for n in ("adapter", "best") if (p / n / CONFIG_NAME).exists()), None)
-        return Target(run_dir=p, adapter_dir=adapter, config_path=p / "config.yaml")
+        return Target(
+            run_dir=run.root if run else None,
+            adapter_dir=p,
+            config_path=run.config if run else None,
+        )
+    run = RunFolder(p)
+    if run.config.exists():
+        adapter = next((a for a in (run.adapter, run.best) if (a / CONFIG_NAME).exists()), None)
+        return Target(run_dir=p, adapter_dir=adapter, config_path=run.config)
     raise ConfigError(
         [
             f"{p}: holds neither {CONFIG_NAME} (an adapter) nor config.yaml (a run folder); point at "
@@ -109,9 +114,9 @@ def spec_for(config: RunConfig | None) -> TaskSpec | None:
 
 def restore_task_state(spec: TaskSpec, target: Target) -> TaskSpec | None:
     """``spec`` with the label set its run learnt (``task_state.json``); None if unknown."""
-    if target.run_dir is None or not (target.run_dir / TASK_STATE).exists():
+    if target.run_dir is None or not RunFolder(target.run_dir).task_state.exists():
         return None
-    state = json.loads((target.run_dir / TASK_STATE).read_text(encoding="utf-8"))
+    state = json.loads(RunFolder(target.run_dir).task_state.read_text(encoding="utf-8"))
     return spec.restore(state) if state.get("labels") else None
 
 
@@ -179,6 +184,40 @@ def load_for_inference(
         _loaded_line(name, base_name, target if has_adapter else None, heads, spec), file=sys.stderr
     )
     return Loaded(model, tokenizer, config, task, target, has_adapter)
+
+
+def attach_lora_file(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """``model`` with the LoRA at ``path``: a PEFT adapter folder (adapter_config.json) or a
+    diffusers LoRA file (``pytorch_lora_weights.safetensors``, or a folder holding one)."""
+    from .. import PeftModel
+
+    p = Path(path).expanduser()
+    if (p / CONFIG_NAME).is_file():
+        return PeftModel.from_pretrained(model, p)
+    from ..diffusion import load_diffusers_lora
+
+    return load_diffusers_lora(model, p)
+
+
+def load_image_base(
+    folder: str | Path, lora: str | Path | None = None, dtype: str | None = None
+) -> Loaded:
+    """A text-to-image base folder (Stable Diffusion or pixel layout) for ``peftkit generate
+    BASE --lora FILE``: the model (+ the LoRA), its tokenizer and a default text_to_image task;
+    prints one line on stderr saying what was loaded."""
+    from ..models import load_base_model
+    from ..tasks import task_spec
+
+    spec = task_spec({"type": "text_to_image"})
+    model, tokenizer = load_base_model(str(folder), task="text_to_image", dtype=dtype)
+    base_name = type(model).__name__
+    if lora is not None:
+        model = attach_lora_file(model, lora)
+    model.eval()
+    task = spec.build(tokenizer, model)
+    line = f"loaded: base model {folder} ({base_name})"
+    print(line + (f" + LoRA {lora}" if lora else ", no adapter"), file=sys.stderr)
+    return Loaded(model, tokenizer, None, task, Target(), lora is not None)
 
 
 def _has_module(model: torch.nn.Module, name: str) -> bool:

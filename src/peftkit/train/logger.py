@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write_text
+from .run_folder import RunFolder
 
 
 def _clean(value: Any) -> Any:
@@ -58,8 +59,9 @@ class RunLog:
     ) -> None:
         self.dir = Path(output_dir)
         self.enabled = enabled
-        self.metrics_path = self.dir / "metrics.jsonl"
-        self.log_path = self.dir / "train.log"
+        run = RunFolder(self.dir)
+        self.metrics_path = run.metrics
+        self.log_path = run.log
         self._tb = None
         if not enabled:
             return
@@ -76,7 +78,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(
-                log_dir=str(self.dir / "tensorboard"),
+                log_dir=str(run.tensorboard),
                 purge_step=resume_step + 1 if resume_step is not None else None,
             )
 

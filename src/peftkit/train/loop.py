@@ -37,7 +37,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 
-from ..checkpoint import atomic_write_text, save_tensors
+from ..checkpoint import atomic_folder, atomic_write_text, save_tensors
 from ..heap import trim_now, trimming_heap
 from ..progress import progress_bar
 from ..tasks.base import EvalContext, Task
@@ -46,7 +46,8 @@ from .distributed import SHARDING, check_prepared, full_weights, plan_of, prepar
 from .distributed import make_accelerator as make_accelerator  # re-exported for train/__init__
 from .evaluate import SplitEvaluation, evaluate_split
 from .logger import RunLog, first_loss, read_metrics
-from .memory import MemoryTracker, PhaseMemory
+from .memory import MemoryTracker, PhaseMemory, StepParts
+from .run_folder import RunFolder
 from .schedule import make_scheduler, warmup_steps
 from .state import (
     Progress,
@@ -181,6 +182,7 @@ class Trainer:
         eval_records: Sequence[dict] | None = None,
         eval_features: Sequence[dict] | None = None,
         on_step: Callable[[Progress], None] | None = None,
+        setup_memory: Sequence[PhaseMemory] = (),
     ) -> None:
         self.config, self.task, self.log, self.accelerator = config, task, log, accelerator
         self.output_dir = Path(output_dir)
@@ -194,9 +196,25 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         warm = warmup_steps(self.plan.total_steps, config.warmup_steps, config.warmup_ratio)
         self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, self.plan.total_steps)
-        prepare_for_strategy(model, accelerator)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        check_prepared(self.model, accelerator)
+        self.memory: list[dict[str, Any]] = []
+        for phase in setup_memory:  # load, adapter: measured before the trainer existed
+            self.report_memory(phase, 0)
+        with MemoryTracker("prepare", accelerator.device) as prepared:
+            for note in prepare_for_strategy(model, accelerator, config):
+                log.info(note)
+            # on the CPU the model stays where it is: accelerate's device there is `cpu:0`,
+            # which `Module.to` takes for another device and copies every weight to (2.1 GB
+            # of bloomz-560m out of its memory map, twice that at the peak)
+            placement = None  # DeepSpeed places its own (and refuses a placement list)
+            if accelerator.device.type == "cpu" and not plan_of(accelerator).strategy.startswith(
+                "zero"
+            ):
+                placement = [False, False]
+            self.model, self.optimizer = accelerator.prepare(
+                model, optimizer, device_placement=placement
+            )
+            check_prepared(self.model, accelerator)
+        self.report_memory(prepared.result, 0)
         # FSDP2 replaces the parameters with sharded ones: clip (and gather) what now trains
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sharded = plan_of(accelerator).strategy != "ddp"
@@ -218,7 +236,6 @@ class Trainer:
         self.best_metric_name = config.metric_for_best or task.best_metric
         self.lower_is_better = task.lower_is_better(self.best_metric_name)
         self.best_snapshot: dict[str, torch.Tensor] | None = None
-        self.memory: list[dict[str, Any]] = []
 
     # --- helpers ---------------------------------------------------------------------------
     @property
@@ -230,6 +247,14 @@ class Trainer:
             if hasattr(self.model, "set_gradient_accumulation_boundary")
             else {}
         )
+
+    @property
+    def trim_heap(self) -> str:
+        """Where the heap is trimmed (``trim_heap``; ``auto``: before every block where the
+        strategy gathers and frees each block's weights every step, else before the head)."""
+        if self.config.trim_heap != "auto":
+            return self.config.trim_heap
+        return "blocks" if plan_of(self.accelerator).strategy in SHARDING else "head"
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -251,7 +276,7 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def _memory_report(self, memory: PhaseMemory, epoch: int) -> None:
+    def report_memory(self, memory: PhaseMemory, epoch: int) -> None:
         """This rank's report, then (several processes; every rank calls) the max over ranks."""
         entry: dict[str, Any] = {"epoch": epoch, "phase": memory.phase, **memory.as_dict()}
         for line in memory.lines():
@@ -279,9 +304,16 @@ class Trainer:
         features = self.eval_features if features is None else list(features)
         if not features:
             return None
-        trim_now(self.unwrapped, self.config.trim_heap)  # training's heap holes, given back
-        evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
-        self._memory_report(evaluation.memory, epoch)
+        trim_now(self.unwrapped, self.trim_heap)  # training's heap holes, given back
+        # sharded: every forward gathers and frees each block's weights; trimmed as in training
+        gathers = plan_of(self.accelerator).strategy in SHARDING
+        with trimming_heap(self.unwrapped, self.trim_heap, inference=gathers):
+            evaluation = evaluate_split(self.eval_context(), self.task, records, features, phase)
+        release = getattr(self.model, "empty_partition_cache", None)
+        if callable(release):  # ZeRO-3: nothing evaluation gathered stays gathered
+            release()
+            trim_now(self.unwrapped, self.trim_heap)
+        self.report_memory(evaluation.memory, epoch)
         earlier = first_loss(read_metrics(self.log.metrics_path)) if self.log.enabled else None
         self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
         warning = self.task.result_warning(evaluation.metrics, evaluation.result, earlier)
@@ -315,35 +347,26 @@ class Trainer:
         return True
 
     def _save_best(self, progress: Progress) -> None:
-        """``<run>/best/``: the adapter (HF PEFT format) + exact trainable tensors + which epoch."""
-        import shutil
+        """``<run>/best/``: the adapter (HF PEFT format) + exact trainable tensors + which epoch,
+        swapped in whole (``checkpoint.atomic_folder``)."""
+        import json
 
-        final = self.output_dir / "best"
-        tmp = self.output_dir / ".tmp-best"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.unwrapped.save_pretrained(tmp)
-        save_tensors(str(tmp / "trainable.safetensors"), self.best_snapshot or {})
         info = {
             "metric": self.best_metric_name,
             "value": progress.best_metric,
             "epoch": progress.best_epoch,
             "step": progress.best_step,
         }
-        import json
-
-        atomic_write_text(str(tmp / "best.json"), json.dumps(info, indent=2) + "\n")
-        old = self.output_dir / ".old-best"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
+        run = RunFolder(self.output_dir)
+        with atomic_folder(run.best) as tmp:  # the same names as run.best_tensors / .best_info
+            self.unwrapped.save_pretrained(tmp)
+            save_tensors(str(tmp / run.best_tensors.name), self.best_snapshot or {})
+            atomic_write_text(str(tmp / run.best_info.name), json.dumps(info, indent=2) + "\n")
 
     def restore_best(self) -> bool:
         """Put the best epoch's trainable tensors back into the model (False: none recorded)."""
         if self.best_snapshot is None:
-            path = self.output_dir / "best" / "trainable.safetensors"
+            path = RunFolder(self.output_dir).best_tensors
             if not path.exists():
                 return False
             from safetensors.torch import load_file
@@ -430,105 +453,167 @@ class Trainer:
         return path if self.accelerator.is_main_process else None
 
     def _train_epoch(self, progress: Progress, stop: StopFlag) -> str:
-        """Train from ``progress``'s position to the end of its epoch; 'done' | 'max_steps' | 'interrupted'."""
-        config, acc = self.config, self.accelerator
-        plan = self.plan
+        """Train from ``progress``'s position to the end of its epoch; 'done' | 'max_steps' | 'interrupted'.
+
+        ::
+
+            each micro-batch        _micro_batch: forward + backward, loss and token count kept
+                                    on the device (no host sync)
+            end of a window         _optimizer_step: clip, step, schedule, AdaLoRA's allocation
+            (grad_accum batches)    _finish_step: the window's numbers read once, the record,
+                                    the bar, hooks, a checkpoint; whether to stop here
+        """
+        config, acc, plan = self.config, self.accelerator, self.plan
         nb, ga = plan.batches_per_epoch, config.grad_accum
         self.sampler.set_epoch(progress.epoch, skip=progress.batch_in_epoch)
         self.model.train()
-        first_step = progress.batch_in_epoch // ga
         bar = progress_bar(
             plan.steps_per_epoch,
             desc=f"epoch {progress.epoch + 1}/{plan.num_epochs}",
             unit="step",
-            initial=first_step,
+            initial=progress.batch_in_epoch // ga,
             enabled=config.progress and acc.is_main_process,
         )
-        status = "done"
-        window_losses: list[float] = []
-        window_tokens = 0
-        step_start = time.perf_counter()
-        trim = trimming_heap(self.unwrapped, config.trim_heap)
+        status = None
+        window = _Window()
+        gathers = plan_of(acc).strategy in SHARDING  # a block's weights gathered in backward too
+        trim = trimming_heap(self.unwrapped, self.trim_heap, backward=gathers)
+        parts = StepParts(acc.device)  # where a step peaks: forward, backward, optimizer
         with MemoryTracker("train", acc.device) as mem, trim:
             for index, batch in enumerate(self.loader, start=progress.batch_in_epoch):
                 window_start = (index // ga) * ga
-                window = min(ga, nb - window_start)
-                last_in_window = index - window_start + 1 == window
-                batch = self._to_device(batch)
-                sync = contextlib.nullcontext() if last_in_window else acc.no_sync(self.model)
-                # DeepSpeed steps inside backward at a window's end; our windows, our scaling
-                acc.gradient_state._set_sync_gradients(last_in_window)
-                with sync:
-                    with acc.autocast():
-                        # only the loss: the logits (batch x seq x vocab) go before backward
-                        # allocates their gradients, instead of living through it
-                        loss_t = self.model(**batch).loss
-                    acc.backward(loss_t / window, **self._backward_kwargs)
-                loss = float(loss_t.detach().float())
-                del loss_t
-                window_losses.append(loss)
-                progress.epoch_loss_sum += loss
-                progress.epoch_batches += 1
-                mask = batch.get("attention_mask")
-                ids = batch.get("input_ids")
-                tokens = (
-                    int(mask.sum())
-                    if mask is not None
-                    else ids.numel()
-                    if ids is not None
-                    else self.task.count_targets(batch)  # images: one per example
-                )
-                window_tokens += tokens
+                size = min(ga, nb - window_start)  # micro-batches in this window
+                last_in_window = index - window_start + 1 == size
+                window.add(*self._micro_batch(batch, size, last_in_window, parts))
                 if not last_in_window:
                     continue
-                grad_norm = None
-                if config.max_grad_norm is not None:
-                    grad_norm = float(acc.clip_grad_norm_(self.params, config.max_grad_norm))
-                self.optimizer.step()
-                if not acc.optimizer_step_was_skipped:
-                    self.scheduler.step()
-                allocate = getattr(
-                    getattr(self.unwrapped, "base_model", None), "update_and_allocate", None
-                )
-                if callable(allocate):  # AdaLoRA: re-budget ranks from these gradients
-                    with full_weights(self.unwrapped, modify=True):  # sharded: whole, then back
-                        allocate(progress.global_step)
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = self._optimizer_step(progress, parts)
                 progress.global_step += 1
                 progress.batch_in_epoch = index + 1
-                elapsed = time.perf_counter() - step_start
-                progress.train_time_s += elapsed
-                progress.tokens_seen += window_tokens
-                progress.epoch_tokens += window_tokens
-                step_loss = sum(window_losses) / len(window_losses)
-                tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
-                if progress.global_step % config.logging_steps == 0 or index + 1 == nb:
-                    self.log.record(
-                        "train",
-                        progress.global_step,
-                        epoch=progress.epoch + (index + 1) / nb,
-                        loss=step_loss,
-                        lr=self.scheduler.get_last_lr()[0],
-                        grad_norm=grad_norm,
-                        tokens_per_s=tok_s,
-                    )
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
-                bar.update(1)
-                window_losses, window_tokens = [], 0
-                if self.on_step is not None:
-                    self.on_step(progress)
-                if config.save_steps and progress.global_step % config.save_steps == 0:
-                    self._checkpoint(progress)
-                if progress.global_step >= plan.total_steps:
-                    status = "max_steps" if progress.batch_in_epoch < nb else "done"
+                status = self._finish_step(progress, window, grad_norm, bar, stop)
+                if status is not None:
                     break
-                if stop.requested:
-                    status = "interrupted" if progress.batch_in_epoch < nb else "done"
-                    break
-                step_start = time.perf_counter()
         bar.close()
-        self._memory_report(mem.result, progress.epoch + 1)
+        self.report_memory(parts.add_to(mem.result), progress.epoch + 1)
+        return status or "done"
+
+    def _micro_batch(
+        self, batch: dict[str, torch.Tensor], window: int, last_in_window: bool, parts: StepParts
+    ) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """Forward + backward of one micro-batch (its loss scaled by the window's size);
+        returns the detached loss and the token count, still on the device."""
+        acc = self.accelerator
+        batch = self._to_device(batch)
+        sync = contextlib.nullcontext() if last_in_window else acc.no_sync(self.model)
+        # DeepSpeed steps inside backward at a window's end; our windows, our scaling
+        acc.gradient_state._set_sync_gradients(last_in_window)
+        with sync:
+            with acc.autocast(), parts.part("forward"):
+                # only the loss: the logits (batch x seq x vocab) go before backward
+                # allocates their gradients, instead of living through it
+                loss_t = self.model(**batch).loss
+            with parts.part("backward"):
+                acc.backward(loss_t / window, **self._backward_kwargs)
+        return loss_t.detach(), self._tokens_of(batch)
+
+    def _tokens_of(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+        """What tokens/s counts in a batch: the attention mask's ones, else every input id,
+        else the task's own count (images: one per example)."""
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            return mask.sum()
+        ids = batch.get("input_ids")
+        return ids.numel() if ids is not None else self.task.count_targets(batch)
+
+    def _optimizer_step(self, progress: Progress, parts: StepParts) -> float | None:
+        """Clip, step, schedule, AdaLoRA's allocation, zero the gradients; the clipped norm."""
+        config, acc = self.config, self.accelerator
+        with parts.part("optimizer"):
+            grad_norm = None
+            if config.max_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(self.params, config.max_grad_norm))
+            self.optimizer.step()
+            if not acc.optimizer_step_was_skipped:
+                self.scheduler.step()
+            allocate = getattr(
+                getattr(self.unwrapped, "base_model", None), "update_and_allocate", None
+            )
+            if callable(allocate):  # AdaLoRA: re-budget ranks from these gradients
+                with full_weights(self.unwrapped, modify=True):  # sharded: whole, then back
+                    allocate(progress.global_step)
+            self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _finish_step(
+        self,
+        progress: Progress,
+        window: _Window,
+        grad_norm: float | None,
+        bar: Any,
+        stop: StopFlag,
+    ) -> str | None:
+        """Account for the window just stepped (one host sync), record it, move the bar, run
+        the hooks and a due checkpoint; returns why the epoch ends here, or None."""
+        config, nb = self.config, self.plan.batches_per_epoch
+        losses, tokens, elapsed = window.close()
+        for loss in losses:  # in micro-batch order, as a running sum
+            progress.epoch_loss_sum += loss
+            progress.epoch_batches += 1
+        progress.train_time_s += elapsed
+        progress.tokens_seen += tokens
+        progress.epoch_tokens += tokens
+        step_loss = sum(losses) / len(losses)
+        tok_s = tokens / elapsed if elapsed > 0 else 0.0
+        if progress.global_step % config.logging_steps == 0 or progress.batch_in_epoch == nb:
+            self.log.record(
+                "train",
+                progress.global_step,
+                epoch=progress.epoch + progress.batch_in_epoch / nb,
+                loss=step_loss,
+                lr=self.scheduler.get_last_lr()[0],
+                grad_norm=grad_norm,
+                tokens_per_s=tok_s,
+            )
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+        bar.update(1)
+        if self.on_step is not None:
+            self.on_step(progress)
+        if config.save_steps and progress.global_step % config.save_steps == 0:
+            self._checkpoint(progress)
+        status = None
+        if progress.global_step >= self.plan.total_steps:
+            status = "max_steps" if progress.batch_in_epoch < nb else "done"
+        elif stop.requested:
+            status = "interrupted" if progress.batch_in_epoch < nb else "done"
+        window.reset()  # the next window's time starts after the hooks and the checkpoint
         return status
+
+
+class _Window:
+    """The micro-batches since the last optimizer step: their losses and token counts, kept
+    on the device until the step ends (one host sync per step), and when the window began."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.tokens: list[torch.Tensor | int] = []
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor | int) -> None:
+        self.losses.append(loss)
+        self.tokens.append(tokens)
+
+    def close(self) -> tuple[list[float], int, float]:
+        """``(losses, tokens, seconds since the window began)`` as host numbers; the time is
+        taken after reading them, so it covers the window's device work."""
+        losses = torch.stack([loss.float() for loss in self.losses]).tolist()
+        counts = [t for t in self.tokens if isinstance(t, torch.Tensor)]
+        tokens = sum(t for t in self.tokens if not isinstance(t, torch.Tensor))
+        if counts:
+            tokens += int(torch.stack(counts).sum())
+        return losses, int(tokens), time.perf_counter() - self.start
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:

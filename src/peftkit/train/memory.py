@@ -35,11 +35,14 @@ peaks (:func:`rank_peaks`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import resource
 import sys
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -70,8 +73,36 @@ def cpu_anon_bytes() -> int | None:
     return None if kb is None else kb * 1024
 
 
+# Trackers now open, outermost first. The kernel keeps one RSS high-water mark per process; a
+# tracker that resets it (a step part inside the train phase) first folds the mark reached so
+# far into every open tracker, so an outer phase's peak survives its inner parts' resets.
+_OPEN: list[MemoryTracker] = []
+
+
+def _cpu_hwm_bytes() -> int | None:
+    kb = _status_kb("VmHWM")
+    return None if kb is None else kb * 1024
+
+
+def _fold_peaks() -> None:
+    """Fold the high-water marks reached so far (CPU, and CUDA's peak) into every open tracker."""
+    if not _OPEN:
+        return
+    hwm = _cpu_hwm_bytes()
+    gpu = None
+    if any(t.cuda for t in _OPEN):
+        gpu = torch.cuda.max_memory_allocated()
+    for tracker in _OPEN:
+        if hwm is not None:
+            tracker._cpu_folded = max(tracker._cpu_folded, hwm)
+        if gpu is not None and tracker.cuda:
+            tracker._gpu_folded = max(tracker._gpu_folded, gpu)
+
+
 def _reset_cpu_peak() -> bool:
-    """Reset the kernel's RSS high-water mark; False when not possible."""
+    """Reset the kernel's RSS high-water mark (folded into open trackers first); False when
+    not possible."""
+    _fold_peaks()
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")
@@ -114,9 +145,13 @@ class PhaseMemory:
     cpu_anon_begin: int | None = None  # RssAnon, the part of the RSS the process owns
     cpu_anon_end: int | None = None
     cpu_anon_peak: int | None = None
+    # the train phase's step parts (forward, backward, optimizer): each one's peak, the
+    # maximum over the phase's steps (StepParts); None for other phases
+    cpu_parts: dict[str, int] | None = None
+    gpu_parts: dict[str, int] | None = None
 
     def lines(self) -> list[str]:
-        """The report, in PEFT's wording."""
+        """The report, in PEFT's wording (plus, for a train phase, where in a step it peaked)."""
         out = []
         devices = [("CPU", self.cpu_begin, self.cpu_end, self.cpu_peak)]
         if self.cpu_anon_begin is not None:
@@ -133,9 +168,16 @@ class PhaseMemory:
                 f"{dev} Peak Memory consumed during the {self.phase} (max-begin): {peak - begin}",
                 f"{dev} Total Peak Memory consumed during the {self.phase} (max): {peak}",
             ]
+        phase, _, over = self.phase.partition(" (")  # "train (max over 2 ranks)"
+        for dev, parts in (("GPU", self.gpu_parts), ("CPU", self.cpu_parts)):
+            if parts:
+                names = " / ".join(parts)
+                values = " / ".join(str(v) for v in parts.values())
+                where = f"{phase}'s {names}" + (f" ({over}" if over else "")
+                out.append(f"{dev} Total Peak Memory in the {where} (max): {values}")
         return out
 
-    def as_dict(self) -> dict[str, int | None]:
+    def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "phase"}
 
     @classmethod
@@ -147,6 +189,10 @@ class PhaseMemory:
             if field.name == "phase":
                 continue
             values = [r.get(field.name) for r in ranks if r.get(field.name) is not None]
+            if values and isinstance(values[0], dict):
+                merged = {k: max(v.get(k, 0) for v in values) for k in values[0]}
+                setattr(out, field.name, merged)
+                continue
             setattr(out, field.name, max(values) if values else None)
         return out
 
@@ -172,23 +218,33 @@ def rank_peaks(memory: list[dict]) -> list[dict[str, int | None]]:
 
 
 class MemoryTracker:
-    """``with MemoryTracker("train") as mem: ...`` then ``mem.result.lines()``."""
+    """``with MemoryTracker("train") as mem: ...`` then ``mem.result.lines()``.
 
-    def __init__(self, phase: str, device: torch.device | None = None) -> None:
+    Trackers nest: an inner one (a step part) resets the high-water marks, and the outer ones
+    keep what was reached before (see ``_OPEN``).
+    """
+
+    def __init__(
+        self, phase: str, device: torch.device | None = None, sample_anon: bool = True
+    ) -> None:
         self.phase = phase
         self.cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
         self.device = device
+        self.sample_anon = sample_anon
         self.result = PhaseMemory(phase)
         self._sampler: _Sampler | None = None
         self._anon_sampler: _Sampler | None = None
+        self._cpu_folded = 0
+        self._gpu_folded = 0
 
     def __enter__(self) -> MemoryTracker:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+            _fold_peaks()
             torch.cuda.reset_peak_memory_stats(self.device)
             self.result.gpu_begin = torch.cuda.memory_allocated(self.device) // MB
         self.result.cpu_begin = cpu_rss_bytes() // MB
-        anon = cpu_anon_bytes()
+        anon = cpu_anon_bytes() if self.sample_anon else None
         if anon is not None:
             self.result.cpu_anon_begin = anon // MB
             self._anon_sampler = _Sampler(cpu_anon_bytes, interval=0.01)
@@ -196,19 +252,24 @@ class MemoryTracker:
         if not _reset_cpu_peak():
             self._sampler = _Sampler()
             self._sampler.start()
+        _OPEN.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.result.gpu_end = torch.cuda.memory_allocated(self.device) // MB
-            self.result.gpu_peak = torch.cuda.max_memory_allocated(self.device) // MB
+            peak = max(torch.cuda.max_memory_allocated(self.device), self._gpu_folded)
+            self.result.gpu_peak = peak // MB
         self.result.cpu_end = cpu_rss_bytes() // MB
         if self._sampler is not None:
             peak = self._sampler.stop()
         else:
-            hwm = _status_kb("VmHWM")
-            peak = hwm * 1024 if hwm is not None else cpu_rss_bytes()
+            hwm = _cpu_hwm_bytes()
+            peak = hwm if hwm is not None else cpu_rss_bytes()
+        peak = max(peak, self._cpu_folded)
         self.result.cpu_peak = max(peak // MB, self.result.cpu_begin, self.result.cpu_end)
         if self._anon_sampler is not None:
             anon_peak = self._anon_sampler.stop() // MB
@@ -216,3 +277,30 @@ class MemoryTracker:
             self.result.cpu_anon_peak = max(
                 anon_peak, self.result.cpu_anon_begin, self.result.cpu_anon_end
             )
+
+
+class StepParts:
+    """Where a training step peaks: the peak memory of each part (``forward``, ``backward``,
+    ``optimizer``), the maximum over every step it saw. Each part is a nested
+    :class:`MemoryTracker`, so the enclosing phase keeps its own peak; the cost is three
+    ``/proc`` reads and one high-water-mark reset per part (microseconds)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.cpu: dict[str, int] = {}
+        self.gpu: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        with MemoryTracker(name, self.device, sample_anon=False) as tracker:
+            yield
+        result = tracker.result
+        self.cpu[name] = max(self.cpu.get(name, 0), result.cpu_peak)
+        if result.gpu_peak is not None:
+            self.gpu[name] = max(self.gpu.get(name, 0), result.gpu_peak)
+
+    def add_to(self, memory: PhaseMemory) -> PhaseMemory:
+        """``memory`` (the enclosing phase's report) with these parts' peaks."""
+        memory.cpu_parts = dict(self.cpu) or None
+        memory.gpu_parts = dict(self.gpu) or None
+        return memory

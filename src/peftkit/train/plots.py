@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import metrics as M
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_file
+from .run_folder import RunFolder
 
 _SKIP = {"kind", "step", "epoch", "eval_loss", "eval_ppl", "time_s", "rows"}
 
@@ -31,7 +32,8 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> None:
-    atomic_write(str(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _running_mean(values: list[float], window: int) -> list[float]:
@@ -79,7 +81,7 @@ def plot_run(
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = out_dir / "loss.png"
+        path = RunFolder(out_dir).plot("loss")
         _save(fig, path)
         plt.close(fig)
         written.append(path)
@@ -105,13 +107,13 @@ def plot_run(
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / "metrics.png"
+        path = RunFolder(out_dir).plot("metrics")
         _save(fig, path)
         plt.close(fig)
         written.append(path)
     confusion = _confusion_from_run(out_dir)
     if confusion is not None:
-        written.append(plot_confusion(*confusion, out_dir / "confusion_matrix.png"))
+        written.append(plot_confusion(*confusion, RunFolder(out_dir).plot("confusion_matrix")))
     return written
 
 
@@ -120,7 +122,8 @@ def _confusion_from_run(run_dir: Path) -> tuple[list[str], list[str], list[str]]
     import csv
     import json
 
-    state, preds_csv = run_dir / "task_state.json", run_dir / "predictions_eval.csv"
+    run = RunFolder(run_dir)
+    state, preds_csv = run.task_state, run.predictions("eval")
     if not state.is_file() or not preds_csv.is_file():
         return None
     labels = json.loads(state.read_text(encoding="utf-8")).get("labels")

@@ -31,13 +31,20 @@ from ..methods.dropout_mask import set_dropout_mask
 from ..progress import quiet_library_bars
 from ..tasks import Task, TaskSpec
 from .config import RunConfig, config_to_yaml
-from .distributed import full_weights, make_accelerator, plan_of
+from .distributed import (
+    full_weights,
+    make_accelerator,
+    offload_note,
+    plan_of,
+    zero3_load_config,
+)
 from .evaluate import SplitEvaluation, evaluate_split, write_predictions
 from .logger import RunLog, read_metrics
 from .loop import Trainer, TrainOutcome, plan_steps
-from .memory import rank_peaks
+from .memory import MemoryTracker, rank_peaks
 from .run_folder import (
-    TASK_STATE,
+    CHECKPOINT_STATE,
+    RunFolder,
     config_changes,
     default_output_dir,
     prepare_output,
@@ -82,6 +89,7 @@ class RunSummary:
     world_size: int = 1
     strategy: str = "ddp"  # ddp | zero2 | zero3 | fsdp (distributed.strategy, resolved)
     offload: str = "none"
+    offload_note: str | None = None  # set where offload: cpu can move nothing (a CPU-only run)
     rank_peaks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # MB, per rank
     memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     wall_time_s: float | None = None
@@ -139,6 +147,7 @@ class TrainRecipe:
             Path(config.output_dir) if config.output_dir else default_output_dir(config)
         )
         config.output_dir = str(self.output_dir)
+        self.run = RunFolder(self.output_dir)  # every name in the folder
         self.checkpoint = resolve_resume(self.output_dir, resume)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -168,7 +177,9 @@ class TrainRecipe:
 
         set_seed(config.seed)
         load_start = time.perf_counter()
-        model, tokenizer = load_model(config, self.spec)
+        load_memory = MemoryTracker("load", self.accelerator.device)
+        with load_memory:  # under ZeRO-3 partitioned while it loads, FSDP2 read by shards
+            model, tokenizer = load_model(config, self.spec, zero3_load_config(self.accelerator))
         log.info(
             f"model: {config.model.name} ({type(model).__name__}, loaded in "
             f"{time.perf_counter() - load_start:.1f} s)"
@@ -183,7 +194,8 @@ class TrainRecipe:
             for note in features.feature_notes(split, rows, encoded) if rows else []:
                 log.info(note)  # rows split / cut / left out by the task: never silently
         plan = plan_steps(len(train_features), config, self.accelerator.num_processes)
-        peft_model = attach_adapter(config, model, self.spec, plan.total_steps)
+        with MemoryTracker("adapter", self.accelerator.device) as adapter_memory:
+            peft_model = attach_adapter(config, model, self.spec, plan.total_steps)
         self.task: Task = self.spec.build(tokenizer, peft_model)  # batches as the adapter needs
         log.info(
             f"method: {config.method_type} -> {type(peft_model).__name__}; "
@@ -198,10 +210,11 @@ class TrainRecipe:
             f"strategy {plan_of(self.accelerator).strategy}, offload "
             f"{plan_of(self.accelerator).offload}"
         )
+        if note := offload_note(self.accelerator):
+            log.info(note)
         if self.main:
-            atomic_write_text(str(self.output_dir / "config.yaml"), config_to_yaml(config))
-            state = json.dumps(self.spec.state()) + "\n"
-            atomic_write_text(str(self.output_dir / TASK_STATE), state)
+            atomic_write_text(self.run.config, config_to_yaml(config))
+            atomic_write_text(self.run.task_state, json.dumps(self.spec.state()) + "\n")
         self.baselines = (
             self.task.baselines(self.splits.train, self.splits.eval) if self.splits.eval else {}
         )
@@ -216,12 +229,13 @@ class TrainRecipe:
             eval_records=self.splits.eval,
             eval_features=eval_features,
             on_step=on_step,
+            setup_memory=[load_memory.result, adapter_memory.result],
         )
 
     def _checkpoint_step(self) -> int | None:
         if self.checkpoint is None:
             return None
-        state = json.loads((self.checkpoint / "trainer_state.json").read_text())
+        state = json.loads((self.checkpoint / CHECKPOINT_STATE).read_text())
         return state["progress"]["global_step"]
 
     # --- train -----------------------------------------------------------------------------
@@ -269,14 +283,12 @@ class TrainRecipe:
             if self.main and self.config.plots:
                 from .plots import plot_memory, plot_run
 
-                plot_run(
-                    read_metrics(self.output_dir / "metrics.jsonl"), self.output_dir, self.baselines
-                )
-                plot_memory(summary.memory, self.output_dir / "memory.png")
+                plot_run(read_metrics(self.run.metrics), self.output_dir, self.baselines)
+                plot_memory(summary.memory, self.run.plot("memory"))
         summary.wall_time_s = round(time.perf_counter() - self.wall_start, 2)
         if self.main:
             text = json.dumps(summary.to_dict(), indent=2) + "\n"
-            atomic_write_text(str(self.output_dir / "summary.json"), text)
+            atomic_write_text(self.run.summary, text)
         return summary
 
     def close(self) -> None:
@@ -306,8 +318,9 @@ class TrainRecipe:
             world_size=self.accelerator.num_processes,
             strategy=plan_of(self.accelerator).strategy,
             offload=plan_of(self.accelerator).offload,
+            offload_note=offload_note(self.accelerator),
         )
-        records = read_metrics(self.output_dir / "metrics.jsonl") if self.main else []
+        records = read_metrics(self.run.metrics) if self.main else []
         before = [r for r in records if r.get("kind") == "eval" and r.get("epoch") == 0]
         if before:
             summary.before_training = {
@@ -339,11 +352,13 @@ class TrainRecipe:
                 evaluation = evaluate_split(
                     trainer.eval_context(), self.task, self.splits.eval, trainer.eval_features
                 )
-        adapter_dir = self.output_dir / "adapter"
-        with full_weights(trainer.unwrapped):  # sharded (ZeRO-3, FSDP2): every rank gathers
-            if self.main:
-                trainer.unwrapped.save_pretrained(adapter_dir)
-        self.accelerator.wait_for_everyone()
+        adapter_dir = self.run.adapter
+        with MemoryTracker("save", self.accelerator.device) as memory:
+            with full_weights(trainer.unwrapped):  # sharded (ZeRO-3, FSDP2): every rank gathers
+                if self.main:
+                    trainer.unwrapped.save_pretrained(adapter_dir)
+            self.accelerator.wait_for_everyone()
+        trainer.report_memory(memory.result, progress.epoch)
         summary.adapter, summary.adapter_choice = str(adapter_dir), chosen
         summary.best = {
             "metric": trainer.best_metric_name,
@@ -379,7 +394,7 @@ class TrainRecipe:
     def _write_predictions(self, evaluation: SplitEvaluation, split: str) -> Path | None:
         if not self.main:
             return None
-        return evaluation.write_predictions(self.output_dir / f"predictions_{split}.csv")
+        return evaluation.write_predictions(self.run.predictions(split))
 
     def _run_test(self) -> tuple[dict[str, Any], Path | None]:
         """Score the test split when it has references, else label it."""
@@ -402,7 +417,7 @@ class TrainRecipe:
         elapsed = time.perf_counter() - start
         path = None
         if self.main and preds:
-            path = write_predictions(self.output_dir / "predictions_test.csv", test, preds)
+            path = write_predictions(self.run.predictions("test"), test, preds)
             total = self.splits.test_total
             more = (
                 f" (the first {len(test)} of {total}; set data.test.limit to label more)"

@@ -27,15 +27,20 @@ MISSING = dataclasses.MISSING
 
 
 class ConfigError(ValueError):
-    """A run config with one or more problems; ``problems`` holds one line per problem."""
+    """A run config with one or more problems; ``problems`` holds one line per problem, ``hint``
+    one line of what to do about them (e.g. the command that makes a recipe's files)."""
 
-    def __init__(self, problems: list[str], source: str | None = None) -> None:
+    def __init__(
+        self, problems: list[str], source: str | None = None, hint: str | None = None
+    ) -> None:
         self.problems = list(problems)
         self.source = source
+        self.hint = hint
         where = f"config {source}" if source else "config"
         n = len(self.problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{where} has {n} problem{'s' if n != 1 else ''}:\n{lines}")
+        tail = f"\n{hint}" if hint else ""
+        super().__init__(f"{where} has {n} problem{'s' if n != 1 else ''}:\n{lines}{tail}")
 
 
 def type_name(hint: Any) -> str:

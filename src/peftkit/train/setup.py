@@ -17,23 +17,24 @@ from typing import Any
 
 import torch
 
+from ..methods.table import METHODS, check_serves
 from ..tasks import TaskSpec, task_spec
-from .config import ConfigError, RunConfig, method_config_class
+from .config import ConfigError, RunConfig
 from .splits import Splits
 
 
 def build_spec(config: RunConfig) -> TaskSpec:
-    """The spec of ``config.task`` (its options were checked by load_config); no labels yet."""
+    """The spec of ``config.task`` (its options were checked by load_config); no labels yet.
+    A method that cannot adapt the task's kind of model (prompt methods on images) is refused
+    here, by asking the method table."""
     try:
         spec = task_spec(config.task)
     except (TypeError, ValueError) as exc:
         raise ConfigError([f"task: {exc}"], source=config.source) from exc
-    refuse = getattr(spec.kind.task, "refuse_method", None)  # e.g. prompt methods on images
-    if refuse is not None:
-        try:
-            refuse(config.method_type)
-        except ValueError as exc:
-            raise ConfigError([f"method.type: {exc}"], source=config.source) from exc
+    try:
+        check_serves(config.method_type, spec.name, spec.kind.family)
+    except ValueError as exc:
+        raise ConfigError([f"method.type: {exc}"], source=config.source) from exc
     return spec
 
 
@@ -66,8 +67,11 @@ def check_data(spec: TaskSpec, splits: Splits, source: str | None = None) -> Tas
     return spec
 
 
-def load_model(config: RunConfig, spec: TaskSpec) -> tuple[torch.nn.Module, Any]:
-    """Base model + tokenizer for the task (bundled name, folder, GGUF, hub id; dtype; 4-bit)."""
+def load_model(
+    config: RunConfig, spec: TaskSpec, zero3_config: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """Base model + tokenizer for the task (bundled name, folder, GGUF, hub id; dtype; 4-bit);
+    under ZeRO-3 (``zero3_config``) partitioned while it loads."""
     from ..models import load_base_model
 
     return load_base_model(
@@ -77,19 +81,20 @@ def load_model(config: RunConfig, spec: TaskSpec) -> tuple[torch.nn.Module, Any]
         gguf_file=config.model.gguf_file,
         quantization=config.model.quantization,
         tokenizer_name_or_path=config.model.tokenizer,
+        zero3_config=zero3_config,
         **spec.model_kwargs(),
     )
 
 
 def build_peft_config(config: RunConfig, spec: TaskSpec, total_steps: int | None = None) -> Any:
-    """The adapter config: the ``method`` block's fields on the registry's class for its type.
+    """The adapter config: the ``method`` block's fields on its method table row's class.
 
     Fields the run knows are filled in: ``task_type`` from the task, ``total_step`` (AdaLoRA's
     budget schedule) from the step plan, ``tokenizer_name_or_path`` (text-initialised prompts)
     from the model.
     """
     fields = {k: v for k, v in config.method.items() if k != "type"}
-    cls = method_config_class(config.method_type)
+    cls = METHODS[config.method_type].config
     names = {f.name for f in dataclasses.fields(cls)}
     fields["task_type"] = spec.task_type
     fields["base_model_name_or_path"] = config.model.name
@@ -119,7 +124,7 @@ def attach_adapter(
 
         enable_gradient_checkpointing(model)
     peft_config = build_peft_config(config, spec, total_steps)
-    heads = getattr(spec.kind.task, "trained_heads", None)  # a head PEFT has no TaskType for
+    heads = getattr(spec.task, "trained_heads", None)  # a head PEFT has no TaskType for
     if heads is not None and not getattr(peft_config, "modules_to_save", True):
         peft_config.modules_to_save = heads(model)
     return get_peft_model(model, peft_config)

@@ -2,17 +2,18 @@
 
 ::
 
-    <run>/checkpoints/step-00000050/
+    <run>/checkpoints/step-00000050/          (run_folder.RunFolder.checkpoint(50))
         adapter/                  the adapter at this step, HF PEFT format (usable on its own)
         trainable.safetensors     every trainable tensor by its in-memory name (exact bits)
         optimizer.pt              optimizer state (moments, step counts); FSDP2: gathered whole
         deepspeed/                ZeRO-2/3 instead of optimizer.pt: DeepSpeed's own checkpoint of
                                   the trainable partitions (fp32 master weights + moments, per rank)
         scheduler.pt              LR scheduler state
-        rng.safetensors           torch CPU (+ CUDA) generator states
+        rng/rank-<r>.safetensors  each rank's torch CPU (+ CUDA) generator states, and
+        rng/rank-<r>.json         its Python / NumPy ones (the ranks' streams differ)
         method_state.pt           a method's own training state, when it has one (AdaLoRA)
         trainer_state.json        position (epoch, batch in epoch, global step), running epoch
-                                  loss, best metric so far, Python/NumPy RNG states
+                                  loss, best metric so far
 
 A checkpoint is taken only between optimizer steps, where parameters, optimizer and RNG are a
 consistent snapshot; the data order of an epoch is a pure function of (seed, epoch), so skipping
@@ -36,11 +37,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import atomic_write_text, save_tensors
+from ..checkpoint import (
+    atomic_file,
+    atomic_write_text,
+    replace_folder,
+    save_tensors,
+    temp_folder_for,
+)
 from .distributed import full_weights, plan_of
+from .run_folder import CHECKPOINT_STATE, RunFolder
 
-CHECKPOINTS = "checkpoints"
-PREFIX = "step-"
+RNG_DIR = "rng"
 
 
 @dataclasses.dataclass
@@ -132,14 +139,43 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def _rank(accelerator: Any) -> int:
+    return int(accelerator.process_index) if accelerator is not None else 0
+
+
+def _save_rank_rng(folder: Path, accelerator: Any) -> None:
+    """``rng/rank-<r>.safetensors`` + ``.json``: this rank's generators. The ranks' streams part
+    after the first step: each draws dropout masks (and augmentations) for batches of its own
+    shapes, so rank 0's state restored on every rank would not continue the run."""
+    rank = _rank(accelerator)
+    (folder / RNG_DIR).mkdir(exist_ok=True)
+    tensors, plain = _rng_state()
+    save_tensors(str(folder / RNG_DIR / f"rank-{rank}.safetensors"), tensors)
+    atomic_write_text(str(folder / RNG_DIR / f"rank-{rank}.json"), json.dumps(plain) + "\n")
+
+
+def _load_rank_rng(folder: Path, state: dict[str, Any]) -> None:
+    """This rank's generators from ``folder`` (its own file; rank 0's where a run resumes with
+    more processes than it had; the single ``rng.safetensors`` of older checkpoints)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    files = folder / RNG_DIR
+    for r in (rank, 0):
+        if (files / f"rank-{r}.safetensors").exists():
+            plain = json.loads((files / f"rank-{r}.json").read_text(encoding="utf-8"))
+            _set_rng_state(load_file(str(files / f"rank-{r}.safetensors")), plain)
+            return
+    _set_rng_state(load_file(str(folder / "rng.safetensors")), state.get("rng", {}))
+
+
 def _torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(".tmp-" + path.name)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+    return RunFolder(output_dir).checkpoint(step)
 
 
 def _barrier(accelerator: Any) -> None:
@@ -165,11 +201,7 @@ def save_checkpoint(
     main = accelerator is None or accelerator.is_main_process
     strategy = plan_of(accelerator).strategy if accelerator is not None else "ddp"
     final = checkpoint_dir(output_dir, progress.global_step)
-    tmp = final.with_name(".tmp-" + final.name)
-    if main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = temp_folder_for(final, shared=True, create=main)  # every rank writes its part here
     _barrier(accelerator)
     tensors = full_trainable_tensors(model)
     with full_weights(model):
@@ -189,6 +221,8 @@ def save_checkpoint(
             _torch_save(optim_state, tmp / "optimizer.pt")
     elif main:
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _save_rank_rng(tmp, accelerator)  # every rank: each has drawn its own dropout masks
+    _barrier(accelerator)  # every rank's parts are in the folder before it is renamed
     if not main:
         _barrier(accelerator)
         return final
@@ -197,13 +231,9 @@ def save_checkpoint(
     method_state = getattr(getattr(model, "base_model", None), "training_state_dict", None)
     if callable(method_state):
         _torch_save(method_state(), tmp / "method_state.pt")
-    rng_tensors, rng_plain = _rng_state()
-    save_tensors(str(tmp / "rng.safetensors"), rng_tensors)
-    state = {"progress": dataclasses.asdict(progress), "rng": rng_plain}
-    atomic_write_text(str(tmp / "trainer_state.json"), json.dumps(state) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    state = {"progress": dataclasses.asdict(progress)}
+    atomic_write_text(str(tmp / CHECKPOINT_STATE), json.dumps(state) + "\n")  # written last
+    replace_folder(tmp, final)  # the whole checkpoint appears at once (checkpoint.atomic_folder)
     if keep is not None:
         prune_checkpoints(output_dir, keep)
     _barrier(accelerator)
@@ -218,20 +248,11 @@ def _is_fsdp2(module: torch.nn.Module) -> bool:
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").exists()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return RunFolder(output_dir).complete_checkpoints()
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    return RunFolder(output_dir).latest_checkpoint()
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
@@ -252,11 +273,11 @@ def load_checkpoint(
     With several processes every rank calls; ``engine`` is what ``accelerator.prepare`` made.
     """
     folder = Path(folder)
-    state_file = folder / "trainer_state.json"
+    state_file = folder / CHECKPOINT_STATE
     if not state_file.exists():
         raise FileNotFoundError(
-            f"{folder} is not a training checkpoint (no trainer_state.json); pass a "
-            f"{CHECKPOINTS}/{PREFIX}N folder or the run folder"
+            f"{folder} is not a training checkpoint (no {CHECKPOINT_STATE}); pass a "
+            "checkpoints/step-N folder or the run folder"
         )
     state = json.loads(state_file.read_text(encoding="utf-8"))
     deepspeed_dir = folder / "deepspeed"
@@ -299,5 +320,5 @@ def load_checkpoint(
     loader = getattr(getattr(model, "base_model", None), "load_training_state_dict", None)
     if method_file.exists() and callable(loader):
         loader(torch.load(method_file, weights_only=True))
-    _set_rng_state(load_file(str(folder / "rng.safetensors")), state.get("rng", {}))
+    _load_rank_rng(folder, state)
     return Progress(**state["progress"])

@@ -11,6 +11,7 @@ from .models import (
     freeze_batchnorm,
     head_name,
     is_vision_model,
+    load_plain_classifier,
     load_vision_model,
 )
 from .preprocess import ImagePreprocessing, ImageReadError, read_image
@@ -22,6 +23,7 @@ __all__ = [
     "freeze_batchnorm",
     "head_name",
     "is_vision_model",
+    "load_plain_classifier",
     "load_vision_model",
     "read_image",
 ]

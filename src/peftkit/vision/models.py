@@ -120,14 +120,12 @@ def _lite_class() -> type[nn.Module]:
 
         def save_pretrained(self, folder: str | Path, **_: Any) -> None:
             """config.json (architecture, labels) + model.safetensors, loadable by
-            :func:`load_vision_model` (e.g. after ``peftkit merge``)."""
-            from safetensors.torch import save_file
+            :func:`load_vision_model` (e.g. after ``peftkit merge``), each written atomically."""
+            from ..checkpoint import atomic_write_text, save_tensors
 
             out = Path(folder)
-            out.mkdir(parents=True, exist_ok=True)
-            state = {k: v.contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(out / "model.safetensors"))
-            (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            save_tensors(out / "model.safetensors", self.state_dict())
+            atomic_write_text(out / "config.json", json.dumps(self.config.to_dict(), indent=2))
 
     EfficientNetLite.config_class = PretrainedConfig
     return EfficientNetLite
@@ -257,6 +255,32 @@ def load_vision_model(
     return model.eval(), preprocessing
 
 
+def load_plain_classifier(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    quantization: str | None = None,
+    num_labels: int | None = None,
+    restored_modules: tuple[str, ...] | list[str] = (),
+    **kw: Any,
+) -> tuple[nn.Module, ImagePreprocessing] | None:
+    """A plain PyTorch vision model (a maintained library's network + local weights) and its
+    preprocessing, BatchNorm statistics frozen; None for anything else, which transformers
+    loads (``models.load_base_model`` asks this first for the vision family)."""
+    if not is_vision_model(name_or_path):
+        return None
+    if quantization is not None:
+        raise ValueError(
+            f"{name_or_path} is a convolutional network: 4-bit quantisation (QLoRA) "
+            "replaces Linear layers only; use lora, dora or adalora on it"
+        )
+    model, preprocessing = load_vision_model(
+        name_or_path, num_labels, kw.get("id2label"), dtype, restored_modules
+    )
+    freeze_batchnorm(model)  # adapters save no buffers: keep the pretrained statistics
+    return model, preprocessing
+
+
 class _Namespace:
     def __init__(self, values: dict[str, Any]) -> None:
         self.__dict__.update(values)
@@ -297,5 +321,6 @@ __all__ = [
     "freeze_batchnorm",
     "head_name",
     "is_vision_model",
+    "load_plain_classifier",
     "load_vision_model",
 ]

@@ -108,9 +108,10 @@ class ImagePreprocessing:
         """Write ``preprocessor_config.json`` (plain vision models keep their numbers there)."""
         import json
 
+        from ..checkpoint import atomic_write_text
+
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "preprocessor_config.json").write_text(json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(out / "preprocessor_config.json", json.dumps(self.to_dict(), indent=2))
 
     def __call__(
         self, image: np.ndarray, augment: bool = False, flip: bool = True, crop_scale: float = 1.0

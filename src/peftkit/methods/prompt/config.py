@@ -19,7 +19,7 @@ import dataclasses
 import enum
 from typing import Any, ClassVar
 
-from ...config import PeftConfig, PeftType
+from ...config import Adapts, ModelFamily, PeftConfig, PeftType
 
 
 @dataclasses.dataclass
@@ -38,6 +38,8 @@ class PromptLearningConfig(PeftConfig):
     """
 
     is_prompt_learning: ClassVar[bool] = True
+    adapts: ClassVar[Adapts] = Adapts.INPUT_EMBEDDINGS
+    model_families: ClassVar[frozenset[ModelFamily]] = frozenset({ModelFamily.TEXT})
 
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -185,6 +187,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type = PeftType.PREFIX_TUNING
+    adapts = Adapts.KV_PREFIX
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False

@@ -103,7 +103,7 @@ def text_init_ids(config: PromptTuningConfig, rows: int) -> list[int]:
     kwargs.pop("trust_remote_code", None)
     try:
         # peftkit's model names (bundled "smollm2-135m", a .gguf file) resolve to their folder
-        from ...models import tokenizer_folder
+        from ...model_sources import tokenizer_folder
 
         folder = tokenizer_folder(config.tokenizer_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

@@ -3,7 +3,7 @@
 ::
 
     get_peft_model(model, config) ──> PeftModelFor<Task>
-        .adapter_model   methods.ADAPTER_MODELS[config.peft_type]: every adapter operation,
+        .adapter_model   methods.table.ADAPTER_MODELS[config.peft_type]: every adapter operation,
                          forward, generate and the adapter's tensors go here (adapter_model.py)
         .base_model      injected methods: the adapter model itself (InjectedAdapterModel)
                          prompt methods:   the transformers model, and .prompt_encoder {name: encoder}
@@ -27,8 +27,8 @@ from torch import nn
 from . import checkpoint, head_input, partitioned
 from .adapter_model import AdapterModel
 from .config import PeftConfig, TaskType, read_config
-from .methods import ADAPTER_MODELS
 from .methods.lora import LoraLayer
+from .methods.table import ADAPTER_MODELS
 
 
 class PeftModel(nn.Module):
@@ -148,7 +148,7 @@ class PeftModel(nn.Module):
     # --- parameters ----------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts; packed 4-bit weights count as their element count,
-        ZeRO-3 partitioned ones as their whole size."""
+        ZeRO-3 partitioned ones and vocabulary-parallel slices as their whole size."""
         trainable = total = 0
         for param in self.parameters():
             n = partitioned.numel(param)
@@ -156,11 +156,14 @@ class PeftModel(nn.Module):
             if param.requires_grad:
                 trainable += n
         for module in self.modules():
-            # looked up on the class: a LoRA layer forwards unknown attributes to its base
-            # layer, and would count the 4-bit weight a second time
-            counter = getattr(type(module), "quantized_param_count", None)
-            if callable(counter):
-                total += counter(module)
+            # weights a module keeps outside its parameters: packed 4-bit bytes, the whole
+            # matrix a vocabulary-parallel layer holds a slice of. Looked up on the class: a
+            # LoRA layer forwards unknown attributes to its base layer, and would count the
+            # 4-bit weight a second time
+            for hook in ("quantized_param_count", "represented_param_count"):
+                counter = getattr(type(module), hook, None)
+                if callable(counter):
+                    total += counter(module)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
