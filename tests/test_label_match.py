@@ -141,3 +141,15 @@ def test_label_map_keys_match_the_value_and_the_spacing_is_kept(tok, tmp_path):
     assert spec.labels == ("negative", "positive")
     assert spec.label_texts == (" negative", " positive")
     assert_all_right(task, rows, ["negative", "positive"], tmp_path, spec.labels)
+
+
+def test_two_labels_that_compare_equal_are_refused_naming_both():
+    from peftkit.tasks.labels import LabelSet
+
+    with pytest.raises(
+        ValueError, match=r"labels 'ham' and ' ham\\n' are the same label.*label_map"
+    ):
+        LabelSet(["ham", " ham\n", "spam"])
+    with pytest.raises(ValueError, match=r"labels 'Spam' and 'spam' .*case folded"):
+        LabelSet(["Spam", "spam"], casefold=True)
+    assert LabelSet(["Spam", "spam"]).match(" spam") == "spam"  # exact keeps case apart

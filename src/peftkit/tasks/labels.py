@@ -73,17 +73,19 @@ class LabelSet:
             raise ValueError(f"{len(labels)} labels but {len(self.texts)} label texts")
         self.labels = [label_key(str(label), drop=self.drop) for label in labels]
         self._by_key: dict[str, str] = {}
+        given: dict[str, str] = {}  # key -> the label as given, to name both of a clash
         for original, label in zip(labels, self.labels):
             key = self.key(label)
             if not key:
                 raise ValueError(f"label {original!r} is empty once whitespace is stripped")
             if key in self._by_key:
                 raise ValueError(
-                    f"labels {self._by_key[key]!r} and {label!r} are the same label once "
+                    f"labels {given[key]!r} and {original!r} are the same label once "
                     f"compared ({'case folded, ' if casefold else ''}surrounding whitespace "
                     "stripped); merge them with task.label_map"
                 )
             self._by_key[key] = label
+            given[key] = str(original)
 
     def key(self, text: str) -> str:
         return label_key(text, self.casefold, self.drop)
