@@ -8,7 +8,8 @@ One epoch::
                                                       clip -> optimizer.step -> scheduler.step
                                                       -> update_and_allocate (AdaLoRA) -> zero_grad
                                                       -> log, checkpoint every save_steps, Ctrl-C?
-    then: memory report, eval (loss + task metrics + memory report), best?, epoch checkpoint
+    then: memory report, eval (loss + task metrics + memory report; the task's one-line warning
+          when the result looks broken, e.g. accuracy 0 while the loss fell), best?, checkpoint
 
 Memory: only the loss outlives the forward (the logits are freed before backward allocates
 their gradient), and on the CPU the heap's free pages go back to the kernel just before the
@@ -44,7 +45,7 @@ from .config import RunConfig
 from .distributed import SHARDING, check_prepared, full_weights, plan_of, prepare_for_strategy
 from .distributed import make_accelerator as make_accelerator  # re-exported for train/__init__
 from .evaluate import SplitEvaluation, evaluate_split
-from .logger import RunLog
+from .logger import RunLog, first_loss, read_metrics
 from .memory import MemoryTracker, PhaseMemory, StepParts
 from .run_folder import RunFolder
 from .schedule import make_scheduler, warmup_steps
@@ -315,7 +316,11 @@ class Trainer:
             release()
             trim_now(self.unwrapped, self.trim_heap)
         self.report_memory(evaluation.memory, epoch)
+        earlier = first_loss(read_metrics(self.log.metrics_path)) if self.log.enabled else None
         self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
+        warning = self.task.result_warning(evaluation.metrics, evaluation.result, earlier)
+        if warning:  # a result that looks broken says so (accuracy 0 with a falling loss)
+            self.log.info(f"{phase} epoch {epoch}: {warning}")
         return evaluation
 
     def _is_better(self, value: float, best: float | None) -> bool:
