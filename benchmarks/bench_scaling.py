@@ -144,7 +144,9 @@ def run(
         "step_time_s": round(summary["train_time_s"] / max(summary["global_step"], 1), 3),
         "rank_peaks": summary["rank_peaks"],
         "wall_time_s": summary["wall_time_s"],
-        "load_average_1min": round(os.getloadavg()[0], 1),  # the machine is shared: read times with it
+        "load_average_1min": round(
+            os.getloadavg()[0], 1
+        ),  # the machine is shared: read times with it
     }
 
 
