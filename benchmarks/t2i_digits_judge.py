@@ -8,10 +8,11 @@ enabled, from the same seeds, and lets the judge label them::
       with model.disable_adapter(): sample ──judge──> share recognised per digit (before)
       sample ──judge──> share recognised per digit (after)
 
-Writes ``benchmarks/results/t2i_digits_lora.json`` (the shares, the run's training numbers from
-its summary.json) and copies the run's sample grids, loss curve and share-recognised curve into
-``docs/`` (small PNGs).
-Usage: ``python benchmarks/t2i_digits_judge.py [RUN]``.
+Writes ``benchmarks/results/<name>_<method>.json`` (the shares, the run's training numbers
+from its summary.json; ``<name>``: ``--name``, ``<method>``: the run's ``method.type``, e.g.
+``t2i_digits_lora``, ``t2i_digits_loha``, ``t2i_digits_lokr``) and copies the run's sample grids,
+loss curve and share-recognised curve into ``docs/<name>_<method>_*.png`` (small PNGs).
+Usage: ``python benchmarks/t2i_digits_judge.py [RUN] [--name t2i_digits|t2i_digits_latent]``.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def main() -> None:
         "--name",
         default="t2i_digits",
         help="file prefix: t2i_digits (pixel run) or t2i_digits_latent (the latent run of "
-        "t2i_digits_latent_base.py): reads <name>_base.json, writes <name>_lora.json and "
-        "docs/<name>_lora_*.png",
+        "t2i_digits_latent_base.py): reads <name>_base.json, writes <name>_<method>.json and "
+        "docs/<name>_<method>_*.png (<method>: the run's method.type)",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,14 +93,15 @@ def main() -> None:
         "run_eval_before": summary.get("before_training"),
         "run_eval_best": summary.get("eval"),
     }
-    path = ROOT / "benchmarks" / "results" / f"{args.name}_lora.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    for name, out in (("samples_before.png", "lora_before.png"),
-                      ("samples_after.png", "lora_after.png"),
-                      ("loss.png", "lora_loss.png"),
-                      ("metrics.png", "lora_recognised.png")):  # fmt: skip
+    from peftkit.checkpoint import atomic_write_text
+
+    tag = f"{args.name}_{config.method_type}"  # t2i_digits_lora, t2i_digits_loha, ...
+    path = ROOT / "benchmarks" / "results" / f"{tag}.json"
+    atomic_write_text(str(path), json.dumps(result, indent=2) + "\n")
+    for name, out in (("samples_before.png", "before"), ("samples_after.png", "after"),
+                      ("loss.png", "loss"), ("metrics.png", "recognised")):  # fmt: skip
         if (run / name).is_file():
-            shutil.copyfile(run / name, ROOT / "docs" / f"{args.name}_{out}")
+            shutil.copyfile(run / name, ROOT / "docs" / f"{tag}_{out}.png")
     print(json.dumps({k: result[k] for k in ("before", "after", "training")}, indent=2))
 
 

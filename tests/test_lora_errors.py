@@ -190,7 +190,7 @@ def test_wrapping_an_adapted_model_again_is_refused(first, tiny_model):
         else AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
     )
     inner = get_peft_model(base, config).base_model.model  # the injected model, unwrapped
-    with pytest.raises(ValueError, match="already holds LoRA/AdaLoRA layers"):
+    with pytest.raises(ValueError, match="already holds adapter layers"):
         get_peft_model(inner, LoraConfig(r=4, target_modules=["v_proj"]))
 
 

@@ -33,11 +33,15 @@ def test_capabilities_of_the_built_in_methods():
         "prompt_tuning": Adapts.INPUT_EMBEDDINGS,
         "p_tuning": Adapts.INPUT_EMBEDDINGS,
         "prefix_tuning": Adapts.KV_PREFIX,
+        "loha": Adapts.LAYERS,
+        "lokr": Adapts.LAYERS,
+        "ia3": Adapts.LAYERS,
     }
     serving = {f: [m.name for m in METHODS.values() if m.serves(f)] for f in ModelFamily}
     assert serving[ModelFamily.TEXT] == list(METHODS)
-    assert serving[ModelFamily.VISION] == ["lora", "qlora", "adalora"]
-    assert serving[ModelFamily.DIFFUSION] == ["lora", "adalora"]  # no 4-bit UNet loader
+    assert serving[ModelFamily.VISION] == ["lora", "qlora", "adalora", "loha", "lokr", "ia3"]
+    # no 4-bit UNet loader
+    assert serving[ModelFamily.DIFFUSION] == ["lora", "adalora", "loha", "lokr", "ia3"]
 
 
 def test_every_task_row_names_a_family_some_method_serves():

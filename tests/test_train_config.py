@@ -133,14 +133,14 @@ def test_unknown_task_and_method_types_list_the_choices(tmp_path, data_file):
         model: {{name: m}}
         task: {{type: classify}}
         data: {{train: {data_file}}}
-        method: {{type: loha}}
+        method: {{type: boft}}
         """,
     )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     task_problem, method_problem = info.value.problems
     assert "task.type: 'classify' is unknown; use one of causal_lm" in task_problem
-    assert "method.type: 'loha' is unknown; use one of lora, qlora, adalora" in method_problem
+    assert "method.type: 'boft' is unknown; use one of lora, qlora, adalora" in method_problem
 
 
 def test_missing_blocks_and_train_split(tmp_path):
@@ -182,6 +182,9 @@ def test_every_method_type_finds_its_config_class_in_the_method_table():
         "prompt_tuning": "PromptTuningConfig",
         "p_tuning": "PromptEncoderConfig",
         "prefix_tuning": "PrefixTuningConfig",
+        "loha": "LoHaConfig",
+        "lokr": "LoKrConfig",
+        "ia3": "IA3Config",
     }
 
 

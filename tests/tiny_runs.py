@@ -199,8 +199,22 @@ TARGETS = {
 }
 
 
+# IA3: PEFT's defaults per architecture (keys, values, the feed-forward output's input)
+IA3_TARGETS = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "bart": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+}
+
+
 def method_block(method: str, arch: str = "llama") -> dict:
     targets = TARGETS[arch]
+    if method in ("loha", "lokr"):
+        return {"type": method, "r": 4, "alpha": 8, "target_modules": targets}
+    if method == "ia3":
+        ia3, feedforward = IA3_TARGETS[arch]
+        return {"type": method, "target_modules": ia3, "feedforward_modules": feedforward}
     if method in ("lora", "qlora"):
         return {
             "type": method,

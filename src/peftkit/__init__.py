@@ -3,6 +3,9 @@
 from .config import PeftConfig, PeftType, TaskType
 from .methods.adalora import AdaLoraConfig
 from .methods.dropout_mask import set_dropout_mask
+from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora_config import LoraConfig
 from .methods.prompt import (
     PrefixTuningConfig,
@@ -38,7 +41,10 @@ __version__ = "0.1.0"
 __all__ = [
     "set_dropout_mask",
     "AdaLoraConfig",
+    "IA3Config",
     "Linear4bit",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

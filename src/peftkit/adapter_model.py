@@ -4,7 +4,9 @@
 
     PeftModel ──every call──> .adapter_model   (methods.table.ADAPTER_MODELS[peft_type])
                                 ├─ tuner.InjectedAdapterModel     LoRA
-                                │    └─ adalora.AdaLoraModel      AdaLoRA
+                                │    ├─ adalora.AdaLoraModel      AdaLoRA
+                                │    ├─ loha.LoHaModel, lokr.LoKrModel (lycoris.LycorisModel)
+                                │    └─ ia3.IA3Model              IA3
                                 └─ prompt.PromptAdapterModel      prompt tuning, P-tuning, prefix tuning
 
     modules PeftModel registers (HF PEFT's layout; they name every in-memory and on-disk key):

@@ -8,6 +8,8 @@
                      ... | --chat)   e.g. task.decode=rank: a classifier answers the likeliest label
     peftkit generate T2I_BASE_FOLDER [--lora FILE] --prompt TEXT ...   (images)
     peftkit merge    RUN|ADAPTER [--output DIR] [--gguf OUT.gguf] [--dtype ...]
+    peftkit merge    RUN1 RUN2 ... --weights W1 W2 ... [--combination ties --density 0.5]
+                     --output OUT     (adapter arithmetic: a combined adapter as a run folder)
     peftkit export   RUN|ADAPTER --gguf-lora OUT.gguf [--dtype f32|f16]
     peftkit inspect  RUN|ADAPTER|CONFIG.yaml [key=value ...]
 
@@ -159,13 +161,39 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "merge",
-        help="fold an adapter into its base model and save the plain model",
-        description="Merge a LoRA/AdaLoRA adapter into the base weights (W + (alpha/r) B A) and "
-        "save a plain transformers model + tokenizer that loads with from_pretrained. "
-        "A QLoRA adapter is merged into the full-precision base.",
+        help="fold an adapter into its base model, or combine several runs' adapters",
+        description="With one run: merge its adapter into the base weights (LoRA: W + (alpha/r) "
+        "B A; LoHa, LoKr, IA3 likewise) and save a plain transformers model + tokenizer that "
+        "loads with from_pretrained (a QLoRA adapter is merged into the full-precision base). "
+        "With several runs and --weights: combine their adapters as HF PEFT's "
+        "add_weighted_adapter does (LoRA: --combination svd|linear|cat|ties|dare_linear|"
+        "dare_ties|magnitude_prune and their _svd forms; IA3: a weighted sum) and write the "
+        "combined adapter as a run folder that eval / generate / merge read.",
     )
-    p.add_argument("target", help="a run folder or an adapter folder")
-    p.add_argument("--output", help="folder for the merged model")
+    p.add_argument(
+        "targets", nargs="+", metavar="target", help="run folder(s) or adapter folder(s)"
+    )
+    p.add_argument("--output", help="folder for the merged model / the combined run")
+    p.add_argument(
+        "--weights", type=float, nargs="+", metavar="W", help="combine: one weight per run"
+    )
+    p.add_argument(
+        "--combination",
+        metavar="TYPE",
+        help="combine (LoRA): svd (default, as PEFT), linear, cat, ties, ties_svd, dare_linear, "
+        "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd",
+    )
+    p.add_argument(
+        "--density", type=float, help="combine: fraction of values kept (ties, dare, magnitude)"
+    )
+    p.add_argument("--svd-rank", type=int, help="combine: rank of an svd combination")
+    p.add_argument("--svd-clamp", type=float, help="combine: quantile to clamp svd factors at")
+    p.add_argument(
+        "--majority-sign-method", choices=("total", "frequency"), help="combine: ties' sign vote"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="combine: seed of dare's random pruning (default 0)"
+    )
     p.add_argument(
         "--gguf",
         metavar="OUT.gguf",
@@ -576,8 +604,51 @@ def _write_generations(
     atomic_write_text(str(path), text)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+_COMBINE_ONLY = (
+    "weights",
+    "combination",
+    "density",
+    "svd_rank",
+    "svd_clamp",
+    "majority_sign_method",
+)
 
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    if len(args.targets) > 1 or args.weights is not None:
+        return _combine(args)
+    given = [n for n in _COMBINE_ONLY if getattr(args, n) is not None]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise _usage(f"{flags}: options for combining several runs (give two or more targets)")
+    args.target = args.targets[0]
+    return _merge_into_base(args)
+
+
+def _combine(args: argparse.Namespace) -> int:
+    from .train.combine import Combination, combine_runs
+
+    if args.weights is None:
+        raise _usage(f"combining {len(args.targets)} runs needs --weights (one per run)")
+    if args.gguf or args.dtype:
+        raise _usage("--gguf / --dtype write a merged model; a combination writes an adapter")
+    if not args.output:
+        raise _usage("give --output DIR for the combined run folder")
+    combination = Combination(
+        weights=args.weights,
+        combination_type=args.combination,
+        density=args.density,
+        svd_rank=args.svd_rank,
+        svd_clamp=args.svd_clamp,
+        majority_sign_method=args.majority_sign_method,
+        seed=args.seed,
+    )
+    out = combine_runs(args.targets, combination, args.output, args.overwrite, args.model)
+    print(f"wrote {out} (peftkit eval {out} / peftkit generate {out} / peftkit merge {out})")
+    return 0
+
+
+def _merge_into_base(args: argparse.Namespace) -> int:
     from .train.inference import load_for_inference, restore_task_state
 
     target, config, spec = _load_target(args)

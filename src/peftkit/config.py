@@ -49,6 +49,9 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    IA3 = "IA3"
 
 
 class Adapts(str, enum.Enum):

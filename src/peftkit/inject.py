@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .methods.adapter_layer import AdapterLayer
 from .partitioned import gathered
 from .quant.linear4bit import QuantizedLinear
 
@@ -114,20 +115,26 @@ def find_targets(model: nn.Module, config: Any) -> list[str]:
             f"target_modules={_example_targets(model)} or 'all-linear'"
         )
     heads = output_head_names(model) if target == ALL_LINEAR else set()
-    layers = config.layers_to_transform
+    layers = getattr(config, "layers_to_transform", None)  # IA3's config has no such field
     if isinstance(layers, int):
         layers = [layers]
     found = []
+    inside: tuple[str, ...] = ()  # paths of adapter layers: nothing within one is a target
     for name, module in model.named_modules():
-        if not name or _inside_adapter(name):
+        if not name or _inside_adapter(name) or name.startswith(inside):
             continue
+        if isinstance(module, AdapterLayer):
+            inside += (name + ".",)
         if target == ALL_LINEAR:
             hit = is_linear_like(module) and name not in heads
         else:
             hit = matches_names(name, target)
         if not hit or matches_names(name, config.exclude_modules):
             continue
-        if layers is not None and layer_index(name, config.layers_pattern) not in layers:
+        if (
+            layers is not None
+            and layer_index(name, getattr(config, "layers_pattern", None)) not in layers
+        ):
             continue
         if _inside_multihead_attention(model, name):
             if target == ALL_LINEAR:  # PEFT would adapt it with no effect; say so and skip it

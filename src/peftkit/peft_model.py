@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint, head_input, partitioned
 from .adapter_model import AdapterModel
 from .config import PeftConfig, TaskType, read_config
-from .methods.lora import LoraLayer
+from .methods.adapter_layer import AdapterLayer
 from .methods.table import ADAPTER_MODELS
 
 
@@ -122,6 +122,20 @@ class PeftModel(nn.Module):
             yield
         finally:
             self.adapter_model.set_disabled(False)
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any
+    ) -> None:
+        """A new adapter combined from existing ones (PEFT's adapter arithmetic: LoRA with
+        ``combination_type`` and its options, IA3 as a weighted sum of vectors)."""
+        combine = getattr(self.adapter_model, "add_weighted_adapter", None)
+        if combine is None:
+            method = self.active_peft_config.peft_type.value
+            raise ValueError(
+                f"add_weighted_adapter combines LoRA and IA3 adapters; {method} adapters have "
+                f"no weight arithmetic (nor in PEFT)"
+            )
+        combine(adapters, weights, adapter_name, **kwargs)
 
     # --- merging -------------------------------------------------------------------------
     def merge_adapter(
@@ -312,10 +326,11 @@ def get_peft_model(
     """Wrap ``model`` with a fresh adapter; only the adapter (and saved modules) stay trainable."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel: use model.add_adapter(name, config)")
-    if any(isinstance(m, LoraLayer) for m in model.modules()):  # AdaLoRA's SVD layers too
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):  # any injected method's
         raise ValueError(
-            "model already holds LoRA/AdaLoRA layers: merge_and_unload() it first, or add a "
-            "second adapter with model.add_adapter(name, config)"
+            "model already holds adapter layers (LoRA, AdaLoRA, LoHa, LoKr or IA3): "
+            "merge_and_unload() it first, or add a second adapter with "
+            "model.add_adapter(name, config)"
         )
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name)

@@ -1,10 +1,11 @@
-"""The adapter model of injected methods, LoRA and AdaLoRA (HF PEFT's ``LoraModel``).
+"""The adapter model of injected methods (HF PEFT's ``LoraModel``; LoHa, LoKr, IA3, AdaLoRA
+subclass it).
 
 ::
 
     PeftModel.base_model = InjectedAdapterModel        (PeftModel's adapter model, registered
         .model = the transformers model, with            under HF PEFT's name ``base_model``)
-                 target layers replaced by LoraLayer wrappers
+                 target layers replaced by AdapterLayer wrappers (LoraLayer, LoHaLayer, ...)
                  and modules_to_save replaced by ModulesToSaveWrapper
 
     in memory  base_model.model.<path>.lora_A.<name>.weight
@@ -12,8 +13,11 @@
 
 It owns everything that walks the model: adding/removing named adapters, switching the active one,
 disabling, merging, unloading, and the adapter's tensors under PEFT's names
-(:class:`peftkit.adapter_model.AdapterModel` is the interface). A method plugs in by subclassing
-and overriding :meth:`create_layer` (and, for AdaLoRA, the state-dict hooks).
+(:class:`peftkit.adapter_model.AdapterModel` is the interface), and LoRA's adapter arithmetic
+(``add_weighted_adapter``, :mod:`peftkit.methods.add_weighted`). A method plugs in by subclassing:
+``create_layer``, ``layer_cls``, ``saved_dict_names`` (its containers, PEFT's on-disk names),
+``mixed_batches`` (False: ``adapter_names=`` refused by name), and for AdaLoRA the state-dict
+hooks.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .inject import (
     replace_module,
     wrap_modules_to_save,
 )
+from .methods.adapter_layer import AdapterLayer
 from .methods.lora import LoraLayer
 from .methods.lora_config import LoraConfig
 from .methods.lora_create import create_lora_layer
@@ -63,6 +68,9 @@ class InjectedAdapterModel(nn.Module):
 
     prefix = "lora_"
     layer_cls: type[nn.Module] = LoraLayer
+    # Whether ``adapter_names=[...]`` (a different adapter per row) is supported; methods PEFT
+    # runs only one way per batch set this False and refuse by name.
+    mixed_batches = True
     # ModuleDict/ParameterDict names whose entries are keyed by adapter name and saved to disk.
     saved_dict_names: tuple[str, ...] = (
         "lora_A",
@@ -110,7 +118,7 @@ class InjectedAdapterModel(nn.Module):
             if isinstance(target, self.layer_cls):
                 target.add_adapter(adapter_name, config, name)
                 continue
-            if isinstance(target, LoraLayer):
+            if isinstance(target, AdapterLayer):
                 raise ValueError(
                     f"{name} already carries a {type(target).__name__} adapter; one model holds "
                     f"adapters of one method family"
@@ -134,7 +142,7 @@ class InjectedAdapterModel(nn.Module):
         of the model (a 30-layer Llama has ~400 modules: each walk costs ~1 ms)."""
         layers, wrappers, tokens = [], [], []
         for module in self.model.modules():
-            if isinstance(module, LoraLayer):
+            if isinstance(module, AdapterLayer):
                 layers.append(module)
             elif isinstance(module, ModulesToSaveWrapper):
                 wrappers.append(module)
@@ -142,9 +150,9 @@ class InjectedAdapterModel(nn.Module):
                 tokens.append(module)
         return layers, wrappers, tokens
 
-    def adapter_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         for name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer):
+            if isinstance(module, AdapterLayer):
                 yield name, module
 
     def save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
@@ -201,12 +209,13 @@ class InjectedAdapterModel(nn.Module):
         if config.inference_mode:
             return
         layers, wrappers, token_wrappers = modules or self._adapter_modules()
+        bias_mode = getattr(config, "bias", "none")  # LoRA's field; other methods train none
         for layer in layers:
             for dict_name in self.saved_dict_names:
                 container = layer._modules.get(dict_name)
                 if container is not None and name in container:
                     _unfreeze(container[name])
-            if config.bias == "lora_only" and name in layer.r:
+            if bias_mode == "lora_only" and name in layer.adapter_names():
                 bias = getattr(layer.base_layer, "bias", None)
                 if isinstance(bias, nn.Parameter):
                     bias.requires_grad_(True)
@@ -216,7 +225,7 @@ class InjectedAdapterModel(nn.Module):
         for tokens in token_wrappers:
             for param in tokens.trainable(name):
                 param.requires_grad_(True)
-        if config.bias == "all":
+        if bias_mode == "all":
             for pname, param in self.model.named_parameters():
                 if pname.endswith("bias") and "original_module" not in pname:
                     param.requires_grad_(True)
@@ -286,6 +295,38 @@ class InjectedAdapterModel(nn.Module):
             replace_module(self.model, name, tokens.base_layer)
         return self.model
 
+    # --- adapter arithmetic ------------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a combination of LoRA ``adapters`` (PEFT's arguments and
+        meaning; :mod:`peftkit.methods.add_weighted`). It is not activated: ``set_adapter``."""
+        from .methods.add_weighted import add_weighted_lora
+
+        add_weighted_lora(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+        )
+
     # --- running -----------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         with self.mixed_batch(adapter_names):
@@ -305,6 +346,13 @@ class InjectedAdapterModel(nn.Module):
         if adapter_names is None:
             yield
             return
+        if not self.mixed_batches:
+            method = self.peft_config[self.active_adapter].peft_type.value
+            raise ValueError(
+                f"mixed-adapter batches (adapter_names=...) are not supported for {method} "
+                f"adapters (PEFT refuses them too); run each adapter in its own batch with "
+                f"set_adapter()"
+            )
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
         if unknown:
             raise ValueError(

@@ -12,8 +12,12 @@
 The UNet's modules sit at the root of :class:`~peftkit.diffusion.TextToImageUNet`, so the
 conversion is a rename. Without metadata (older files) the rank is read off the tensors and
 alpha = rank (diffusers' convention: scale 1); ``lora.down`` / ``lora.up`` names (the older
-diffusers / kohya layout) read as ``lora_A`` / ``lora_B``. AdaLoRA's P·diag(E)·Q factors have
-no diffusers layout and are refused by name.
+diffusers / kohya layout) read as ``lora_A`` / ``lora_B``.
+
+LoKr goes the same way (``unet.<path>.lokr_w1`` ..., the LoKrConfig fields in the metadata):
+diffusers (0.42) detects ``.lokr_`` keys in ``load_lora_adapter`` and builds PEFT's LoKrConfig
+from the metadata. LoHa has no diffusers reader, and AdaLoRA's P·diag(E)·Q factors no diffusers
+layout: both are refused by name (the PEFT-format ``adapter/`` folder holds them).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import save_tensors
+from ..methods.lokr import LoKrConfig
 from ..methods.lora_config import LoraConfig, match_pattern_key
 from ..peft_model import get_peft_model
 
@@ -38,24 +43,40 @@ TEXT = "text_encoder."
 _CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_dora",
                   "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "lora_bias",
                   "init_lora_weights")  # fmt: skip
+# LoKrConfig fields written for diffusers (it passes them to peft.LoKrConfig)
+_LOKR_FIELDS = ("r", "alpha", "target_modules", "rank_dropout", "module_dropout",
+                "use_effective_conv2d", "decompose_both", "decompose_factor", "rank_dropout_scale",
+                "rank_pattern", "alpha_pattern", "init_weights")  # fmt: skip
+# peft_type -> (the marker in its factors' names, the config fields its metadata carries)
+_FILE_FIELDS = {"LORA": (".lora_", _CONFIG_FIELDS), "LOKR": (".lokr_", _LOKR_FIELDS)}
+# peft_type -> why diffusers' file cannot carry it (for the error)
+_NO_DIFFUSERS_FILE = {
+    "LOHA": "diffusers has no reader for LoHa weights (its load_lora_weights takes LoRA and LoKr)"
+}
 
 
 def to_diffusers(tensors: dict[str, torch.Tensor], config: Any) -> tuple[dict, dict]:
     """PEFT on-disk tensors + LoraConfig -> (diffusers tensors, diffusers metadata dict)."""
     peft_type = getattr(config.peft_type, "value", config.peft_type)
-    if peft_type != "LORA":
-        raise ValueError(
-            f"{peft_type}: diffusers' LoRA files hold LoRA / DoRA factors only; the PEFT-format "
-            "adapter folder holds this adapter"
+    if peft_type not in _FILE_FIELDS:
+        why = _NO_DIFFUSERS_FILE.get(
+            peft_type, "diffusers' LoRA files hold LoRA / DoRA (and LoKr) factors only"
         )
+        raise ValueError(
+            f"{peft_type}: {why}; the PEFT-format adapter folder holds this adapter "
+            "(peft.PeftModel.from_pretrained(unet, folder) loads it)"
+        )
+    marker, names = _FILE_FIELDS[peft_type]
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX) or ".lora_" not in key:
-            raise ValueError(f"{key}: not a LoRA tensor; diffusers' LoRA files hold only those")
+        if not key.startswith(PEFT_PREFIX) or marker not in key:
+            raise ValueError(
+                f"{key}: not a {peft_type} factor; diffusers' files hold only the adapter's factors"
+            )
         rest = key[len(PEFT_PREFIX) :]
         out[rest if rest.startswith(TEXT) else "unet." + rest] = value.contiguous()
     fields = config.to_dict()
-    settings = {k: fields[k] for k in _CONFIG_FIELDS if k in fields}
+    settings = {k: fields[k] for k in names if k in fields}
     metadata: dict[str, Any] = {}
     for prefix in ("unet", "text_encoder"):
         if any(k.startswith(prefix + ".") for k in out):
@@ -119,6 +140,13 @@ def read_diffusers_lora(path: str | os.PathLike) -> tuple[Any, dict[str, torch.T
         part: {k.partition(".")[2]: v for k, v in stored.items() if k.startswith(part + ".")}
         for part in ("unet", "text_encoder")
     }
+    if any(".lokr_" in k for k in tensors):
+        if not parts["unet"]:
+            raise ValueError(
+                f"{path}: a LoKr file without its config in the header ({METADATA_KEY}); "
+                "peftkit reads LoKr files that carry it (as peftkit and diffusers write them)"
+            )
+        return LoKrConfig(**{k: v for k, v in parts["unet"].items() if k in _LOKR_FIELDS}), tensors
     settings = _settings(tensors, alphas, parts)
     return LoraConfig(**{k: v for k, v in settings.items() if k in _CONFIG_FIELDS}), tensors
 
@@ -163,8 +191,8 @@ def _settings(
 def load_diffusers_lora(
     model: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default"
 ) -> Any:
-    """A PeftModel: ``model`` (a TextToImageUNet or a plain UNet) with the diffusers LoRA file
-    ``path`` loaded into a fresh adapter."""
+    """A PeftModel: ``model`` (a TextToImageUNet or a plain UNet) with the diffusers LoRA (or
+    LoKr) file ``path`` loaded into a fresh adapter."""
     config, tensors = read_diffusers_lora(path)
     peft_model = get_peft_model(model, config, adapter_name)
     peft_model.load_adapter_state_dict(tensors, adapter_name)

@@ -407,6 +407,12 @@ class AdaLoraModel(InjectedAdapterModel):
             self.trainable_adapter_name = adapter_name
             self.rank_allocator = RankAllocator(config, self.triplets(adapter_name), adapter_name)
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "add_weighted_adapter does not combine AdaLoRA adapters (nor does PEFT): their "
+            "ranks differ per matrix; combine LoRA or IA3 adapters"
+        )
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         if adapter_name == self.trainable_adapter_name:

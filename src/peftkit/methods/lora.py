@@ -41,6 +41,7 @@ from torch import nn
 from ..inject import check_mixed_batch
 from ..quant.linear4bit import QuantizedLinear
 from . import dora, lora_fused
+from .adapter_layer import AdapterLayer
 from .dropout_mask import keep_mask, pack_mask, unpack_mask
 from .lora_config import LoraConfig
 
@@ -81,7 +82,7 @@ def dropout_then_project(x: torch.Tensor, weight: torch.Tensor, p: float) -> tor
     return _DropoutThenProject.apply(x, weight, p, keep_mask(x.shape, p, x.device))
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterLayer):
     """Common state of every LoRA wrapper: the frozen ``base_layer`` and per-adapter factors.
 
     A layer type supplies :meth:`update` (one adapter's term), :meth:`factors` and, when its
@@ -89,8 +90,7 @@ class LoraLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -102,27 +102,8 @@ class LoraLayer(nn.Module):
         self.lora_dropout_p: dict[str, float] = {}
         self.lora_bias: dict[str, bool] = {}
         self._dora_merge_scale: dict[str, torch.Tensor] = {}  # m / n at merge time, to unmerge
-        self.merged_adapters: list[str] = []
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
-        # Per-row adapter names for a mixed batch (set by the tuner for one forward call).
-        self.batch_adapters: list[str] | None = None
-        self.module_name = type(base_layer).__name__  # the module path, once an adapter is added
-
-    def __getattr__(self, name: str) -> Any:
-        # Model code reads e.g. ``self.wo.weight.dtype``: answer from the wrapped layer.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     # --- adapter bookkeeping -------------------------------------------------------------
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
     def adapter_names(self) -> list[str]:
         return list(self.r)
 
@@ -161,18 +142,19 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _init_factors(self, name: str, init: bool | str) -> None:
+        """``init=False`` keeps the factor layers' own Kaiming-uniform draws (as PEFT does: one
+        seed, one random adapter in both libraries); otherwise A is redrawn and B zeroed."""
+        if init is False:
+            return
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         with torch.no_grad():
-            if self.lora_bias.get(name) and init is not False:
+            if self.lora_bias.get(name):
                 nn.init.zeros_(self.lora_B[name].bias)
             if init == "gaussian":
                 nn.init.normal_(A, std=1.0 / self.r[name])
             else:
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            if init is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(B)
+            nn.init.zeros_(B)
 
     def _match_base_device_dtype(self, name: str) -> None:
         """Put factors on the base weight's device; keep them fp32 when the base is half precision
@@ -269,11 +251,6 @@ class LoraLayer(nn.Module):
         if self.disable_adapters:
             return []
         return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
-
-    def _prepare_forward(self) -> None:
-        """Disabled adapters must see the original weights, so un-merge them first."""
-        if self.disable_adapters and self.merged:
-            self.unmerge()
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -471,13 +448,15 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r))
 
     def _init_factors(self, name: str, init: bool | str) -> None:
+        """Both drawn N(0, 1); unless ``init=False``, A zeroed and B drawn again (PEFT's draws,
+        so one seed gives both libraries one adapter)."""
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
         with torch.no_grad():
-            if init is False:
-                nn.init.normal_(A)
-            else:
-                nn.init.zeros_(A)
+            nn.init.normal_(A)
             nn.init.normal_(B)
+            if init is not False:
+                nn.init.zeros_(A)
+                nn.init.normal_(B)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         B, A = self.lora_embedding_B[name], self.lora_embedding_A[name]

@@ -9,6 +9,9 @@
     prompt_tuning   prompt.PromptTuningConfig            prompt.PromptAdapterModel
     p_tuning        prompt.PromptEncoderConfig           prompt.PromptAdapterModel
     prefix_tuning   prompt.PrefixTuningConfig            prompt.PromptAdapterModel
+    loha            loha.LoHaConfig                      loha.LoHaModel
+    lokr            lokr.LoKrConfig                      lokr.LoKrModel
+    ia3             ia3.IA3Config                        ia3.IA3Model
 
 What a method can do is declared by its config class (``adapts``: what it changes in the model;
 ``model_families``: the kinds of base model it serves) and, for a method that is another one on a
@@ -25,6 +28,9 @@ import dataclasses
 from ..config import ModelFamily, PeftConfig, PeftType
 from ..tuner import InjectedAdapterModel
 from .adalora import AdaLoraConfig, AdaLoraModel
+from .ia3 import IA3Config, IA3Model
+from .loha import LoHaConfig, LoHaModel
+from .lokr import LoKrConfig, LoKrModel
 from .lora_config import LoraConfig
 from .prompt import PrefixTuningConfig, PromptAdapterModel, PromptEncoderConfig, PromptTuningConfig
 
@@ -80,6 +86,9 @@ METHODS: dict[str, Method] = {
         Method("prompt_tuning", PromptTuningConfig,   PromptAdapterModel),
         Method("p_tuning",      PromptEncoderConfig,  PromptAdapterModel),
         Method("prefix_tuning", PrefixTuningConfig,   PromptAdapterModel),
+        Method("loha",          LoHaConfig,           LoHaModel),
+        Method("lokr",          LoKrConfig,           LoKrModel),
+        Method("ia3",           IA3Config,            IA3Model),
     )
 }  # fmt: skip
 

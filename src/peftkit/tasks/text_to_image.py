@@ -536,8 +536,9 @@ class TextToImage(Task):
         lines = []
         try:
             path = save_diffusers_lora(model, folder / "adapter")
+            kind = model.active_peft_config.peft_type.value
             lines.append(
-                f"diffusers LoRA weights: {path} (unet.* keys; load_lora_weights reads it)"
+                f"diffusers {kind} weights: {path} (unet.* keys; load_lora_weights reads it)"
             )
         except ValueError as exc:
             lines.append(f"no diffusers LoRA file: {exc}")
