@@ -144,6 +144,9 @@ def run(
         "step_time_s": round(summary["train_time_s"] / max(summary["global_step"], 1), 3),
         "rank_peaks": summary["rank_peaks"],
         "wall_time_s": summary["wall_time_s"],
+        "load_average_1min": round(
+            os.getloadavg()[0], 1
+        ),  # the machine is shared: read times with it
     }
 
 
@@ -165,6 +168,7 @@ def phase_peaks(memory: list[dict]) -> dict[str, list[int]]:
             phase = entry["phase"]
             put(phase, rank, numbers.get("cpu_peak"))
             if phase == "load":
+                put("start", rank, numbers.get("cpu_begin"))  # the runtime, before any weight
                 put("load_end", rank, numbers.get("cpu_end"))
             for part, value in (numbers.get("cpu_parts") or {}).items():
                 put(part, rank, value)
@@ -172,6 +176,7 @@ def phase_peaks(memory: list[dict]) -> dict[str, list[int]]:
 
 
 PHASE_COLUMNS = [
+    "start",
     "load_end",
     "load",
     "adapter",

@@ -76,6 +76,33 @@ def test_output_head_is_found_through_wrappers_and_absent_without_one():
 
 
 @glibc_only
+def test_backward_trims_once_before_each_blocks_backward(monkeypatch):
+    """Sharded runs free a block's gathered weights after its backward too: with ``backward``
+    the trainer also trims once per block (and head) in the backward pass, nothing in eval."""
+    calls = []
+    monkeypatch.setattr(heap, "trim_heap", lambda: calls.append(1) or True)
+    model = tiny_model("llama", "CAUSAL_LM")
+    points = len(model.model.layers) + 1  # blocks + head
+    ids = torch.tensor([[1, 2, 3]])
+    with heap.trimming_heap(model, "blocks", backward=True):
+        loss = model(input_ids=ids, labels=ids).loss
+        assert len(calls) == points
+        loss.backward()
+        assert len(calls) == 2 * points
+    model(input_ids=ids, labels=ids).loss.backward()  # the hooks are gone
+    assert len(calls) == 2 * points
+
+
+def test_blocks_sharded_by_fsdp2_are_still_blocks():
+    """fully_shard swaps a block's class for a subclass named FSDP<name>: trimming before
+    each block must still find them (it found none under FSDP2 before)."""
+    model = tiny_model("llama", "CAUSAL_LM")
+    for layer in model.model.layers:
+        layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})
+    assert heap.repeated_blocks(model) == list(model.model.layers)
+
+
+@glibc_only
 def test_the_hooks_trim_only_training_forwards_and_go_away(monkeypatch):
     calls = []
     monkeypatch.setattr(heap, "trim_heap", lambda: calls.append(1) or True)

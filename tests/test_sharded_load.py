@@ -71,7 +71,20 @@ for folder, task, labels in json.loads(sys.argv[1]):
         if task == "seq_cls":  # the freshly initialised head differs: compare the body
             output_err = float((model.model(input_ids=ids).last_hidden_state
                                 - plain.model(input_ids=ids).last_hidden_state).abs().max())
-    out[f"{folder}:{task}"] = {"output_err": output_err, "partitioned": partitioned, "sizes": sizes, "errors": errors,
+    mapped, vocab_err = None, None
+    if task == "causal_lm" and model.config.vocab_size % world == 0:
+        # vocabulary-parallel rows of a partitioned load are a map of the checkpoint file
+        from peftkit.vocab_parallel import shard_vocabulary
+        model.requires_grad_(False)  # frozen, as under an adapter
+        assert shard_vocabulary(model) is not None
+        rows = model.get_input_embeddings().shard
+        lo, address = rows.data_ptr(), rows.data_ptr() + rows.numel() * rows.element_size()
+        maps = [line.split() for line in open("/proc/self/maps")]
+        mapped = any(int(m[0].split("-")[0], 16) <= lo and address <= int(m[0].split("-")[1], 16)
+                     and m[-1].endswith("model.safetensors") for m in maps)
+        with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
+            vocab_err = float((model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max())
+    out[f"{folder}:{task}"] = {"mapped": mapped, "vocab_err": vocab_err, "output_err": output_err, "partitioned": partitioned, "sizes": sizes, "errors": errors,
                    "missing": missing, "ranges": {n: list(r) for n, r in ranges.items()},
                    "numels": {n: int(p.ds_numel) for n, p in params.items()}}
     del keep  # the next plain load must not see ZeRO-3
@@ -151,3 +164,12 @@ def test_a_head_the_checkpoint_lacks_is_initialised(loaded):
     for rank in ranks:
         assert rank[classifier]["missing"] == ["score.weight"]
         assert rank[classifier]["errors"]["score.weight"] > 0
+
+
+def test_vocabulary_parallel_rows_are_a_map_of_the_checkpoint(loaded):
+    """The frozen embedding rows a rank keeps after a partitioned load are read from the file
+    when touched (not held), and the swapped model still computes the plain logits."""
+    ranks, llama, *_ = loaded
+    for rank in ranks:
+        assert rank[llama]["mapped"] is True
+        assert rank[llama]["vocab_err"] < 1e-5

@@ -374,6 +374,18 @@ def test_diffusers_saved_lora_generates_from_the_base_folder(sd, tmp_path):
     assert np.abs(mine - (plain * 255).round()).max() > 1  # the LoRA changes the image
 
 
+def test_generate_from_a_base_folder_refuses_run_overrides(sd, tmp_path, capsys):
+    """KEY=VALUE overrides change a run's config; a base folder has none: refused by name, with
+    the options it takes, before any model is loaded or image written."""
+    out = tmp_path / "out"
+    assert main(["generate", str(sd["base"]), "task.decode=rank", "--prompt", "a circle",
+                 "--output", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "overrides (task.decode=rank) are for run folders" in err
+    assert "--steps / --guidance-scale" in err
+    assert not out.exists()
+
+
 # --- DreamBooth and latent caching end to end ----------------------------------------------------
 def test_dreambooth_run_samples_class_images_then_trains(sd, tmp_path):
     instance = write_images(tmp_path / "sks", 2, 5, flat=True)

@@ -41,13 +41,14 @@ HERE = Path(__file__).resolve().parent
 ZERO3 = ("lora", "adalora", "prompt_tuning", "p_tuning", "prefix_tuning")
 LAUNCHES: dict[str, list[tuple[str, str, str, str]]] = {
     "zero3": [(f"{m}-zero3", m, "zero3", "lm") for m in ZERO3]
-    + [("cls-zero3", "lora", "zero3", "cls"), ("gen-zero3", "lora", "zero3", "gen")],
+    + [("cls-zero3", "lora", "zero3", "cls"), ("gen-zero3", "lora", "zero3", "gen")]
+    + [("rank-zero3", "lora", "zero3", "rank")],
     "fsdp": [(f"{m}-fsdp", m, "fsdp", "lm") for m in ("lora", "prompt_tuning", "adalora")],
     "zero2": [(f"{m}-zero2", m, "zero2", "lm") for m in ("lora", "qlora")],
 }
-# adapter parity: every run but the generating one (its rows differ in length, and DDP-style
+# adapter parity: every run but the prompted ones (their rows differ in length, and DDP-style
 # averaging of per-process mean losses weights tokens differently from one process's mean)
-RUNS = {n: (m, t) for runs in LAUNCHES.values() for n, m, _, t in runs if t != "gen"}
+RUNS = {n: (m, t) for runs in LAUNCHES.values() for n, m, _, t in runs if t not in ("gen", "rank")}
 
 
 def _task(root: Path, kind: str) -> tuple[dict, dict]:
@@ -59,6 +60,10 @@ def _task(root: Path, kind: str) -> tuple[dict, dict]:
         task = {"type": "causal_lm_gen", "text": "{mr} :", "target": "{ref}", "max_new_tokens": 4}
         data = {"train": str(root / "e2e.csv"), "eval_size": 5}
         return task, data
+    if kind == "rank":  # evaluation ranks the labels (prompt once, labels as continuations)
+        task = {"type": "causal_lm_cls", "text": "review : {review} label :",
+                "target": " {label}", "decode": "rank"}  # fmt: skip
+        return task, {"train": str(root / "reviews.csv"), "eval_size": 5}
     task = {"type": "causal_lm", "block_size": 8}
     return task, {"train": {"path": str(root / "corpus.txt"), "text_split": "line"}}
 
@@ -86,7 +91,7 @@ def _config(
         tensorboard=False,
         max_grad_norm=None,
     )
-    if task in ("cls", "gen"):  # 5 eval rows in 3 batches: 2 for rank 0, 1 (+ padding) for 1
+    if task in ("cls", "gen", "rank"):  # 5 eval rows in 3 batches: 2 for rank 0, 1 (+ pad) for 1
         config.update(eval_before_training=True, eval_batch_size=2)
     config.update(top)
     if strategy is not None:
@@ -240,13 +245,13 @@ def test_prompt_text_init_and_head_copy_read_whole_weights(tiny, runs, reference
     assert head and adapter(tiny / "cls-zero3")[head[0]].abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["cls-zero3", "gen-zero3"])
+@pytest.mark.parametrize("name", ["cls-zero3", "gen-zero3", "rank-zero3"])
 def test_sharded_evaluation_equals_one_process(tiny, runs, reference, name):
     """Evaluation rows are shared out by batch (5 rows, batches of 2: rank 0 runs batches 0 and
     2, rank 1 batch 1 and a padding batch, ZeRO-3 needing every rank in every forward) and
     gathered in order: before training the scores equal 1 process's exactly (decoded labels;
-    greedy generation with synced_gpus), and each eval predictions file has every row once, in
-    the 1-process order."""
+    greedy generation with synced_gpus; ranked labels), and each eval predictions file has every
+    row once, in the 1-process order."""
     import csv
 
     one = reference("lora", name.split("-")[0])

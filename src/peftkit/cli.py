@@ -4,7 +4,8 @@
 
     peftkit train    CONFIG.yaml [key=value ...] [--resume [CKPT]] [--overwrite] [--check]
     peftkit eval     RUN|CONFIG.yaml [key=value ...] [--split eval|test] [--no-adapter]
-    peftkit generate RUN|ADAPTER (--prompt TEXT ... | --input FILE | --image FILE ... | --chat)
+    peftkit generate RUN|ADAPTER [key=value ...] (--prompt TEXT ... | --input FILE | --image FILE
+                     ... | --chat)   e.g. task.decode=rank: a classifier answers the likeliest label
     peftkit generate T2I_BASE_FOLDER [--lora FILE] --prompt TEXT ...   (images)
     peftkit merge    RUN|ADAPTER [--output DIR] [--gguf OUT.gguf] [--dtype ...]
     peftkit merge    RUN1 RUN2 ... --weights W1 W2 ... [--combination ties --density 0.5]
@@ -101,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         "target",
         help="a run folder or an adapter folder; for images also a text-to-image base folder "
         "(a Stable Diffusion pipeline folder or peftkit's pixel layout)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of the run's config, e.g. task.decode=rank (a classifier answers the "
+        "label with the highest log-likelihood instead of generating text)",
     )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--input", help="file of inputs: .txt (one per line), .csv/.tsv/.jsonl rows")
@@ -328,6 +336,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     line = task.baseline_line(base) if base else None
     if line:
         print("  " + line)
+    warning = task.result_warning(metrics, evaluation.result, _first_loss(target))
+    if warning:
+        print("  " + warning)
     default_csv = (target.run_dir or Path.cwd()) / f"eval_{args.split}.csv"
     out = evaluation.write_predictions(Path(args.output) if args.output else default_csv)
     if out is not None:
@@ -335,6 +346,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"split": args.split, "rows": len(rows), **metrics, **base}))
     return 0
+
+
+def _first_loss(target: Any) -> float | None:
+    """The run's earliest loss (its metrics.jsonl), to tell whether this eval's loss fell."""
+    from .train.logger import first_loss, read_metrics
+    from .train.run_folder import RunFolder
+
+    if target.run_dir is None:
+        return None
+    return first_loss(read_metrics(RunFolder(target.run_dir).metrics))
 
 
 def _is_image_base(target: str) -> bool:
@@ -405,8 +426,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.input and not args.image and not args.chat:
         raise _usage("give --prompt TEXT (repeatable), --input FILE, --image FILE ... or --chat")
     if _is_image_base(args.target):
+        if args.overrides:
+            raise _usage(
+                f"KEY=VALUE overrides ({' '.join(args.overrides)}) are for run folders; a "
+                "text-to-image base folder takes --steps / --guidance-scale / --sampler ..."
+            )
         return _generate_from_base(args)
-    target, config, spec = _load_target(args)
+    target, config, spec = _load_target(args, args.overrides)
     if args.lora and (spec is None or not spec.kind.writes_images):
         raise _usage("--lora is for text_to_image runs and base folders")
     if args.chat:

@@ -34,6 +34,7 @@ import ctypes.util
 import gc
 from collections.abc import Callable, Iterator
 from functools import cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,11 +114,12 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks (decoder layers...): modules whose class a transformers model
-    names in ``_no_split_modules``, in forward order; empty for a model that names none."""
+    names in ``_no_split_modules``, in forward order; empty for a model that names none. A
+    block FSDP2 has sharded counts too (its class is a subclass, ``FSDP<name>``)."""
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
 def trim_before(
@@ -139,12 +141,20 @@ def trim_before(
         if inference or torch.is_grad_enabled():
             trim_heap()
 
-    def before_backward(_module: nn.Module, _grad_output: tuple) -> None:
+    def before_backward(_grad: torch.Tensor) -> None:
         trim_heap()
+
+    def after_forward(_module: nn.Module, _args: tuple, output: Any) -> None:
+        # a hook on the output's gradient runs just before the block's backward; a module
+        # backward hook would too, but its wrapping of the outputs aborts FSDP2's processes
+        # at exit ("terminate called without an active exception")
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(before_backward)
 
     handles = [module.register_forward_pre_hook(before_forward)]
     if backward:
-        handles.append(module.register_full_backward_pre_hook(before_backward))
+        handles.append(module.register_forward_hook(after_forward))
     return _Handles(handles)
 
 

@@ -39,6 +39,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,24 @@ def _plan(
     return plan, missing, unused
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Where a rank's partition of a parameter starts in its safetensors file (bytes, the
+    partition's dtype and length as the parameter's ``ds_tensor``)."""
+
+    path: Path
+    offset: int
+
+    def map(self, like: torch.Tensor) -> torch.Tensor:
+        """The partition as a copy-on-write map of the file, shaped as ``like``: a page is
+        read (and resident) only when something touches it."""
+        import numpy as np
+
+        size = like.numel() * like.element_size()
+        raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=self.offset, shape=(size,))
+        return torch.from_numpy(raw).view(like.dtype).view(like.shape)
+
+
 def _read_partition(reader: SafetensorsReader, key: str, param: torch.Tensor) -> None:
     """This rank's flat range of checkpoint tensor ``key`` into ``param.ds_tensor``; the
     padding beyond the tensor's end is zeroed."""
@@ -189,6 +208,11 @@ def _read_partition(reader: SafetensorsReader, key: str, param: torch.Tensor) ->
         reader.read_flat(key, start, local[:count])
     if count < local.numel():
         local[count:].zero_()
+    entry = reader.entries[key]
+    if count and count == local.numel() and entry.dtype == local.dtype:
+        # where this partition lies in the file, for a frozen slice that is better mapped
+        # than held (peftkit.vocab_parallel maps its embedding rows from here)
+        param.ds_file_range = FileRange(reader.path, entry.start + start * local.element_size())
 
 
 def _initialise_missing(model: nn.Module, missing: list[str]) -> None:

@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .file_pages import is_file_backed
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["VocabParallelEmbedding", "VocabParallelHead", "causal_lm_loss", "shard_vocabulary"]
@@ -258,12 +260,19 @@ def _shard_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         rows, width = weight.ds_shape
         if rows % world:
             return None
+        source = getattr(weight, "ds_file_range", None)  # set by peftkit.sharded_load
+        if source is not None:
+            # frozen rows mapped from the file instead of held: a lookup touches a few pages
+            # of the embedding (the head reads all of its rows, from the page cache)
+            weight.ds_tensor.data = source.map(weight.ds_tensor.data)
         return weight.ds_tensor.data.view(rows // world, width), rank * (rows // world)
     rows = weight.shape[0]
     if rows % world:
         return None
     per = rows // world
-    return weight.detach()[rank * per : (rank + 1) * per].clone(), rank * per
+    mine = weight.detach()[rank * per : (rank + 1) * per]
+    # a slice of a memory-mapped checkpoint stays a view: only the rows read become resident
+    return (mine if is_file_backed(mine) else mine.clone()), rank * per
 
 
 def shard_vocabulary(model: nn.Module, device: torch.device | None = None) -> str | None:
@@ -290,7 +299,9 @@ def shard_vocabulary(model: nn.Module, device: torch.device | None = None) -> st
     if embed_rows is None or head_rows is None:
         return None
     vocab = embed.num_embeddings
-    if device is not None:  # frozen rows live where they are used (ZeRO-3 may offload them)
+    if device is not None and device.type != "cpu":
+        # frozen rows live where they are used (ZeRO-3 may offload them); on the CPU they stay
+        # as they are: `.to("cpu:0")` would copy a memory-mapped slice out of its map
         embed_rows = (embed_rows[0].to(device), embed_rows[1])
         head_rows = embed_rows if tied else (head_rows[0].to(device), head_rows[1])
     parallel_head = VocabParallelHead(*head_rows, head.out_features, tied=tied)

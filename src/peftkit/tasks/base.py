@@ -78,6 +78,13 @@ class TaskOptions:
         """The label set (given, or learnt from the train rows); None for tasks without one."""
         return None
 
+    def learn_label_texts(
+        self, train_records: Sequence[dict], labels: Sequence[str]
+    ) -> list[str] | None:
+        """Per label, the text the model learns to write for it, where that differs from how
+        the label is shown (a template's spacing); None for tasks that train on label ids."""
+        return None
+
     def input_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """A ``generate`` input as the task's row: a ``--prompt`` (``{"text": ...}``) fills the
         one input column; file rows must carry the input columns. ValueError otherwise."""
@@ -110,6 +117,7 @@ class TaskSpec:
     task: type[Task]
     options: TaskOptions
     labels: tuple[str, ...] | None = None
+    label_texts: tuple[str, ...] | None = None  # per label, the target text it is trained as
 
     @property
     def name(self) -> str:
@@ -141,16 +149,29 @@ class TaskSpec:
     def fit(self, train_records: Sequence[dict]) -> TaskSpec:
         """This spec with the label set the train rows fix (ValueError: fewer than 2 labels)."""
         labels = self.options.learn_labels(train_records)
-        return dataclasses.replace(self, labels=tuple(labels) if labels is not None else None)
+        texts = self.options.learn_label_texts(train_records, labels) if labels else None
+        return dataclasses.replace(
+            self,
+            labels=tuple(labels) if labels is not None else None,
+            label_texts=tuple(texts) if texts is not None else None,
+        )
 
     def restore(self, state: Mapping[str, Any]) -> TaskSpec:
         """This spec with the label set a run saved (``task_state.json``)."""
         labels = state.get("labels")
-        return dataclasses.replace(self, labels=tuple(labels) if labels else None)
+        texts = state.get("label_texts")
+        return dataclasses.replace(
+            self,
+            labels=tuple(labels) if labels else None,
+            label_texts=tuple(texts) if labels and texts else None,
+        )
 
     def state(self) -> dict[str, Any]:
         """What a run folder keeps to rebuild the task without its data (``task_state.json``)."""
-        return {"labels": list(self.labels) if self.labels is not None else None}
+        state: dict[str, Any] = {"labels": list(self.labels) if self.labels is not None else None}
+        if self.label_texts is not None:
+            state["label_texts"] = list(self.label_texts)
+        return state
 
     @property
     def needs_labels(self) -> bool:
@@ -230,6 +251,8 @@ class EvalResult:
     predictions: list[str]
     references: list[Any] | None = None
     rows: list[dict[str, Any]] | None = None  # the rows predictions belong to (after grouping)
+    # per row, whether the prediction is right as the task's metric judges it (None: equal text)
+    correct: list[bool] | None = None
 
 
 def ready_tokenizer(tokenizer: Any) -> Any:
@@ -330,6 +353,13 @@ class Task:
     ) -> dict[str, Any]:
         """Scores of trivial predictors to read the model's scores against (majority class)."""
         return {}
+
+    def result_warning(
+        self, metrics: Mapping[str, float], result: EvalResult, first_loss: float | None
+    ) -> str | None:
+        """One line for the run log when a result looks broken (default: never). ``first_loss``
+        is the run's earliest loss (its first evaluation, else its first training step)."""
+        return None
 
     @staticmethod
     def baseline_line(base: Mapping[str, Any]) -> str | None:

@@ -5,9 +5,12 @@ One example is the prompt followed by the label text and EOS; only the label tok
     input_ids  [ Tweet text : ... Label : ][ no complaint ][eos]
     labels     [ -100  ...          -100  ][ no complaint ][eos]
 
-At evaluation the model generates greedily after the prompt until EOS; the decoded text, stripped,
-must equal a label exactly (accuracy, macro-F1), and the majority-class baseline is reported
-beside it. Too-long prompts lose tokens from the left, so the cue at their end survives.
+At evaluation (``task.decode``) the model either generates greedily after the prompt until EOS
+and the text is matched to a label, or ranks the labels by their log-likelihood after the prompt
+(:mod:`peftkit.tasks.rank`); scored by label (accuracy, macro-F1, invalid rate), beside the
+majority-class baseline. Labels compare as the user means them (:mod:`peftkit.tasks.labels`):
+with ``target: " {label}"`` the model learns " complaint" and reports say "complaint".
+Too-long prompts lose tokens from the left, so the cue at their end survives.
 """
 
 from __future__ import annotations
@@ -40,17 +43,22 @@ class PromptedCausalLM(PromptedTask):
         budget = self.options.max_length - new_tokens
         return [truncate_left(list(i), budget, self.tokenizer.bos_token_id) for i in ids]
 
+    def target_ids(self, targets: Sequence[str]) -> list[list[int]]:
+        """The target's tokens (no special tokens added), cut to leave room for a prompt token,
+        then EOS: what training learns and rank decoding scores."""
+        ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+        limit = self.options.max_length
+        return [[*t[: limit - 2], self.tokenizer.eos_token_id] for t in ids]
+
     def encode(self, records: Sequence[dict], with_targets: bool = True) -> list[dict[str, Any]]:
         tok = self.tokenizer
         prompts = tok([self.options.prompt_of(r) for r in records])["input_ids"]
         if not with_targets:
             return [{"input_ids": list(p)} for p in prompts]
-        targets = [self.options.target_of(r) for r in records]
-        targets = tok(targets, add_special_tokens=False)["input_ids"]
+        targets = self.target_ids([self.options.target_of(r) for r in records])
         features = []
         limit = self.options.max_length
         for p, t in zip(prompts, targets):
-            t = [*t[: limit - 2], tok.eos_token_id]
             p = truncate_left(list(p), limit - len(t), tok.bos_token_id)
             features.append({"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t})
         return features
@@ -72,7 +80,7 @@ class PromptedCausalLM(PromptedTask):
 
 @dataclasses.dataclass
 class CausalLMClassificationOptions(PromptedOptions):
-    """See :class:`PromptedOptions`; scoring is by exact label match."""
+    """See :class:`PromptedOptions`; scoring is by label (``label_match``, ``decode``)."""
 
     classification = True
 

@@ -24,7 +24,7 @@ def learn_label_set(
     options: Any, train_records: Sequence[dict], sort_key: Callable[[str], Any] | None = None
 ) -> list[str]:
     """``task.labels`` when given, else the distinct train labels (sorted); at least two."""
-    labels = [str(x) for x in options.labels] if options.labels else None
+    labels = [str(x).strip() for x in options.labels] if options.labels else None
     labels = labels or sorted({options.label_of(r) for r in train_records}, key=sort_key)
     return at_least_two(labels, f"label value(s) in column {options.label!r}:")
 
@@ -33,7 +33,7 @@ def unknown_label_problems(
     options: Any, records: Sequence[dict], split: str, labels: Sequence[str] | None
 ) -> list[str]:
     """A problem naming the labels of ``records`` outside the label set (none without one)."""
-    labels = labels or ([str(x) for x in options.labels] if options.labels else None)
+    labels = labels or ([str(x).strip() for x in options.labels] if options.labels else None)
     if labels is None:
         return []
     unknown = sorted({options.label_of(r) for r in records} - set(labels))

@@ -220,6 +220,8 @@ class ExtractiveQA(Task):
         preds = [self._text(r, answers[i]) for i, r in zip(scored, rows)]
         scores = squad_em_f1(preds, refs)
         metrics = {k: v / 100.0 for k, v in scores.items() if not k.endswith("total")}
+        # right as the official script's exact match says (its answer normalisation)
+        correct = [em == 1.0 for em, _ in squad_question_scores(preds, refs)]
         if not self.options.always_answer:
             metrics.update(self._best_thresholds(rows, refs, [answers[i] for i in scored]))
         return EvalResult(
@@ -227,6 +229,7 @@ class ExtractiveQA(Task):
             predictions=preds,
             references=[list(r["text"]) or [""] for r in refs],  # "" = no answer
             rows=rows,
+            correct=correct,
         )
 
     def _best_thresholds(

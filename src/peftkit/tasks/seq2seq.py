@@ -6,8 +6,9 @@ the labels shifted right by the model itself::
     encoder  input_ids  [ summarize: ... eos ]
     decoder  labels     [ target tokens eos ]   (padding -> -100)
 
-Scored by ROUGE-L / BLEU, or by exact label match when ``labels`` are given (Financial
-PhraseBank as sentence -> "negative" / "neutral" / "positive", PEFT's seq2seq example).
+Scored by ROUGE-L / BLEU, or by label when ``labels`` are given (Financial PhraseBank as
+sentence -> "negative" / "neutral" / "positive", PEFT's seq2seq example): generated and matched,
+or (``decode: rank``) each label scored as the decoder's target and the most likely one taken.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Seq2Seq(PromptedTask):
     def encode_prompts(self, prompts: Sequence[str], new_tokens: int = 0) -> list[list[int]]:
         enc = self.tokenizer(list(prompts), truncation=True, max_length=self.options.max_length)
         return [list(i) for i in enc["input_ids"]]
+
+    def target_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The decoder's targets as training learns them (EOS included)."""
+        return self._targets(texts)
 
     def _targets(self, texts: Sequence[str]) -> list[list[int]]:
         tok = self.tokenizer

@@ -50,7 +50,8 @@ class SeqClsOptions(TaskOptions):
         return [self.label]
 
     def label_of(self, row: Mapping[str, Any]) -> str:
-        return str(row[self.label])
+        """The row's label without stray whitespace (" positive" from a CSV is "positive")."""
+        return str(row[self.label]).strip()
 
     def learn_labels(self, train_records: Sequence[dict]) -> list[str]:
         return learn_label_set(self, train_records)

@@ -440,7 +440,8 @@ class TextToImage(Task):
         if self.judge is None:
             return []
         pairs = dict.fromkeys(
-            (self.options.caption_of(r), str(r.get(self.options.label, ""))) for r in records
+            (self.options.caption_of(r), str(r.get(self.options.label, "")).strip())
+            for r in records
         )
         n = self.options.samples_per_prompt
         return [{"caption": c, "label": lab, "sample": k} for c, lab in pairs for k in range(n)]
@@ -467,13 +468,14 @@ class TextToImage(Task):
         if not rows:
             return EvalResult(metrics={}, predictions=[])
         refs = [r["label"] for r in rows]
-        hits = [p == t for p, t in zip(predictions, refs, strict=True)]
+        # the judge's label against the row's, as text without stray whitespace ("7" = " 7")
+        hits = [str(p).strip() == str(t).strip() for p, t in zip(predictions, refs, strict=True)]
         metrics = {"recognised": float(np.mean(hits))}
         for label in dict.fromkeys(refs):
             mine = [h for h, t in zip(hits, refs, strict=True) if t == label]
             metrics[f"recognised/{label}"] = float(np.mean(mine))
         return EvalResult(metrics=metrics, predictions=list(predictions), references=refs,
-                          rows=rows)  # fmt: skip
+                          rows=rows, correct=hits)  # fmt: skip
 
     @staticmethod
     def lower_is_better(metric: str) -> bool:

@@ -10,8 +10,9 @@ the rest (and special tokens) are ignored by the loss, so a word has exactly one
     labels  -100  B-loc -100 I-loc  I-loc -100  -100
 
 Scored as seqeval / conlleval do: entity-level micro precision, recall and F1 (an entity counts
-only with the right span and type), plus token accuracy; next to the always-``O`` baseline.
-Words cut off by ``max_length`` are predicted ``O``.
+only with the right span and type; chunks read with conlleval's rules, so IOB1 and IOB2/BIOES
+spellings of the same entities agree), plus token accuracy; next to the always-``O`` baseline.
+Tags lose stray whitespace when read. Words cut off by ``max_length`` are predicted ``O``.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ class TokenClsOptions(TaskOptions):
         return [str(w) for w in row[self.tokens]]
 
     def tags_of(self, row: Mapping[str, Any]) -> list[str]:
-        return [str(t) for t in row[self.tags]]
+        """The row's tags, stray whitespace stripped (conlleval splits lines at whitespace, so
+        ``"B-PER "`` from a JSON file is the tag ``B-PER``)."""
+        return [str(t).strip() for t in row[self.tags]]
 
     def learn_labels(self, train_records: Sequence[dict]) -> list[str]:
         if self.labels:
-            return at_least_two([str(x) for x in self.labels], "tag(s) in task.labels:")
+            return at_least_two([str(x).strip() for x in self.labels], "tag(s) in task.labels:")
         seen = {t for r in train_records for t in self.tags_of(r)}
         labels = (["O"] if "O" in seen else []) + sorted(seen - {"O"})
         return at_least_two(labels, "tag(s) in the train data:")
@@ -91,7 +94,7 @@ class TokenClsOptions(TaskOptions):
                 ]
             if len(words) != len(tags):
                 return [f"data.{split}: row {i} has {len(words)} words but {len(tags)} tags"]
-        labels = labels or ([str(x) for x in self.labels] if self.labels else None)
+        labels = labels or ([str(x).strip() for x in self.labels] if self.labels else None)
         if labels is not None:
             unknown = sorted({t for r in records for t in self.tags_of(r)} - set(labels))
             if unknown:
@@ -179,6 +182,12 @@ class TokenClassification(Task):
         preds = self._tags(records, predictions)
         refs = [self.options.tags_of(r) for r in records]
         scores = seq_f1(preds, refs)
+        # a sentence is right when its entities are (conlleval's chunks: an IOB1 "I-PER" that
+        # starts an entity is the IOB2 "B-PER"), not when each tag is spelt the same
+        correct = []
+        for p, r in zip(preds, refs):
+            alone = seq_f1([p], [r])
+            correct.append(alone["f1"] == 1.0 or not alone["per_type"])
         flat_pred = [t for p in preds for t in p]
         flat_ref = [t for r in refs for t in r]
         metrics = {
@@ -192,6 +201,7 @@ class TokenClassification(Task):
             predictions=[" ".join(p) for p in preds],
             references=[" ".join(r) for r in refs],
             rows=list(records),
+            correct=correct,
         )
 
     def baselines(

@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 import torch
 
+from .fsdp_units import can_shard_here, shard_units
+
 Strategy = Literal["ddp", "zero2", "zero3", "fsdp"]
 Offload = Literal["none", "cpu"]
 STRATEGIES: tuple[str, ...] = ("ddp", "zero2", "zero3", "fsdp")
@@ -488,6 +490,9 @@ def prepare_for_strategy(model: torch.nn.Module, accelerator: Any, config: Any =
         plugin.transformer_cls_names_to_wrap = fsdp_unit_classes(model) or None
     if plugin is not None:
         notes += _shard_tied_modules_together(model, plugin)
+        if can_shard_here(plugin):
+            units = shard_units(model, plugin, mixed_precision=accelerator.mixed_precision != "no")
+            notes.append(f"FSDP2: {units} units sharded one at a time (full weights released)")
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds_plugin is None:
         return notes

@@ -6,7 +6,8 @@
                                         PEFT-style memory report for the phase
                                         EvalResult: one prediction per row (+ references)
     SplitEvaluation.write_predictions(path) ──> predictions CSV (row columns, prediction,
-                                                reference, correct), written atomically
+                                                reference, correct as the task's metric
+                                                judges it), written atomically
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class SplitEvaluation:
         if not self.result.predictions:
             return None
         rows = self.result.rows if self.result.rows is not None else self.rows
-        return write_predictions(path, rows, self.result.predictions, self.result.references)
+        return write_predictions(
+            path, rows, self.result.predictions, self.result.references, self.result.correct
+        )
 
 
 def evaluate_split(
@@ -71,8 +74,11 @@ def write_predictions(
     rows: Sequence[dict],
     predictions: Sequence[str],
     references: Sequence[Any] | None = None,
+    correct: Sequence[bool] | None = None,
 ) -> Path:
-    """CSV of each row's columns + ``prediction`` (+ ``reference`` and ``correct``), atomically."""
+    """CSV of each row's columns + ``prediction`` (+ ``reference`` and ``correct``), atomically.
+    ``correct`` is the task's own judgement (its metric's normalisation); without it a
+    prediction is correct when its text equals the reference (or one of them)."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
     extra = ["prediction"] + (["reference", "correct"] if references is not None else [])
     buf = io.StringIO()
@@ -82,8 +88,11 @@ def write_predictions(
         cells = [_cell(row.get(c)) for c in columns] + [predictions[i]]
         if references is not None:
             ref = references[i]
-            correct = predictions[i] in ref if isinstance(ref, list) else predictions[i] == ref
-            cells += [_cell(ref), str(bool(correct)).lower()]
+            if correct is not None:
+                right = correct[i]
+            else:
+                right = predictions[i] in ref if isinstance(ref, list) else predictions[i] == ref
+            cells += [_cell(ref), str(bool(right)).lower()]
         writer.writerow(cells)
     atomic_write_text(str(path), buf.getvalue())
     return path

@@ -36,6 +36,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def first_loss(records: list[dict[str, Any]]) -> float | None:
+    """The run's earliest loss, to tell whether a later one fell: its first evaluation's
+    ``eval_loss`` (before training, with ``eval_before_training``), else its first step's."""
+    for kind, key in (("eval", "eval_loss"), ("train", "loss")):
+        for record in records:
+            value = record.get(key)
+            if record.get("kind") == kind and isinstance(value, (int, float)):
+                return float(value)
+    return None
+
+
 class RunLog:
     """Console + files for one run; only the main process writes."""
 

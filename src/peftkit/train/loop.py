@@ -8,7 +8,8 @@ One epoch::
                                                       clip -> optimizer.step -> scheduler.step
                                                       -> update_and_allocate (AdaLoRA) -> zero_grad
                                                       -> log, checkpoint every save_steps, Ctrl-C?
-    then: memory report, eval (loss + task metrics + memory report), best?, epoch checkpoint
+    then: memory report, eval (loss + task metrics + memory report; the task's one-line warning
+          when the result looks broken, e.g. accuracy 0 while the loss fell), best?, checkpoint
 
 Memory: only the loss outlives the forward (the logits are freed before backward allocates
 their gradient), and on the CPU the heap's free pages go back to the kernel just before the
@@ -44,7 +45,7 @@ from .config import RunConfig
 from .distributed import SHARDING, check_prepared, full_weights, plan_of, prepare_for_strategy
 from .distributed import make_accelerator as make_accelerator  # re-exported for train/__init__
 from .evaluate import SplitEvaluation, evaluate_split
-from .logger import RunLog
+from .logger import RunLog, first_loss, read_metrics
 from .memory import MemoryTracker, PhaseMemory, StepParts
 from .run_folder import RunFolder
 from .schedule import make_scheduler, warmup_steps
@@ -188,19 +189,21 @@ class Trainer:
         self.eval_records = list(eval_records or [])
         self.eval_features = list(eval_features or [])
         self.on_step = on_step
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters; check method.target_modules")
         self.plan = plan_steps(len(train_features), config, accelerator.num_processes)
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        warm = warmup_steps(self.plan.total_steps, config.warmup_steps, config.warmup_ratio)
-        self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, self.plan.total_steps)
         self.memory: list[dict[str, Any]] = []
         for phase in setup_memory:  # load, adapter: measured before the trainer existed
             self.report_memory(phase, 0)
         with MemoryTracker("prepare", accelerator.device) as prepared:
             for note in prepare_for_strategy(model, accelerator, config):
                 log.info(note)
+            # built after: FSDP2 may have replaced the parameters with sharded ones
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            total = self.plan.total_steps
+            warm = warmup_steps(total, config.warmup_steps, config.warmup_ratio)
+            self.scheduler = make_scheduler(optimizer, config.lr_scheduler, warm, total)
             # on the CPU the model stays where it is: accelerate's device there is `cpu:0`,
             # which `Module.to` takes for another device and copies every weight to (2.1 GB
             # of bloomz-560m out of its memory map, twice that at the peak)
@@ -313,7 +316,11 @@ class Trainer:
             release()
             trim_now(self.unwrapped, self.trim_heap)
         self.report_memory(evaluation.memory, epoch)
+        earlier = first_loss(read_metrics(self.log.metrics_path)) if self.log.enabled else None
         self.log.record(phase, step, epoch=epoch, time_s=evaluation.time_s, **evaluation.metrics)
+        warning = self.task.result_warning(evaluation.metrics, evaluation.result, earlier)
+        if warning:  # a result that looks broken says so (accuracy 0 with a falling loss)
+            self.log.info(f"{phase} epoch {epoch}: {warning}")
         return evaluation
 
     def _is_better(self, value: float, best: float | None) -> bool:
