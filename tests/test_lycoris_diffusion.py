@@ -1,5 +1,6 @@
-"""LoHa and LoKr on a diffusers UNet (attention projections and the ResNet convolutions, CP form
-included) equal to PEFT's, and diffusers' file for LoKr both ways (LoHa: refused, named)."""
+"""LoHa, LoKr and IA3 on a diffusers UNet (attention projections and the ResNet convolutions, CP
+form included) equal to PEFT's, and diffusers' file for LoKr both ways (LoHa, IA3: refused,
+named)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]  # conv1/2: the
 METHODS = {
     "LoHaConfig": {"r": 4, "alpha": 8, "use_effective_conv2d": True},
     "LoKrConfig": {"r": 2, "alpha": 4, "decompose_both": True, "use_effective_conv2d": True},
+    "IA3Config": {"feedforward_modules": ["conv1", "to_out.0"]},  # input side there, output else
 }
+RANDOM = {"IA3Config": {"init_ia3_weights": False}}  # others: init_weights=False
 
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("cls", list(METHODS))
 def test_unet_adapter_matches_peft_both_ways(tmp_path, cls):
-    kwargs = {"target_modules": TARGETS, "init_weights": False, **METHODS[cls]}
+    kwargs = {"target_modules": TARGETS, **RANDOM.get(cls, {"init_weights": False}), **METHODS[cls]}
     torch.manual_seed(1)
     theirs = peft.get_peft_model(tiny_unet(), getattr(peft, cls)(**kwargs))
     torch.manual_seed(1)
@@ -66,9 +69,12 @@ def test_loha_has_no_diffusers_file():
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("method", ["loha", "lokr"])
+@pytest.mark.parametrize("method", ["loha", "lokr", "ia3"])
 def test_train_text_to_image(assets, method):  # noqa: F811 (the fixture)
     block = {"type": method, "r": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v"]}
+    if method == "ia3":
+        block = {"type": method, "target_modules": ["to_k", "to_v", "conv2"],
+                 "feedforward_modules": ["conv2"]}  # fmt: skip
     path = write_t2i_config(assets, method, block, epochs=1)
     assert main(["train", str(path)]) == 0
     run = assets["root"] / "runs" / method
@@ -79,6 +85,8 @@ def test_train_text_to_image(assets, method):  # noqa: F811 (the fixture)
     log = (run / "train.log").read_text()
     if method == "loha":
         assert "no diffusers LoRA file: LOHA: diffusers has no reader for LoHa" in log
+    if method == "ia3":
+        assert "no diffusers LoRA file: IA3: diffusers' LoRA files hold LoRA / DoRA" in log
     theirs = peft.PeftModel.from_pretrained(
         tiny_unet(), run / "adapter"
     )  # the base folder's UNet is tiny_unet()
