@@ -21,6 +21,7 @@ with the same tensors (fp32, rel. err <= 1e-5):
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import peft
 import pytest
@@ -57,14 +58,16 @@ class EmbConv1D(nn.Module):
         return self.lin0(torch.relu(self.conv1d(self.emb(x))).flatten(1))  # (B, 10, 1) -> (B, 2)
 
 
-def _conv(conv: nn.Module, features: int) -> type[nn.Module]:
-    """``conv`` (named ``conv1d`` / ``conv2d`` / ``conv3d`` as in PEFT) then a ``lin0`` head."""
-    attr = {1: "conv1d", 2: "conv2d", 3: "conv3d"}[conv.weight.dim() - 2]
+def _conv(make: Callable[[], nn.Module], features: int) -> type[nn.Module]:
+    """``make()``'s convolution (named ``conv1d`` / ``conv2d`` / ``conv3d`` as in PEFT) then a
+    ``lin0`` head. Built inside the model, under the test's seed: a convolution built once at
+    import would take whatever the RNG held then (a dead 1-channel kernel in some orders)."""
+    attr = {1: "conv1d", 2: "conv2d", 3: "conv3d"}[make().weight.dim() - 2]
 
     class ConvModel(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            setattr(self, attr, copy.deepcopy(conv))
+            setattr(self, attr, make())
             self.lin0 = nn.Linear(features, 2)
 
         def forward(self, x):
@@ -89,17 +92,20 @@ class Conv2dGroups(nn.Module):
 MODELS = {  # name -> (builder, input maker(batch))
     "MLP": (MLP, lambda b: torch.randn(b, 10)),
     "EmbConv1D": (EmbConv1D, lambda b: torch.randint(0, 100, (b, 10))),
-    "Conv1d": (_conv(nn.Conv1d(1, 1, 2), 9), lambda b: torch.randn(b, 1, 10)),
-    "Conv1dBigger": (_conv(nn.Conv1d(64, 16, 2), 144), lambda b: torch.randn(b, 64, 10)),
-    "Conv1dGroups": (_conv(nn.Conv1d(8, 8, 3, groups=2), 64), lambda b: torch.randn(b, 8, 10)),
-    "Conv2d": (_conv(nn.Conv2d(5, 10, 3), 10), lambda b: torch.randn(b, 5, 3, 3)),
-    "Conv2d1x1": (_conv(nn.Conv2d(1, 10, 1), 90), lambda b: torch.randn(b, 1, 3, 3)),
+    "Conv1d": (_conv(lambda: nn.Conv1d(1, 1, 2), 9), lambda b: torch.randn(b, 1, 10)),
+    "Conv1dBigger": (_conv(lambda: nn.Conv1d(64, 16, 2), 144), lambda b: torch.randn(b, 64, 10)),
+    "Conv1dGroups": (
+        _conv(lambda: nn.Conv1d(8, 8, 3, groups=2), 64),
+        lambda b: torch.randn(b, 8, 10),
+    ),
+    "Conv2d": (_conv(lambda: nn.Conv2d(5, 10, 3), 10), lambda b: torch.randn(b, 5, 3, 3)),
+    "Conv2d1x1": (_conv(lambda: nn.Conv2d(1, 10, 1), 90), lambda b: torch.randn(b, 1, 3, 3)),
     "Conv2dGroups": (Conv2dGroups, lambda b: torch.randn(b, 10)),
     "Conv2dGroups2": (
-        _conv(nn.Conv2d(16, 32, 3, padding=1, groups=2), 32 * 9),
+        _conv(lambda: nn.Conv2d(16, 32, 3, padding=1, groups=2), 32 * 9),
         lambda b: torch.randn(b, 16, 3, 3),
     ),
-    "Conv3d": (_conv(nn.Conv3d(5, 10, 3), 10), lambda b: torch.randn(b, 5, 3, 3, 3)),
+    "Conv3d": (_conv(lambda: nn.Conv3d(5, 10, 3), 10), lambda b: torch.randn(b, 5, 3, 3, 3)),
 }
 
 
