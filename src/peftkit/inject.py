@@ -74,6 +74,30 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) or is_quantized_linear(module)
 
 
+def linear_fan_in_fan_out(target: nn.Module, config: Any) -> bool | None:
+    """How a linear-like ``target`` stores its weight: True for GPT-2's Conv1D (in x out),
+    False for nn.Linear and peftkit's 4-bit layer; None for anything else. A config whose
+    ``fan_in_fan_out`` says otherwise is corrected, with PEFT's warning, as PEFT does."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(target, Conv1D):
+        if not config.fan_in_fan_out:
+            warnings.warn(
+                "target is a Conv1D (weight stored as in x out): setting fan_in_fan_out=True",
+                stacklevel=4,
+            )
+            config.fan_in_fan_out = True
+        return True
+    if isinstance(target, nn.Linear) or is_quantized_linear(target):
+        if config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out=True but the target is nn.Linear: setting it to False", stacklevel=4
+            )
+            config.fan_in_fan_out = False
+        return False
+    return None
+
+
 def matches_names(name: str, spec: list[str] | str | None) -> bool:
     """PEFT's name rule: regex full match for a string, exact-or-suffix match for a list."""
     if spec is None:

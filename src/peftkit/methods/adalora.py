@@ -308,26 +308,11 @@ class SVDConv2d(AdaLoraLayer):
 def create_svd_layer(target: nn.Module, config: AdaLoraConfig) -> AdaLoraLayer:
     """Wrap a linear-like ``target`` in :class:`SVDLinear`, an ``nn.Conv2d`` in
     :class:`SVDConv2d`, or raise naming what is supported."""
-    from transformers.pytorch_utils import Conv1D
+    from ..inject import linear_fan_in_fan_out
 
-    from ..inject import is_quantized_linear
-
-    if isinstance(target, Conv1D):
-        if not config.fan_in_fan_out:
-            warnings.warn(
-                "target is a Conv1D (weight stored as in x out): setting fan_in_fan_out=True",
-                stacklevel=3,
-            )
-            config.fan_in_fan_out = True
-        return SVDLinear(target, fan_in_fan_out=True)
-    if isinstance(target, nn.Linear) or is_quantized_linear(target):
-        if config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out=True but the target is nn.Linear: setting it to False",
-                stacklevel=3,
-            )
-            config.fan_in_fan_out = False
-        return SVDLinear(target)
+    fan_in_fan_out = linear_fan_in_fan_out(target, config)
+    if fan_in_fan_out is not None:
+        return SVDLinear(target, fan_in_fan_out=fan_in_fan_out)
     if isinstance(target, nn.Conv2d):
         if target.groups > 1:
             raise ValueError(

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import Adapts, ModelFamily, PeftConfig, PeftType
-from ..inject import is_quantized_linear
+from ..inject import is_quantized_linear, linear_fan_in_fan_out
 from ..tuner import InjectedAdapterModel
 from .adapter_layer import AdapterLayer
 from .lora import _linear_features, _reference_tensor
@@ -260,25 +259,12 @@ class IA3Conv(IA3Layer):
 
 def create_ia3_layer(target: nn.Module, config: IA3Config) -> IA3Layer:
     """Wrap ``target`` in the IA3 layer for its kind, or refuse naming what is supported."""
-    from transformers.pytorch_utils import Conv1D
 
     if isinstance(target, (nn.Conv2d, nn.Conv3d)):
         return IA3Conv(target)
-    if isinstance(target, Conv1D):
-        if not config.fan_in_fan_out:
-            warnings.warn(
-                "target is a Conv1D (weight stored as in x out): setting fan_in_fan_out=True",
-                stacklevel=3,
-            )
-            config.fan_in_fan_out = True
-        return IA3Linear(target, fan_in_fan_out=True)
-    if isinstance(target, nn.Linear) or is_quantized_linear(target):
-        if config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out=True but the target is nn.Linear: setting it to False", stacklevel=3
-            )
-            config.fan_in_fan_out = False
-        return IA3Linear(target)
+    fan_in_fan_out = linear_fan_in_fan_out(target, config)
+    if fan_in_fan_out is not None:
+        return IA3Linear(target, fan_in_fan_out=fan_in_fan_out)
     raise ValueError(
         f"IA3 cannot adapt a {type(target).__name__}; supported (as in PEFT): nn.Linear, "
         f"transformers Conv1D, nn.Conv2d, nn.Conv3d and peftkit Linear4bit. Leave this module "

@@ -13,12 +13,9 @@ modules import one way; ``tuner.InjectedAdapterModel.create_layer`` calls it.
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ..inject import is_quantized_linear
+from ..inject import linear_fan_in_fan_out
 from .lora import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .lora_config import LoraConfig
 from .lora_mha import LoraMultiheadAttention
@@ -32,21 +29,9 @@ def create_lora_layer(target: nn.Module, config: LoraConfig) -> LoraLayer:
         return LoraMultiheadAttention(target)
     if isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoraConv(target)
-    if isinstance(target, Conv1D):
-        if not config.fan_in_fan_out:
-            warnings.warn(
-                "target is a Conv1D (weight stored as in x out): setting fan_in_fan_out=True",
-                stacklevel=3,
-            )
-            config.fan_in_fan_out = True
-        return LoraLinear(target, fan_in_fan_out=True)
-    if isinstance(target, nn.Linear) or is_quantized_linear(target):
-        if config.fan_in_fan_out:
-            warnings.warn(
-                "fan_in_fan_out=True but the target is nn.Linear: setting it to False", stacklevel=3
-            )
-            config.fan_in_fan_out = False
-        return LoraLinear(target)
+    fan_in_fan_out = linear_fan_in_fan_out(target, config)
+    if fan_in_fan_out is not None:
+        return LoraLinear(target, fan_in_fan_out=fan_in_fan_out)
     raise ValueError(
         f"LoRA cannot adapt a {type(target).__name__}; supported: nn.Linear, nn.Embedding, "
         f"nn.Conv1d/2d/3d, nn.MultiheadAttention, transformers Conv1D and peftkit Linear4bit"
